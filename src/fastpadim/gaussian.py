@@ -1,0 +1,116 @@
+"""The per-position multivariate Gaussian: streaming, mergeable statistics and one factorisation.
+
+State per position (count n, mean μ, centred scatter M = Σ (x-μ)(x-μ)ᵀ) merges exactly with Chan et al.'s
+pairwise update, so fitting batch by batch, ``partial_fit`` and distributed fits all give the one-shot
+result. Memory is that of the state itself, whatever the number of images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FastpadimError
+
+# Bound on the temporary (positions × D × D) block built per update, in elements (float64: 256 MB).
+_CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+def _position_chunks(positions: int, dim: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, dim * dim))
+    for start in range(0, positions, step):
+        yield slice(start, min(positions, start + step))
+
+
+@dataclass
+class GaussianStats:
+    """Count, per-position mean (P, D) and centred scatter (P, D, D), all float64."""
+
+    count: int
+    mean: torch.Tensor
+    scatter: torch.Tensor
+
+    @classmethod
+    def empty(cls, positions: int, dim: int, device: torch.device | str = "cpu") -> GaussianStats:
+        return cls(
+            0,
+            torch.zeros(positions, dim, dtype=torch.float64, device=device),
+            torch.zeros(positions, dim, dim, dtype=torch.float64, device=device),
+        )
+
+    @classmethod
+    def from_embeddings(cls, embeddings: torch.Tensor) -> GaussianStats:
+        """Statistics of one batch of embeddings (B, P, D)."""
+        stats = cls.empty(embeddings.shape[1], embeddings.shape[2], embeddings.device)
+        stats.update(embeddings)
+        return stats
+
+    def update(self, embeddings: torch.Tensor) -> None:
+        """Add a batch (B, P, D) in place: centred batch statistics merged into the running state."""
+        batch, positions, dim = embeddings.shape
+        if (positions, dim) != tuple(self.mean.shape):
+            raise FastpadimError(f"embedding shape {(positions, dim)} does not match the model's {tuple(self.mean.shape)}")
+        if batch == 0:
+            return
+        # The batch part is centred on its own mean, so float32 products lose nothing that matters
+        # (no large-mean cancellation); the running sums stay float64.
+        work_dtype = torch.float32 if embeddings.dtype != torch.float64 else torch.float64
+        x = embeddings.to(work_dtype)
+        batch_mean = x.mean(dim=0)  # (P, D)
+        centred = (x - batch_mean).permute(1, 2, 0)  # (P, D, B)
+        n_old, n_new = self.count, self.count + batch
+        delta = batch_mean.double() - self.mean  # (P, D)
+        for sl in _position_chunks(positions, dim):
+            block = torch.bmm(centred[sl], centred[sl].transpose(1, 2))
+            self.scatter[sl] += block.double()
+            if n_old:
+                d = delta[sl]
+                self.scatter[sl].add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=n_old * batch / n_new)
+        self.mean += delta * (batch / n_new)
+        self.count = n_new
+
+    def merge(self, other: GaussianStats) -> GaussianStats:
+        """Chan et al.'s exact pairwise merge; the result is a new object, inputs are untouched."""
+        if self.mean.shape != other.mean.shape:
+            raise FastpadimError(f"cannot merge statistics of shapes {tuple(self.mean.shape)} and {tuple(other.mean.shape)}")
+        n = self.count + other.count
+        if n == 0:
+            return GaussianStats(0, self.mean.clone(), self.scatter.clone())
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        scatter = self.scatter + other.scatter
+        weight = self.count * other.count / n
+        if weight:
+            for sl in _position_chunks(mean.shape[0], mean.shape[1]):
+                d = delta[sl]
+                scatter[sl].add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=weight)
+        return GaussianStats(n, mean, scatter)
+
+    def covariance(self, epsilon: float, positions: slice = slice(None)) -> torch.Tensor:
+        """Σ = M / (N − 1) + εI for the given positions, float64."""
+        if self.count < 2:
+            raise FastpadimError(f"PaDiM needs at least 2 training images, got {self.count}")
+        cov = self.scatter[positions] / (self.count - 1)
+        cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+        return cov
+
+    def whitener(self, epsilon: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W = L⁻¹ with Σ = L Lᵀ (Cholesky, float64): the Mahalanobis distance is then ‖W (x − μ)‖."""
+        positions, dim = self.mean.shape
+        result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
+        eye = torch.eye(dim, dtype=torch.float64, device=self.mean.device)
+        for sl in _position_chunks(positions, dim):
+            chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, sl))
+            if bool((info != 0).any()):
+                raise FastpadimError("covariance is not positive definite; increase epsilon")
+            inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            result[sl] = inv.to(dtype)
+        return result
+
+
+def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitener: torch.Tensor) -> torch.Tensor:
+    """Distances (B, P) of embeddings (B, P, D) to per-position Gaussians: ‖W (x − μ)‖ ≥ 0 by construction."""
+    centred = (embeddings.to(whitener.dtype) - mean.to(whitener.dtype)).permute(1, 2, 0)  # (P, D, B)
+    whitened = torch.bmm(whitener, centred)  # (P, D, B)
+    return whitened.square().sum(dim=1).sqrt().transpose(0, 1).float()

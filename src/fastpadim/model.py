@@ -1,0 +1,329 @@
+"""``Padim``: the estimator users hold — fit on good images, score new ones, save and load."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .anomaly_map import AnomalyMapGenerator, image_scores
+from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset
+from .errors import FastpadimError
+from .gaussian import GaussianStats, mahalanobis
+from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, stack
+
+FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ScoredImage:
+    """One scored input: its image score and anomaly map, or the reason it could not be scored."""
+
+    index: int
+    name: str
+    score: float | None = None
+    anomaly_map: np.ndarray | None = None
+    view: np.ndarray | None = None  # the RGB crop the network saw, for overlays
+    error: str | None = None
+
+
+@dataclass
+class Predictions:
+    """Image scores (N,), anomaly maps (N, S, S) and verdicts (N,) for the images that could be read."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+    is_anomalous: np.ndarray | None
+    threshold: float | None
+    names: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FastpadimError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FastpadimError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+class Padim:
+    """PaDiM (Defard et al., 2020) with streaming statistics and a factor computed once.
+
+    Parameters follow the paper's defaults: resize 256 then centre-crop 224, ε = 0.01, σ = 4. The decision
+    threshold is set from good images only: ``holdout`` of the training images (or ``threshold_images`` given to
+    ``fit``) are scored, and the threshold is their (1 − ``false_alarm_rate``) quantile.
+
+    Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
+    ``channel_indices_``, ``n_samples_seen_``, ``threshold_``, ``stats_`` (streaming state, for ``partial_fit``).
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: Sequence[int] | None = None,
+        n_features: int | None = None,
+        weights: str | os.PathLike | None = None,
+        epsilon: float = 0.01,
+        image_size: int = 256,
+        crop_size: int | None = 224,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        device: str = "auto",
+        batch_size: int = 32,
+        holdout: float = 0.1,
+        false_alarm_rate: float = 0.01,
+        workers: int = 2,
+        factor_dtype: str = "float32",
+    ):
+        self.backbone = backbone
+        self.layers = layers
+        self.n_features = n_features
+        self.weights = weights
+        self.epsilon = epsilon
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.blur_sigma = blur_sigma
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
+        self.holdout = holdout
+        self.false_alarm_rate = false_alarm_rate
+        self.workers = workers
+        self.factor_dtype = factor_dtype
+
+    # ----------------------------------------------------------------------------------------- set-up
+    def _check_params(self) -> None:
+        if self.epsilon < 0:
+            raise FastpadimError(f"epsilon must be >= 0, got {self.epsilon}")
+        if not 0 <= self.holdout < 1:
+            raise FastpadimError(f"holdout must be in [0, 1), got {self.holdout}")
+        if not 0 < self.false_alarm_rate < 1:
+            raise FastpadimError(f"false alarm rate must be in (0, 1), got {self.false_alarm_rate}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+
+    def _build(self, preset: BackbonePreset, channel_indices: torch.Tensor | None = None) -> None:
+        """Create the feature model, preprocessing and channel subset (deterministic in ``seed``)."""
+        self.device_ = resolve_device(self.device)
+        if self.weights == "random":
+            torch.manual_seed(self.seed)  # random weights only in tests: make them reproducible
+        extractor, self.weights_id_ = create_feature_extractor(preset, self.weights)
+        self.preset_ = preset
+        self.preprocessing_ = Preprocessing(self.image_size, self.crop_size, preset.mean, preset.std)
+        total = sum(extractor.layer_channels())
+        if channel_indices is None:
+            n = preset.n_features or total
+            if not 0 < n <= total:
+                raise FastpadimError(f"n_features must be between 1 and {total} for these layers, got {n}")
+            generator = torch.Generator().manual_seed(self.seed)
+            channel_indices = torch.randperm(total, generator=generator)[:n].sort().values
+        self.channel_indices_ = channel_indices
+        extractor.select(channel_indices)
+        self.extractor_: FeatureExtractor = extractor.to(self.device_)
+        self.map_generator_ = AnomalyMapGenerator(self.preprocessing_.output_size, self.blur_sigma).to(self.device_)
+
+    def _is_fitted(self) -> bool:
+        return hasattr(self, "whitener_")
+
+    def _require_fitted(self) -> None:
+        if not self._is_fitted():
+            raise FastpadimError("this Padim model is not fitted yet: call fit() first or load a model file")
+
+    # ------------------------------------------------------------------------------------- embedding
+    @torch.inference_mode()
+    def _embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → embeddings (B, P, D)."""
+        features = self.extractor_(batch.to(self.device_, non_blocking=True))
+        b, d, h, w = features.shape
+        self.grid_ = (h, w)
+        return features.reshape(b, d, h * w).transpose(1, 2)
+
+    def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
+        if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)) and not (
+            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        ):
+            images = [images]  # one image given on its own
+        return iter_batches(images, self.preprocessing_, self.batch_size, self.workers, keep_view)
+
+    # ------------------------------------------------------------------------------------------ fit
+    def fit(
+        self,
+        images: Iterable[ImageInput],
+        threshold_images: Iterable[ImageInput] | None = None,
+        progress: Progress | None = None,
+    ) -> Padim:
+        """Learn the per-position Gaussians from good images, then set the decision threshold.
+
+        With ``threshold_images`` (good images kept apart), those set the threshold; otherwise a seeded
+        ``holdout`` fraction of ``images`` is kept out of the Gaussians for it (0 disables the threshold).
+        """
+        self._check_params()
+        for name in ("mean_", "whitener_", "stats_", "threshold_"):
+            self.__dict__.pop(name, None)
+        preset = resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features)
+        self._build(preset)
+        self.skipped_: list[tuple[str, str]] = []
+        if threshold_images is None and self.holdout > 0:
+            images = list(images)
+            n_hold = max(1, round(self.holdout * len(images)))
+            if len(images) - n_hold < 2:
+                raise FastpadimError(
+                    f"{len(images)} images are too few to hold out {n_hold} for the threshold and fit on at least 2; "
+                    "add images or set holdout to 0"
+                )
+            order = np.random.default_rng(self.seed).permutation(len(images))
+            held = set(order[:n_hold].tolist())
+            threshold_images = [img for i, img in enumerate(images) if i in held]
+            images = [img for i, img in enumerate(images) if i not in held]
+        self.stats_ = None
+        self._accumulate(images, progress)
+        self._factor()
+        self.threshold_ = None
+        if threshold_images is not None:
+            self.set_threshold(threshold_images, progress=progress)
+        return self
+
+    def partial_fit(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
+        """Add good images to the Gaussians (same result as fitting on all at once); the threshold is kept."""
+        if not self._is_fitted():
+            self._check_params()
+            preset = resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features)
+            self._build(preset)
+            self.skipped_ = []
+            self.stats_ = None
+            self.threshold_ = None
+        elif self.stats_ is None:
+            raise FastpadimError(
+                "this model was saved without its training statistics, so it cannot take more images; "
+                "save it with keep_stats=True (--keep-stats) to allow partial_fit"
+            )
+        self._accumulate(images, progress)
+        self._factor()
+        return self
+
+    def _accumulate(self, images: Iterable[ImageInput], progress: Progress | None) -> None:
+        for batch in self._batches(images):
+            self.skipped_.extend((item.name, item.error) for item in batch if item.error)
+            good = [item for item in batch if item.tensor is not None]
+            if good:
+                embeddings = self._embed(stack(good))
+                if self.stats_ is None:
+                    self.stats_ = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], self.device_)
+                self.stats_.update(embeddings)
+            if progress:
+                progress(len(batch))
+        count = self.stats_.count if self.stats_ is not None else 0
+        if count < 2:
+            detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
+            raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+
+    def _factor(self) -> None:
+        """One Cholesky per position, at fit time; scoring only multiplies."""
+        self.n_samples_seen_ = self.stats_.count
+        self.mean_ = self.stats_.mean.float()
+        self.whitener_ = self.stats_.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype])
+        self._prepare_scoring()
+
+    def _prepare_scoring(self) -> None:
+        # Half-precision factors are stored small but multiplied in float32 on the CPU (no fast fp16 GEMM there).
+        if self.whitener_.dtype != torch.float32 and self.device_.type == "cpu":
+            self._whitener_compute = self.whitener_.float()
+        else:
+            self._whitener_compute = self.whitener_
+
+    # -------------------------------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def _score_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self._embed(batch)
+        distances = mahalanobis(embeddings, self.mean_, self._whitener_compute)  # (B, P)
+        h, w = self.grid_
+        maps = self.map_generator_(distances.view(-1, h, w))
+        return image_scores(maps), maps
+
+    def iter_scored(
+        self, images: Iterable[ImageInput], keep_view: bool = False, progress: Progress | None = None
+    ) -> Iterator[list[ScoredImage]]:
+        """Score in batches, yielding each batch's results (unreadable inputs carry their error)."""
+        self._require_fitted()
+        for batch in self._batches(images, keep_view):
+            good = [item for item in batch if item.tensor is not None]
+            results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
+            if good:
+                scores, maps = self._score_tensor(stack(good))
+                scores, maps = scores.cpu().numpy(), maps.cpu().numpy()
+                for item, score, amap in zip(good, scores, maps):
+                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view)
+            if progress:
+                progress(len(batch))
+            yield [results[item.index] for item in batch]
+
+    def score_samples(self, images: Iterable[ImageInput]) -> np.ndarray:
+        """Image scores (higher = more anomalous); unreadable images raise."""
+        return self.score(images)[0]
+
+    def score(self, images: Iterable[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (N,) and anomaly maps (N, S, S); unreadable images raise."""
+        results = [r for batch in self.iter_scored(images) for r in batch]
+        for r in results:
+            if r.error:
+                raise FastpadimError(r.error)
+        size = self.preprocessing_.output_size
+        scores = np.array([r.score for r in results], dtype=np.float32)
+        maps = np.stack([r.anomaly_map for r in results]) if results else np.zeros((0, size, size), np.float32)
+        return scores, maps
+
+    def predict(self, images: Iterable[ImageInput]) -> Predictions:
+        """Scores, maps and verdicts against ``threshold_``; unreadable images are skipped and listed."""
+        results = [r for batch in self.iter_scored(images) for r in batch]
+        ok = [r for r in results if r.error is None]
+        size = self.preprocessing_.output_size
+        scores = np.array([r.score for r in ok], dtype=np.float32)
+        maps = np.stack([r.anomaly_map for r in ok]) if ok else np.zeros((0, size, size), np.float32)
+        verdicts = scores > self.threshold_ if self.threshold_ is not None else None
+        skipped = [(r.name, r.error) for r in results if r.error]
+        return Predictions(scores, maps, verdicts, self.threshold_, [r.name for r in ok], skipped)
+
+    def set_threshold(self, good_images: Iterable[ImageInput], false_alarm_rate: float | None = None,
+                      progress: Progress | None = None) -> float:
+        """Threshold = the (1 − rate) quantile of these good images' scores (at most that rate flagged)."""
+        rate = self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
+        scores = []
+        for batch in self.iter_scored(good_images, progress=progress):
+            for r in batch:
+                if r.error:
+                    self.skipped_.append((r.name, r.error))
+                else:
+                    scores.append(r.score)
+        if not scores:
+            raise FastpadimError("no readable good images to set the threshold from")
+        self.threshold_ = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate, method="higher"))
+        self.threshold_count_ = len(scores)
+        self.false_alarm_rate = rate
+        return self.threshold_
+
+    # ----------------------------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:
+        """Write one safetensors file atomically; ``keep_stats`` also stores what ``partial_fit`` needs."""
+        from .modelfile import save_model
+
+        self._require_fitted()
+        save_model(self, path, keep_stats=keep_stats)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> Padim:
+        """Read a model file; backbone weights come from where the model was fitted unless ``weights`` is given."""
+        from .modelfile import load_model
+
+        return load_model(path, device=device, weights=weights)
+
+    def __repr__(self) -> str:
+        state = f"fitted on {self.n_samples_seen_} images" if self._is_fitted() else "not fitted"
+        return f"Padim(backbone={self.backbone!r}, {state})"
