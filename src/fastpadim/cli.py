@@ -1,0 +1,271 @@
+"""The ``fastpadim`` command: fit, predict, info, demo (and evaluate, serve)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import FastpadimError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PaDiM anomaly detection: fit on good images, score new ones.")
+console = Console(stderr=True)
+out = Console()
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors():
+    """One line per error, exit code 1; the traceback only with --debug."""
+    try:
+        yield
+    except FastpadimError as exc:
+        if _state["debug"]:
+            raise
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if _state["debug"]:
+            raise
+        fail(f"unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (run with --debug for details)")
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None):
+    """A rich progress bar on stderr; yields the advance(n) callback fastpadim's loops take."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def parse_layers(layers: str | None) -> tuple[int, ...] | None:
+    if not layers:
+        return None
+    try:
+        return tuple(int(part) for part in layers.split(","))
+    except ValueError:
+        raise FastpadimError(f"--layers takes comma-separated integers, e.g. 1,2,3; got {layers!r}") from None
+
+
+def check_writable_file(path: Path) -> None:
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise FastpadimError(f"cannot write {path}: it is a folder")
+    if not folder.is_dir():
+        raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise FastpadimError(f"cannot write {path}: permission denied")
+
+
+def report_skipped(skipped: list[tuple[str, str]]) -> None:
+    for _name, reason in skipped:
+        console.print(f"[yellow]skipped:[/yellow] {reason}", highlight=False, soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------------- fit
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Preset (efficientnet_lite0, resnet18, wide_resnet50_2, efficientnet_b5) or a timm model name.")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Backbone weights file (.safetensors/.pth); default: offline package or timm's hub cache.")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Layer indices for timm's forward_intermediates, e.g. 1,2,3.")]
+FeaturesOpt = Annotated[Optional[int], typer.Option("--n-features", "-d", help="Random channel subset size (Rd); default: the preset's.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+
+
+@app.command()
+def fit(
+    source: Annotated[Path, typer.Argument(help="Folder of good images (searched recursively) or one image.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.padim"),
+    backbone: BackboneOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    layers: LayersOpt = None,
+    n_features: FeaturesOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Resize to this square size (bicubic).")] = 256,
+    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing; 0 = resize only.")] = 224,
+    epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
+    holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,
+    threshold_dir: Annotated[Optional[Path], typer.Option(help="Separate folder of good images for the threshold (then no hold-out).")] = None,
+    false_alarm_rate: Annotated[float, typer.Option(help="Target share of good images flagged by the threshold.")] = 0.01,
+    factor_dtype: Annotated[str, typer.Option(help="Stored factor precision: float32, float16 or bfloat16.")] = "float32",
+    keep_stats: Annotated[bool, typer.Option(help="Also store the training statistics, so partial fits can continue later.")] = False,
+) -> None:
+    """Fit a model on a folder of good images."""
+    import time
+
+    from .images import list_images
+    from .model import Padim
+
+    with user_errors():
+        check_writable_file(output)
+        files = list_images(source)
+        threshold_files = list_images(threshold_dir) if threshold_dir else None
+        model = Padim(
+            backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
+            image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+            holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
+        )
+        total = len(files) + (len(threshold_files) if threshold_files else 0)
+        start = time.perf_counter()
+        with progress_bar("fitting", total) as advance:
+            model.fit(files, threshold_images=threshold_files, progress=advance)
+        elapsed = time.perf_counter() - start
+        report_skipped(model.skipped_)
+        model.save(output, keep_stats=keep_stats)
+        threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
+        console.print(
+            f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({model.preset_.name}, {model.device_.type}); "
+            f"threshold {threshold}; wrote {output}", highlight=False,
+        )
+
+
+# ------------------------------------------------------------------------------------------- predict
+def relative_name(path: str, root: Path) -> Path:
+    try:
+        return Path(path).resolve().relative_to(root.resolve() if root.is_dir() else root.resolve().parent)
+    except ValueError:
+        return Path(Path(path).name)
+
+
+def write_png(image, path: Path) -> None:
+    from .modelfile import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_text(text: str, path: Path) -> None:
+    from .modelfile import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+
+    atomic_write(path, write)
+
+
+@app.command()
+def predict(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit'.")],
+    source: Annotated[Path, typer.Argument(help="An image or a folder of images (searched recursively).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv/json, overlays/ and masks/.")] = Path("out"),
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
+    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks.")] = True,
+    batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
+) -> None:
+    """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
+    from .images import list_images
+    from .model import Padim
+    from .visualize import defect_mask, overlay
+
+    with user_errors():
+        files = list_images(source)
+        model = Padim.load(model_path, device=device, weights=weights)
+        model.batch_size = batch_size
+        if threshold is not None:
+            model.threshold_ = threshold
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
+        if not os.access(output, os.W_OK):
+            raise FastpadimError(f"cannot write to {output}: permission denied")
+        rows, skipped = [], []
+        with progress_bar("scoring", len(files)) as advance:
+            for batch in model.iter_scored(files, keep_view=maps, progress=advance):
+                for result in batch:
+                    if result.error:
+                        skipped.append((result.name, result.error))
+                        continue
+                    rel = relative_name(result.name, source)
+                    verdict = None if model.threshold_ is None else bool(result.score > model.threshold_)
+                    row = {"image": result.name, "score": round(result.score, 6),
+                           "verdict": {None: "unknown", True: "anomalous", False: "good"}[verdict]}
+                    if maps:
+                        overlay_path = output / "overlays" / rel.with_suffix(".png")
+                        write_png(overlay(result.view, result.anomaly_map, model.threshold_), overlay_path)
+                        row["overlay"] = str(overlay_path)
+                        if model.threshold_ is not None:
+                            mask_path = output / "masks" / rel.with_suffix(".png")
+                            write_png(defect_mask(result.anomaly_map, model.threshold_), mask_path)
+                            row["mask"] = str(mask_path)
+                    rows.append(row)
+        report_skipped(skipped)
+        fields = ["image", "score", "verdict", "overlay", "mask"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(buffer.getvalue(), output / "results.csv")
+        summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
+                   "skipped": [{"image": n, "error": e} for n, e in skipped]}
+        write_text(json.dumps(summary, indent=2), output / "results.json")
+        flagged = sum(r["verdict"] == "anomalous" for r in rows)
+        console.print(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped); wrote {output}/results.csv",
+                      highlight=False)
+        if not rows:
+            raise FastpadimError("no image could be scored")
+
+
+# ---------------------------------------------------------------------------------------------- info
+@app.command()
+def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False) -> None:
+    """Show what a model file holds: backbone, weights, preprocessing, training count, threshold."""
+    from .modelfile import read_model_file
+
+    with user_errors():
+        meta, tensors = read_model_file(model_path)
+        if as_json:
+            out.print_json(json.dumps(meta))
+            return
+        bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
+        size = model_path.stat().st_size / 1e6
+        lines = [
+            f"file            {model_path} ({size:.1f} MB, format v{meta['format_version']}, fastpadim {meta['fastpadim_version']})",
+            f"backbone        {bb['name']} (timm {bb['timm_name']}, layers {bb['layers']}, {bb['n_features']} channels)",
+            f"weights         {bb['weights_id']}",
+            f"preprocessing   resize {pre['image_size']}, crop {pre['crop_size'] or 'none'}; grid {meta['grid'][0]}x{meta['grid'][1]}",
+            f"gaussian        epsilon {meta['epsilon']}, factor {meta['factor_dtype']}, blur sigma {meta['blur_sigma']}",
+            f"training        {meta['n_train_images']} images" + (" (statistics kept)" if "stats.scatter" in tensors else ""),
+            f"threshold       {th['image'] if th['image'] is not None else 'none'}"
+            + (f" (false-alarm rate {th['false_alarm_rate']} on {th['n_good_images']} good images)" if th["image"] is not None else ""),
+        ]
+        out.print("\n".join(lines), highlight=False)
+
+
+def main() -> None:
+    from . import commands  # noqa: F401 - registers the commands defined in other modules
+
+    app()
+
+
+if __name__ == "__main__":
+    main()

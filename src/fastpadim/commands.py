@@ -1,0 +1,3 @@
+"""Registers the commands that live beside their subject (demo, evaluate, serve) on the ``fastpadim`` app."""
+
+from . import demo  # noqa: F401
