@@ -7,6 +7,7 @@ result. Memory is that of the state itself, whatever the number of images.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +59,11 @@ class GaussianStats:
         work_dtype = torch.float32 if embeddings.dtype != torch.float64 else torch.float64
         x = embeddings.to(work_dtype)
         batch_mean = x.mean(dim=0)  # (P, D)
-        centred = (x - batch_mean).permute(1, 2, 0)  # (P, D, B)
+        centred = (x - batch_mean).transpose(0, 1).contiguous()  # (P, B, D)
         n_old, n_new = self.count, self.count + batch
         delta = batch_mean.double() - self.mean  # (P, D)
         for sl in _position_chunks(positions, dim):
-            block = torch.bmm(centred[sl], centred[sl].transpose(1, 2))
-            self.scatter[sl] += block.double()
+            self.scatter[sl] += torch.bmm(centred[sl].transpose(1, 2), centred[sl])  # promoted into float64
             if n_old:
                 d = delta[sl]
                 self.scatter[sl].add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=n_old * batch / n_new)
@@ -100,12 +100,28 @@ class GaussianStats:
         positions, dim = self.mean.shape
         result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
         eye = torch.eye(dim, dtype=torch.float64, device=self.mean.device)
-        for sl in _position_chunks(positions, dim):
+
+        def factor(sl: slice) -> None:
             chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, sl))
             if bool((info != 0).any()):
                 raise FastpadimError("covariance is not positive definite; increase epsilon")
-            inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            result[sl] = inv.to(dtype)
+            result[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).to(dtype)
+
+        if self.mean.device.type != "cpu":
+            for sl in _position_chunks(positions, dim):
+                factor(sl)
+            return result
+        # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded
+        # (8x slower when the cores are shared); single-threaded calls, parallel over positions, do not.
+        threads = torch.get_num_threads()
+        step = max(1, min(64, _CHUNK_ELEMENTS // (dim * dim)))
+        chunks = [slice(i, min(positions, i + step)) for i in range(0, positions, step)]
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(factor, chunks))
+        finally:
+            torch.set_num_threads(threads)
         return result
 
 

@@ -17,6 +17,7 @@ from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, stack
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
+UPDATE_BUFFER_BYTES = 384 * 1024 * 1024  # embeddings gathered before one statistics update
 
 
 @dataclass
@@ -141,10 +142,9 @@ class Padim:
     @torch.inference_mode()
     def _embed(self, batch: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) → embeddings (B, P, D)."""
-        features = self.extractor_(batch.to(self.device_, non_blocking=True))
-        b, d, h, w = features.shape
-        self.grid_ = (h, w)
-        return features.reshape(b, d, h * w).transpose(1, 2)
+        embeddings = self.extractor_(batch.to(self.device_, non_blocking=True))
+        self.grid_ = self.extractor_.grid
+        return embeddings
 
     def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
         if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)) and not (
@@ -210,16 +210,33 @@ class Padim:
         return self
 
     def _accumulate(self, images: Iterable[ImageInput], progress: Progress | None) -> None:
+        # Embeddings are buffered up to a fixed byte budget and merged in one update: each update touches
+        # the whole (P, D, D) state, so fewer, larger updates are faster; memory stays bounded.
+        buffer: list[torch.Tensor] = []
+        buffered = 0
+
+        def flush():
+            nonlocal buffered
+            if buffer:
+                embeddings = torch.cat(buffer) if len(buffer) > 1 else buffer[0]
+                if self.stats_ is None:
+                    self.stats_ = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], self.device_)
+                self.stats_.update(embeddings)
+                buffer.clear()
+                buffered = 0
+
         for batch in self._batches(images):
             self.skipped_.extend((item.name, item.error) for item in batch if item.error)
             good = [item for item in batch if item.tensor is not None]
             if good:
                 embeddings = self._embed(stack(good))
-                if self.stats_ is None:
-                    self.stats_ = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], self.device_)
-                self.stats_.update(embeddings)
+                buffer.append(embeddings)
+                buffered += embeddings.numel() * embeddings.element_size()
+                if buffered >= UPDATE_BUFFER_BYTES:
+                    flush()
             if progress:
                 progress(len(batch))
+        flush()
         count = self.stats_.count if self.stats_ is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
