@@ -268,4 +268,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m fastpadim.cli`: this file is __main__, a second copy; the commands registered by
+    # other modules live on fastpadim.cli.app, so start from there.
+    from fastpadim.cli import main as _main
+
+    _main()

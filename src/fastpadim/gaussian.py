@@ -2,7 +2,8 @@
 
 State per position (count n, mean μ, centred scatter M = Σ (x-μ)(x-μ)ᵀ) merges exactly with Chan et al.'s
 pairwise update, so fitting batch by batch, ``partial_fit`` and distributed fits all give the one-shot
-result. Memory is that of the state itself, whatever the number of images.
+result. M is symmetric, so only its lower triangle is kept (packed, float64): half the memory of the full
+matrix at full precision. Memory is that of the state itself, whatever the number of images.
 """
 
 from __future__ import annotations
@@ -14,30 +15,50 @@ import torch
 
 from .errors import FastpadimError
 
-# Bound on the temporary (positions × D × D) block built per update, in elements (float64: 256 MB).
-_CHUNK_ELEMENTS = 32 * 1024 * 1024
+# Bound on the temporary (positions × D × D) blocks built per step, in elements (float32: 64 MB).
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
 
 
-def _position_chunks(positions: int, dim: int):
+def _position_chunks(positions: int, dim: int, cap: int | None = None):
     step = max(1, _CHUNK_ELEMENTS // max(1, dim * dim))
+    if cap:
+        step = min(step, cap)
     for start in range(0, positions, step):
         yield slice(start, min(positions, start + step))
 
 
+def tril_index(dim: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.tril_indices(dim, dim, device=device)
+    return rows, cols
+
+
+def unpack(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """Packed lower triangles (P, D(D+1)/2) → full symmetric matrices (P, D, D)."""
+    rows, cols = tril_index(dim, packed.device)
+    full = torch.zeros(packed.shape[0], dim, dim, dtype=packed.dtype, device=packed.device)
+    full[:, rows, cols] = packed
+    full[:, cols, rows] = packed
+    return full
+
+
 @dataclass
 class GaussianStats:
-    """Count, per-position mean (P, D) and centred scatter (P, D, D), all float64."""
+    """Count, per-position mean (P, D) and packed centred scatter (P, D(D+1)/2), float64."""
 
     count: int
     mean: torch.Tensor
     scatter: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.mean.shape[1]
 
     @classmethod
     def empty(cls, positions: int, dim: int, device: torch.device | str = "cpu") -> GaussianStats:
         return cls(
             0,
             torch.zeros(positions, dim, dtype=torch.float64, device=device),
-            torch.zeros(positions, dim, dim, dtype=torch.float64, device=device),
+            torch.zeros(positions, dim * (dim + 1) // 2, dtype=torch.float64, device=device),
         )
 
     @classmethod
@@ -47,26 +68,32 @@ class GaussianStats:
         stats.update(embeddings)
         return stats
 
-    def update(self, embeddings: torch.Tensor) -> None:
-        """Add a batch (B, P, D) in place: centred batch statistics merged into the running state."""
+    def update(self, embeddings: torch.Tensor, centre_in_place: bool = False) -> None:
+        """Add a batch (B, P, D): centred batch statistics merged into the running state.
+
+        ``centre_in_place`` lets the batch be overwritten by its centred values (saves a copy).
+        """
         batch, positions, dim = embeddings.shape
         if (positions, dim) != tuple(self.mean.shape):
             raise FastpadimError(f"embedding shape {(positions, dim)} does not match the model's {tuple(self.mean.shape)}")
         if batch == 0:
             return
-        # The batch part is centred on its own mean, so float32 products lose nothing that matters
-        # (no large-mean cancellation); the running sums stay float64.
-        work_dtype = torch.float32 if embeddings.dtype != torch.float64 else torch.float64
-        x = embeddings.to(work_dtype)
+        # Centred on the batch's own mean, float32 products lose nothing that matters (no large-mean
+        # cancellation); the running sums are float64.
+        x = embeddings if embeddings.dtype in (torch.float32, torch.float64) else embeddings.float()
         batch_mean = x.mean(dim=0)  # (P, D)
-        centred = (x - batch_mean).transpose(0, 1).contiguous()  # (P, B, D)
+        centred = x.sub_(batch_mean) if centre_in_place else x - batch_mean
         n_old, n_new = self.count, self.count + batch
         delta = batch_mean.double() - self.mean  # (P, D)
+        rows, cols = tril_index(dim, x.device)
+        weight = n_old * batch / n_new
         for sl in _position_chunks(positions, dim):
-            self.scatter[sl] += torch.bmm(centred[sl].transpose(1, 2), centred[sl])  # promoted into float64
+            part = centred[:, sl].transpose(0, 1)  # (p, B, D), strided view
+            block = torch.bmm(part.transpose(1, 2), part)  # (p, D, D)
             if n_old:
                 d = delta[sl]
-                self.scatter[sl].add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=n_old * batch / n_new)
+                block = block.double().add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=weight)
+            self.scatter[sl] += block[:, rows, cols]
         self.mean += delta * (batch / n_new)
         self.count = n_new
 
@@ -82,16 +109,15 @@ class GaussianStats:
         scatter = self.scatter + other.scatter
         weight = self.count * other.count / n
         if weight:
-            for sl in _position_chunks(mean.shape[0], mean.shape[1]):
-                d = delta[sl]
-                scatter[sl].add_(d.unsqueeze(2) * d.unsqueeze(1), alpha=weight)
+            rows, cols = tril_index(self.dim, delta.device)
+            scatter.add_(delta[:, rows] * delta[:, cols], alpha=weight)
         return GaussianStats(n, mean, scatter)
 
     def covariance(self, epsilon: float, positions: slice = slice(None)) -> torch.Tensor:
-        """Σ = M / (N − 1) + εI for the given positions, float64."""
+        """Σ = M / (N − 1) + εI for the given positions: full (p, D, D) float64 matrices."""
         if self.count < 2:
             raise FastpadimError(f"PaDiM needs at least 2 training images, got {self.count}")
-        cov = self.scatter[positions] / (self.count - 1)
+        cov = unpack(self.scatter[positions], self.dim).div_(self.count - 1)
         cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
         return cov
 
@@ -114,12 +140,10 @@ class GaussianStats:
         # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded
         # (8x slower when the cores are shared); single-threaded calls, parallel over positions, do not.
         threads = torch.get_num_threads()
-        step = max(1, min(64, _CHUNK_ELEMENTS // (dim * dim)))
-        chunks = [slice(i, min(positions, i + step)) for i in range(0, positions, step)]
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(factor, chunks))
+                list(pool.map(factor, _position_chunks(positions, dim, cap=64)))
         finally:
             torch.set_num_threads(threads)
         return result

@@ -17,7 +17,7 @@ from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, stack
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
-UPDATE_BUFFER_BYTES = 384 * 1024 * 1024  # embeddings gathered before one statistics update
+UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 
 
 @dataclass
@@ -210,33 +210,38 @@ class Padim:
         return self
 
     def _accumulate(self, images: Iterable[ImageInput], progress: Progress | None) -> None:
-        # Embeddings are buffered up to a fixed byte budget and merged in one update: each update touches
-        # the whole (P, D, D) state, so fewer, larger updates are faster; memory stays bounded.
-        buffer: list[torch.Tensor] = []
-        buffered = 0
+        # Embeddings gather in one preallocated buffer of bounded size and are merged in one update when
+        # it is full: each update touches the whole (P, D, D) state, so fewer, larger updates are faster,
+        # and memory stays the same whatever the number of images.
+        buffer: torch.Tensor | None = None
+        filled = 0
 
         def flush():
-            nonlocal buffered
-            if buffer:
-                embeddings = torch.cat(buffer) if len(buffer) > 1 else buffer[0]
+            nonlocal filled
+            if filled:
                 if self.stats_ is None:
-                    self.stats_ = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], self.device_)
-                self.stats_.update(embeddings)
-                buffer.clear()
-                buffered = 0
+                    self.stats_ = GaussianStats.empty(buffer.shape[1], buffer.shape[2], self.device_)
+                self.stats_.update(buffer[:filled], centre_in_place=True)
+                filled = 0
 
         for batch in self._batches(images):
             self.skipped_.extend((item.name, item.error) for item in batch if item.error)
             good = [item for item in batch if item.tensor is not None]
             if good:
                 embeddings = self._embed(stack(good))
-                buffer.append(embeddings)
-                buffered += embeddings.numel() * embeddings.element_size()
-                if buffered >= UPDATE_BUFFER_BYTES:
+                if buffer is None:
+                    per_image = embeddings[0].numel() * embeddings.element_size()
+                    capacity = max(len(good), UPDATE_BUFFER_BYTES // per_image)
+                    buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
+                if filled + len(good) > buffer.shape[0]:
                     flush()
+                buffer[filled : filled + len(good)] = embeddings
+                filled += len(good)
+                del embeddings
             if progress:
                 progress(len(batch))
         flush()
+        del buffer
         count = self.stats_.count if self.stats_ is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""

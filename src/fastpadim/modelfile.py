@@ -34,8 +34,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except OSError as exc:
         raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model or report is an ordinary file
         os.replace(tmp, path)
     except OSError as exc:
         raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
