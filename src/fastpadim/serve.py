@@ -268,7 +268,7 @@ def create_app(model: "Padim", model_path: str | None = None, max_batch: int = 8
     async def model_info() -> dict:
         return summary
 
-    @api.post("/v1/score", response_model=Score, responses=errors_doc, openapi_extra=body_doc,
+    @api.post("/v1/score", response_model=Score, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=body_doc,
               summary="Score one image (multipart field 'file' or the raw body)")
     async def score_one(request: Request,
                         heatmap: Annotated[bool, Query(description="Add the heatmap overlay as base64 PNG.")] = False):
@@ -293,7 +293,7 @@ def create_app(model: "Padim", model_path: str | None = None, max_batch: int = 8
         timings["total"] = ms(time.perf_counter() - start)
         return {**response, "timings_ms": timings}
 
-    @api.post("/v1/score/batch", response_model=BatchScore, responses=errors_doc, openapi_extra=batch_doc,
+    @api.post("/v1/score/batch", response_model=BatchScore, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=batch_doc,
               summary="Score several images (repeated multipart field 'file') in one network batch")
     async def score_many(request: Request,
                          heatmap: Annotated[bool, Query(description="Add heatmap overlays as base64 PNG.")] = False):
