@@ -57,7 +57,8 @@ def warm_up(model: "Padim") -> None:
     from PIL import Image
 
     size = model.preprocessing_.image_size
-    score_batch(model, [Image.new("RGB", (size, size), (128, 128, 128))])
+    (result,) = score_batch(model, [Image.new("RGB", (size, size), (128, 128, 128))])
+    overlay_png_base64(result, model.threshold_)  # loads the colour map (matplotlib) before the first heatmap
 
 
 def overlay_png_base64(result: "ScoredImage", threshold: float | None) -> str:
