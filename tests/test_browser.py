@@ -53,7 +53,8 @@ def live_server():
 
 
 def test_page_scores_an_uploaded_bottle_and_shows_the_heatmap(live_server, tmp_path):
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e '.[dev]')")
+    sync_playwright = sync_api.sync_playwright
 
     image = sorted((BOTTLE / "test/broken_large").glob("*.png"))[0]
     foreign: list[str] = []
