@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -116,36 +117,49 @@ def image_name(item: ImageInput, index: int) -> str:
     return f"<image {index}>"
 
 
-def open_image(item: ImageInput) -> Image.Image:
-    """Decode one input to an RGB PIL image, or raise ImageError with a one-line reason."""
+def _decode(source, label: str) -> Image.Image:
+    """Open and fully decode a path or a binary stream; every failure becomes one ImageError line."""
+    try:
+        with Image.open(source) as handle:
+            handle.load()  # decode now so truncated files fail here, not later
+            return to_rgb(handle)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError(f"{label}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image file (or a format PIL cannot read)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label}: too many pixels ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None) -> Image.Image:
+    """Decode one input (path, bytes, binary stream, PIL image, array, tensor) to an RGB PIL image,
+    or raise ImageError with a one-line reason that starts with ``name`` (default: the path)."""
+    label = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
     if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        try:
-            with Image.open(path) as handle:
-                handle.load()  # decode now so truncated files fail here, not later
-                image = to_rgb(handle)
-        except FileNotFoundError:
-            raise ImageError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"{path}: is a directory, not an image") from None
-        except PermissionError:
-            raise ImageError(f"{path}: permission denied") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"{path}: not an image file (or a format PIL cannot read)") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+        image = _decode(Path(item), label)
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
+            raise ImageError(f"{label}: empty (0 bytes)")
+        image = _decode(io.BytesIO(item), label)
+    elif isinstance(item, io.IOBase):
+        image = _decode(item, label)
     elif isinstance(item, Image.Image):
         image = to_rgb(item)
     elif isinstance(item, torch.Tensor):
-        image = _array_to_pil(item.detach().cpu().numpy())
-        image = to_rgb(image)
+        image = to_rgb(_array_to_pil(item.detach().cpu().numpy()))
     elif isinstance(item, np.ndarray):
         image = to_rgb(_array_to_pil(item))
     else:
         raise ImageError(f"cannot read an image from a {type(item).__name__}")
     width, height = image.size
     if min(width, height) < MIN_IMAGE_SIDE:
-        where = f"{item}: " if isinstance(item, (str, os.PathLike)) else ""
+        where = f"{label}: " if name or isinstance(item, (str, os.PathLike)) else ""
         raise ImageError(f"{where}image is {width}x{height}; fastpadim needs at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}")
     return image
 

@@ -30,20 +30,9 @@ UPLOAD_HINT = "send an image as the multipart field 'file' (curl -F file=@image.
 
 def decode_upload(data: bytes, name: str) -> "Image.Image":
     """Uploaded bytes → RGB PIL image, or ImageError with a one-line reason (same checks as files on disk)."""
-    from PIL import Image, UnidentifiedImageError
-
     from .images import open_image
 
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decode now so a truncated upload fails here
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (or a format PIL cannot read)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{name}: too many pixels ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from None
-    return open_image(image)
+    return open_image(data, name=name)
 
 
 def score_batch(model: "Padim", images: list) -> "list[ScoredImage]":
