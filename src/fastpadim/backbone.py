@@ -52,7 +52,7 @@ PRESETS: dict[str, BackbonePreset] = {
             note="PaDiM-WR50-Rd550: layer1-3, 256+512+1024 = 1792 channels, 550 kept at random",
         ),
         BackbonePreset(
-            "efficientnet_b5", "efficientnet_b5.sw_in12k_ft_in1k", (2, 4, 5), 344, extra_blocks=True,
+            "efficientnet_b5", "tf_efficientnet_b5.aa_in1k", (2, 4, 5), 344, extra_blocks=True,
             note="the paper's levels 2, 4, 5 = timm blocks.1/3/4 (flat blocks 7, 19-20, 26): 40+128+176 = 344 channels",
         ),
     ]
