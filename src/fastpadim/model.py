@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset
@@ -151,7 +152,7 @@ class Padim:
         return embeddings
 
     def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
-        if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)) and not (
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)) and not (
             isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         ):
             images = [images]  # one image given on its own
