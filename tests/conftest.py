@@ -7,9 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from fastpadim.synthetic import surface
+
+# The tests' tensors are small: one thread avoids OpenMP spin-waits that cost seconds per call when the
+# 2 cores are shared (measured: a small fit 1.4 s with 1 thread, 5 s with 2 under load).
+TEST_THREADS = int(os.environ.get("FASTPADIM_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+threadpool_limits(TEST_THREADS)  # NumPy's OpenBLAS too (the float64 references)
 
 REPO = Path(__file__).resolve().parents[1]
 # The MVTec AD bottle category (256x256 copy), beside the repository as the issue describes.
