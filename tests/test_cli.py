@@ -188,6 +188,29 @@ def test_predict_bad_inputs(model_file, tmp_path):
     assert not out.exists()  # no empty results files
 
 
+@pytest.mark.parametrize("options,words", [
+    (["--backbone", "no_such_net"], ["not a preset", "--layers"]),
+    (["--layers", "one,two"], ["--layers"]),
+    (["--factor-dtype", "int8"], ["factor dtype"]),
+    (["--epsilon", "-1"], ["epsilon"]),
+    (["--crop-size", "100"], ["crop size"]),
+    (["--weights", "absent.safetensors"], ["absent.safetensors"]),
+])
+def test_fit_bad_options(options, words, image_folder, tmp_path):
+    base = ["--weights", "random", "--image-size", "64", "--crop-size", "0", "--device", "cpu", "--backbone", "resnet18"]
+    assert_one_line_error(run("fit", image_folder, "-o", tmp_path / "m.padim", *base, *options), *words)
+    assert not (tmp_path / "m.padim").exists()
+
+
+def test_cuda_asked_for_without_a_gpu(image_folder, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    assert_one_line_error(run("fit", image_folder, "-o", tmp_path / "m.padim", *FAST[:-2], "--device", "cuda"),
+                          "CUDA")
+
+
 @pytest.fixture
 def bad_models(model_file, tmp_path) -> dict[str, tuple[Path, str]]:
     from safetensors import safe_open

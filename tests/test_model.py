@@ -175,3 +175,14 @@ def test_iter_scored_keeps_the_view(one_shot, test_arrays):
 def test_works_on_images_of_any_size(one_shot):
     big = make_surfaces(2, size=150, seed=7)
     assert one_shot.score(big)[1].shape == (2, 64, 64)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="model.Padim._batches wraps a lone str/path/array/tensor in a list but not a lone PIL "
+                   "image, which it then tries to iterate: TypeError 'Image' object is not iterable")
+def test_a_single_pil_image_on_its_own(one_shot, test_arrays):
+    from PIL import Image
+
+    scores, maps = one_shot.score(Image.fromarray(test_arrays[0]))
+    assert scores.shape == (1,)
+    np.testing.assert_allclose(scores, one_shot.score([Image.fromarray(test_arrays[0])])[0])
