@@ -146,8 +146,11 @@ def fit(
 
 # ------------------------------------------------------------------------------------------- predict
 def relative_name(path: str, root: Path) -> Path:
+    # abspath, not resolve: a symlinked image must keep its place under root, or names from different
+    # sub-folders (good/000.png, broken/000.png) would collide and overwrite each other's overlays.
+    base = Path(os.path.abspath(root if root.is_dir() else root.parent))
     try:
-        return Path(path).resolve().relative_to(root.resolve() if root.is_dir() else root.resolve().parent)
+        return Path(os.path.abspath(path)).relative_to(base)
     except ValueError:
         return Path(Path(path).name)
 
@@ -191,6 +194,7 @@ def predict(
         model.batch_size = batch_size
         if threshold is not None:
             model.threshold_ = threshold
+        created = not output.exists()
         try:
             output.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -218,6 +222,10 @@ def predict(
                             row["mask"] = str(mask_path)
                     rows.append(row)
         report_skipped(skipped)
+        if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
+            if created and not any(output.iterdir()):
+                output.rmdir()
+            raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
         fields = ["image", "score", "verdict", "overlay", "mask"]
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
@@ -229,9 +237,7 @@ def predict(
         write_text(json.dumps(summary, indent=2), output / "results.json")
         flagged = sum(r["verdict"] == "anomalous" for r in rows)
         console.print(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped); wrote {output}/results.csv",
-                      highlight=False)
-        if not rows:
-            raise FastpadimError("no image could be scored")
+                      highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- info

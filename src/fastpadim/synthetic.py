@@ -13,7 +13,9 @@ from scipy import ndimage
 def surface(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A textured surface: grain along one direction, low-frequency shading and sensor noise (uint8 RGB)."""
     grain = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=(0.6, 6.0))  # brushed along x
-    shading = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=40.0)
+    # The shading's scale follows the image size: a fixed σ = 40 on a small image leaves a near-constant field
+    # whose division by its (tiny) std saturates the whole image to black or white.
+    shading = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=40.0 * size / 256)
     value = 0.55 + 0.9 * grain / grain.std() * 0.05 + shading / shading.std() * 0.03 + rng.normal(0, 0.01, (size, size))
     tint = np.array([1.0, 0.97, 0.9]) * rng.uniform(0.95, 1.05)
     rgb = np.clip(value[..., None] * tint, 0, 1)

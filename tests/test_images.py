@@ -1,0 +1,272 @@
+"""Decoding any input to the right RGB tensor, the paper's preprocessing, and clear errors for bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastpadim.errors import FastpadimError, ImageError
+from fastpadim.images import Preprocessing, iter_batches, list_images, load_one, open_image
+
+COLOUR = (200, 40, 90)
+
+
+def rgb_of(image: Image.Image) -> np.ndarray:
+    assert image.mode == "RGB"
+    return np.asarray(image)
+
+
+def halves(size=(64, 48)) -> np.ndarray:
+    """Left half red, right half blue (W x H = size)."""
+    w, h = size
+    array = np.zeros((h, w, 3), np.uint8)
+    array[:, : w // 2] = (255, 0, 0)
+    array[:, w // 2 :] = (0, 0, 255)
+    return array
+
+
+# ------------------------------------------------------------------------------------------ file modes
+def test_rgb_png(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(rgb_of(open_image(tmp_path / "a.png")), array)
+
+
+def test_grayscale_becomes_equal_channels(tmp_path):
+    grey = np.random.default_rng(1).integers(0, 256, (40, 40), dtype=np.uint8)
+    Image.fromarray(grey, mode="L").save(tmp_path / "g.png")
+    out = rgb_of(open_image(str(tmp_path / "g.png")))
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], grey)
+
+
+def test_16bit_png_is_scaled_to_8_bit(tmp_path):
+    values = np.array([0, 257, 32896, 65535, 1000], np.uint16)
+    array16 = np.resize(values, (40, 40)).astype(np.uint16)
+    Image.fromarray(array16).save(tmp_path / "d.png")  # a 16-bit grayscale PNG (I;16)
+    with Image.open(tmp_path / "d.png") as check:
+        assert check.mode in ("I;16", "I")  # really 16-bit on disk
+    out = rgb_of(open_image(tmp_path / "d.png"))
+    expected = np.rint(array16 / 257.0).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(out[..., c], expected)
+
+
+def test_rgba_transparent_pixels_become_black(tmp_path):
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., :3] = COLOUR
+    rgba[:, :20, 3] = 255  # left half opaque, right half fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "t.png")
+    out = rgb_of(open_image(tmp_path / "t.png"))
+    assert (out[:, :20] == COLOUR).all()
+    assert (out[:, 20:] == 0).all()
+
+
+def test_palette_image_uses_its_colours(tmp_path):
+    image = Image.fromarray(halves((40, 40))).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    assert image.mode == "P"
+    image.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(rgb_of(open_image(tmp_path / "p.png")), halves((40, 40)))
+
+
+def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
+    stored = halves((64, 48))  # 64 wide, 48 tall; left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    Image.fromarray(stored).save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = rgb_of(open_image(tmp_path / "r.jpg"))
+    assert out.shape == (64, 48, 3)  # width and height swapped
+    top, bottom = out[:24].reshape(-1, 3).mean(0), out[40:].reshape(-1, 3).mean(0)
+    # After a clockwise quarter turn the stored left (red) part is on top, the right (blue) part below.
+    assert top[0] > 200 and top[2] < 60
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_cmyk_jpeg(tmp_path):
+    Image.new("RGB", (40, 40), COLOUR).convert("CMYK").save(tmp_path / "c.jpg", quality=100)
+    out = rgb_of(open_image(tmp_path / "c.jpg"))
+    assert np.abs(out.reshape(-1, 3).mean(0) - COLOUR).max() < 6
+
+
+# ----------------------------------------------------------------------------------------- in memory
+def test_pil_image_in_memory():
+    np.testing.assert_array_equal(rgb_of(open_image(Image.new("L", (40, 40), 77))), np.full((40, 40, 3), 77))
+
+
+@pytest.mark.parametrize(
+    "array,expected",
+    [
+        (np.full((40, 36, 3), COLOUR, np.uint8), COLOUR),
+        (np.full((3, 40, 36), 9, np.uint8), (9, 9, 9)),  # CHW
+        (np.full((40, 36), 130, np.uint8), (130, 130, 130)),  # grayscale HW
+        (np.full((40, 36, 1), 130, np.uint8), (130, 130, 130)),
+        (np.full((40, 36, 3), 257 * 100, np.uint16), (100, 100, 100)),  # 16-bit full range
+        (np.full((40, 36, 3), 0.5, np.float32), (128, 128, 128)),  # floats in 0..1
+        (np.full((40, 36, 3), 0.2, np.float64), (51, 51, 51)),
+    ],
+    ids=["uint8-hwc", "uint8-chw", "uint8-hw", "uint8-hw1", "uint16", "float32", "float64"],
+)
+def test_numpy_arrays(array, expected):
+    out = rgb_of(open_image(array))
+    assert out.shape == (40, 36, 3)
+    assert (out == expected).all()
+
+
+def test_rgba_array_composites_on_black():
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    rgba[..., :3] = COLOUR
+    rgba[:20, :, 3] = 255
+    out = rgb_of(open_image(rgba))
+    assert (out[:20] == COLOUR).all() and (out[20:] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "tensor,expected",
+    [
+        (torch.full((3, 40, 36), 0.25), (64, 64, 64)),  # CHW float in 0..1, as torchvision gives
+        (torch.full((40, 36, 3), 200, dtype=torch.uint8), (200, 200, 200)),
+        (torch.full((1, 40, 36), 1.0), (255, 255, 255)),
+    ],
+    ids=["float-chw", "uint8-hwc", "float-1hw"],
+)
+def test_torch_tensors(tensor, expected):
+    out = rgb_of(open_image(tensor))
+    assert out.shape == (40, 36, 3)
+    assert (out == expected).all()
+
+
+def test_tensor_is_normalised_with_the_backbone_statistics():
+    """The network's input: resized/cropped view, scaled to 0..1, minus mean, over std, in CHW order."""
+    pre = Preprocessing(40, None, mean=(0.5, 0.4, 0.3), std=(0.5, 0.25, 0.2))
+    item = load_one(np.full((40, 40, 3), COLOUR, np.uint8), 0, pre, keep_view=True)
+    assert item.error is None and item.tensor.shape == (3, 40, 40) and item.tensor.dtype == torch.float32
+    expected = (np.array(COLOUR) / 255.0 - np.array(pre.mean)) / np.array(pre.std)
+    np.testing.assert_allclose(item.tensor.mean(dim=(1, 2)).numpy(), expected, rtol=1e-5)
+    assert item.view.shape == (40, 40, 3) and item.view.dtype == np.uint8
+
+
+# -------------------------------------------------------------------------------------- preprocessing
+def test_resize_then_centre_crop():
+    pre = Preprocessing(256, 224)
+    assert pre.output_size == 224
+    array = np.zeros((300, 300, 3), np.uint8)
+    array[150:, :] = 255  # lower half white
+    view = np.asarray(pre.geometry(open_image(array)))
+    assert view.shape == (224, 224, 3)
+    assert view[:100].max() == 0 and view[124:].min() == 255
+    mask = Image.fromarray(((np.arange(300)[:, None] >= 150) * np.ones((1, 300)) * 255).astype(np.uint8))
+    mask_view = np.asarray(pre.mask_geometry(mask))
+    assert mask_view.shape == (224, 224) and set(np.unique(mask_view)) == {0, 255}
+
+
+def test_resize_only():
+    pre = Preprocessing(96, None)
+    assert pre.output_size == 96
+    assert pre.geometry(Image.new("RGB", (200, 120))).size == (96, 96)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+
+
+@pytest.mark.parametrize("image_size,crop", [(16, None), (64, 80), (64, 8)])
+def test_bad_preprocessing_sizes(image_size, crop):
+    with pytest.raises(FastpadimError):
+        Preprocessing(image_size, crop)
+
+
+# ----------------------------------------------------------------------------------------- bad inputs
+def assert_one_line(exc_info, *words):
+    message = str(exc_info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_too_small_image(tmp_path):
+    Image.new("RGB", (20, 50)).save(tmp_path / "small.png")
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "small.png")
+    assert_one_line(info, "small.png", "20x50", "at least 32")
+    with pytest.raises(ImageError, match="at least 32"):
+        open_image(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_truncated_file(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "cut.png")
+    assert_one_line(info, "cut.png", "truncated")
+
+
+def test_truncated_jpeg(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "f.jpg")
+    data = (tmp_path / "f.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "cut.jpg")
+    assert_one_line(info, "cut.jpg")
+
+
+def test_non_image_file(tmp_path):
+    (tmp_path / "notes.png").write_text("this is not a picture\n")
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "notes.png")
+    assert_one_line(info, "notes.png", "not an image")
+
+
+def test_directory_and_missing_file(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "folder.png")
+    assert_one_line(info, "directory")
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "absent.png")
+    assert_one_line(info, "no such file")
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 40, 40, 3), np.uint8), np.zeros((40, 40, 5), np.uint8),
+                                 np.zeros((40, 40, 3), np.int64), 42])
+def test_unusable_objects(bad):
+    with pytest.raises(ImageError):
+        open_image(bad)
+
+
+# -------------------------------------------------------------------------------------------- folders
+def test_list_images_recursive_sorted_and_filtered(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ("b.png", "a.JPG", "sub/c.bmp"):
+        Image.new("RGB", (40, 40)).save(tmp_path / name, format="PNG")
+    (tmp_path / "readme.txt").write_text("x")
+    files = list_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in files] == ["a.JPG", "b.png", "sub/c.bmp"]
+    assert list_images(tmp_path / "b.png") == [tmp_path / "b.png"]
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FastpadimError, match="no such file or folder"):
+        list_images(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FastpadimError, match="no images found"):
+        list_images(tmp_path / "empty")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/a.txt").write_text("x")
+    (tmp_path / "docs/b.csv").write_text("y")
+    with pytest.raises(FastpadimError, match="no images found"):
+        list_images(tmp_path / "docs")
+
+
+def test_batches_keep_order_and_carry_errors(tmp_path):
+    (tmp_path / "bad.png").write_text("nope")
+    items = [np.full((40, 40, 3), i, np.uint8) for i in range(5)]
+    items.insert(2, tmp_path / "bad.png")
+    batches = list(iter_batches(items, Preprocessing(40, None), batch_size=4, workers=2))
+    assert [len(b) for b in batches] == [4, 2]
+    flat = [item for batch in batches for item in batch]
+    assert [item.index for item in flat] == list(range(6))
+    assert flat[2].error and "bad.png" in flat[2].error and flat[2].tensor is None
+    assert all(item.error is None and item.tensor is not None for i, item in enumerate(flat) if i != 2)
+    with pytest.raises(FastpadimError, match="batch size"):
+        list(iter_batches(items, Preprocessing(40, None), batch_size=0))

@@ -1,0 +1,47 @@
+"""Streaming statistics: the peak memory of fit does not grow with the number of training images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TEST_THREADS
+
+# Fits the default backbone on the first N bottle images in a fresh interpreter; prints its own peak RSS.
+FIT_SCRIPT = """
+import json, resource, sys, time
+from pathlib import Path
+from fastpadim import Padim
+files = sorted(Path(sys.argv[1]).glob("*.png"))[: int(sys.argv[2])]
+start = time.perf_counter()
+model = Padim(device="cpu").fit(files)
+print(json.dumps({"n": model.n_samples_seen_, "seconds": time.perf_counter() - start,
+                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def peak_of_fit(folder, n: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(TEST_THREADS), "MKL_NUM_THREADS": str(TEST_THREADS)}  # as the in-process tests
+    done = subprocess.run([sys.executable, "-c", FIT_SCRIPT, str(folder), str(n)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_of_fit_does_not_grow_with_images(bottle):
+    folder = bottle / "train/good"
+    if len(list(folder.glob("*.png"))) < 209:
+        pytest.skip("the bottle training set here has fewer than 209 images")
+    small = peak_of_fit(folder, 50)
+    full = peak_of_fit(folder, 209)
+    assert small["n"] == 45 and full["n"] == 188  # 10 % held out for the threshold
+    ratio = full["peak_kib"] / small["peak_kib"]
+    print(f"peak RSS: 50 images {small['peak_kib'] / 1024:.0f} MiB, 209 images {full['peak_kib'] / 1024:.0f} MiB "
+          f"(ratio {ratio:.3f}); fit {small['seconds']:.1f} s / {full['seconds']:.1f} s")
+    assert ratio <= 1.10

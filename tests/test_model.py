@@ -1,0 +1,185 @@
+"""The Padim estimator: streaming fit, partial_fit, determinism, thresholds, scoring and predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL, make_surfaces, with_spot
+from fastpadim import Padim
+from fastpadim.errors import FastpadimError
+from fastpadim.gaussian import mahalanobis
+
+# Streaming vs one-shot: the same embeddings summed in another order; float32 features, float32 factor.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_shot(train_arrays):
+    return Padim(**SMALL, batch_size=64).fit(train_arrays)
+
+
+def assert_same_model(a: Padim, b: Padim, images) -> None:
+    assert a.n_samples_seen_ == b.n_samples_seen_
+    assert torch.equal(a.channel_indices_, b.channel_indices_)
+    torch.testing.assert_close(a.mean_, b.mean_, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(a.whitener_, b.whitener_, rtol=RTOL, atol=ATOL * float(b.whitener_.abs().max()))
+    np.testing.assert_allclose(a.score(images)[0], b.score(images)[0], rtol=RTOL)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_streaming_fit_equals_one_shot(batch_size, train_arrays, test_arrays, one_shot):
+    streamed = Padim(**SMALL, batch_size=batch_size).fit(train_arrays)
+    assert_same_model(streamed, one_shot, test_arrays)
+
+
+def test_partial_fit_in_pieces_equals_one_shot(train_arrays, test_arrays, one_shot):
+    model = Padim(**SMALL, batch_size=5)
+    for piece in (train_arrays[:3], train_arrays[3:10], train_arrays[10:]):
+        model.partial_fit(piece)
+    assert_same_model(model, one_shot, test_arrays)
+
+
+def test_partial_fit_after_fit_keeps_the_threshold(train_arrays, test_arrays, one_shot):
+    model = Padim(**{**SMALL, "holdout": 0.0}).fit(train_arrays[:9], threshold_images=test_arrays)
+    threshold = model.threshold_
+    assert threshold is not None and model.n_samples_seen_ == 9
+    model.partial_fit(iter(train_arrays[9:]))  # any iterable, consumed in batches
+    assert model.threshold_ == threshold
+    assert_same_model(model, one_shot, test_arrays)
+
+
+def test_fit_takes_a_generator_and_single_images(train_arrays):
+    model = Padim(**SMALL, batch_size=4).fit(a for a in train_arrays[:6])
+    assert model.n_samples_seen_ == 6
+    scores, maps = model.score(train_arrays[0])  # one array on its own
+    assert scores.shape == (1,) and maps.shape == (1, 64, 64)
+    batch = torch.from_numpy(np.stack(train_arrays[:3])).permute(0, 3, 1, 2)  # a (N, 3, H, W) uint8 tensor
+    assert model.score(batch)[0].shape == (3,)
+
+
+def test_fewer_than_two_images_is_a_clear_error(train_arrays, tmp_path):
+    with pytest.raises(FastpadimError, match="at least 2"):
+        Padim(**SMALL).fit(train_arrays[:1])
+    with pytest.raises(FastpadimError, match="at least 2"):
+        Padim(**SMALL).fit([])
+    with pytest.raises(FastpadimError, match="at least 2"):
+        Padim(**SMALL).partial_fit(train_arrays[:1])
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(FastpadimError, match="at least 2.*1 unreadable"):
+        Padim(**SMALL).fit([train_arrays[0], tmp_path / "bad.png"])
+    # With a hold-out, two images are too few to keep one apart and fit on two.
+    with pytest.raises(FastpadimError, match="too few"):
+        Padim(**{**SMALL, "holdout": 0.1}).fit(train_arrays[:2])
+
+
+def test_same_seed_same_model_and_scores(train_arrays, test_arrays):
+    a = Padim(**SMALL, seed=3).fit(train_arrays)
+    b = Padim(**SMALL, seed=3).fit(train_arrays)
+    assert torch.equal(a.channel_indices_, b.channel_indices_)
+    assert torch.equal(a.mean_, b.mean_) and torch.equal(a.whitener_, b.whitener_)
+    sa, ma = a.score(test_arrays)
+    sb, mb = b.score(test_arrays)
+    np.testing.assert_array_equal(sa, sb)
+    np.testing.assert_array_equal(ma, mb)
+
+
+def test_different_seed_different_channel_subset(one_shot):
+    other = Padim(**SMALL, seed=1).fit(make_surfaces(3))
+    assert one_shot.channel_indices_.numel() == other.channel_indices_.numel() == 100  # Rd 100 of 448
+    assert not torch.equal(one_shot.channel_indices_, other.channel_indices_)
+    for indices in (one_shot.channel_indices_, other.channel_indices_):
+        assert bool(torch.all(indices[1:] > indices[:-1])) and int(indices.max()) < 448
+
+
+def test_scores_follow_the_reference_distances(one_shot, test_arrays):
+    """The model's maps are the per-position distances (upsampled and blurred); their max is the score."""
+    from fastpadim.images import iter_batches, stack
+
+    scores, maps = one_shot.score(test_arrays)
+    assert maps.shape == (4, 64, 64) and (maps >= 0).all()
+    np.testing.assert_allclose(scores, maps.reshape(4, -1).max(axis=1))
+    batch = stack(next(iter_batches(test_arrays, one_shot.preprocessing_, 8)))
+    embeddings = one_shot._embed(batch).double().numpy()
+    stats = one_shot.stats_
+    mean = stats.mean.numpy()
+    covs = stats.covariance(one_shot.epsilon).numpy()  # (P, D, D), Σ = M / (N - 1) + εI
+    centred = (embeddings - mean).transpose(1, 2, 0)  # (P, D, B)
+    distances = np.sqrt(np.einsum("pdb,pdb->bp", centred, np.linalg.solve(covs, centred)))
+    model_distances = mahalanobis(torch.from_numpy(embeddings).float(), one_shot.mean_, one_shot.whitener_).numpy()
+    np.testing.assert_allclose(model_distances, distances, rtol=1e-4)
+    h, w = one_shot.grid_
+    expected_maps = one_shot.map_generator_(torch.from_numpy(distances).float().view(-1, h, w)).numpy()
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-3, atol=1e-3)
+
+
+def test_an_obvious_defect_scores_higher_and_is_located(one_shot, test_arrays):
+    good = one_shot.score(test_arrays)[0]
+    defective, maps = one_shot.score([with_spot(a) for a in test_arrays])
+    assert (defective > good).all()
+    # The hottest point lies in or near the painted square (rows/cols 21..32 of 64).
+    for amap in maps:
+        y, x = np.unravel_index(amap.argmax(), amap.shape)
+        assert 12 <= y <= 40 and 12 <= x <= 40
+
+
+def test_holdout_sets_a_threshold_used_by_predict(fitted, test_arrays, tmp_path):
+    assert fitted.n_samples_seen_ == 12 and fitted.threshold_count_ == 4  # 16 images, 25 % held out
+    assert fitted.threshold_ > 0
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    items = [test_arrays[0], tmp_path / "broken.png", with_spot(test_arrays[1])]
+    result = fitted.predict(items)
+    assert result.names == ["<image 0>", "<image 2>"]
+    assert len(result.skipped) == 1 and "broken.png" in result.skipped[0][0]
+    np.testing.assert_array_equal(result.is_anomalous, result.scores > fitted.threshold_)
+    assert result.is_anomalous[1]  # the white square
+    assert result.threshold == fitted.threshold_
+    with pytest.raises(FastpadimError, match="broken.png"):
+        fitted.score(items)  # score() is strict: it does not skip silently
+
+
+def test_threshold_from_separate_images_and_none_without_holdout(train_arrays, test_arrays):
+    no_threshold = Padim(**SMALL).fit(train_arrays[:4])
+    assert no_threshold.threshold_ is None and no_threshold.predict(test_arrays[:1]).is_anomalous is None
+    model = Padim(**SMALL, false_alarm_rate=0.01).fit(train_arrays, threshold_images=test_arrays)
+    assert model.n_samples_seen_ == len(train_arrays)
+    scores = model.score(test_arrays)[0]
+    assert model.threshold_ == pytest.approx(float(scores.max()), rel=1e-6)  # 99 % quantile of 4 = the highest
+
+
+def test_unfitted_model_and_bad_parameters(train_arrays):
+    with pytest.raises(FastpadimError, match="not fitted"):
+        Padim(**SMALL).score(train_arrays[:1])
+    for bad in ({"epsilon": -1}, {"holdout": 1.0}, {"false_alarm_rate": 0.0}, {"factor_dtype": "int8"},
+                {"n_features": 5000}, {"backbone": "no_such_preset"}):
+        with pytest.raises(FastpadimError):
+            Padim(**{**SMALL, **bad}).fit(train_arrays[:3])
+
+
+def test_half_precision_factor_scores_close(train_arrays, test_arrays, one_shot):
+    half = Padim(**SMALL, factor_dtype="bfloat16").fit(train_arrays)
+    assert half.whitener_.dtype == torch.bfloat16
+    np.testing.assert_allclose(half.score(test_arrays)[0], one_shot.score(test_arrays)[0], rtol=0.05)
+
+
+def test_iter_scored_keeps_the_view(one_shot, test_arrays):
+    batches = list(one_shot.iter_scored(test_arrays[:3], keep_view=True))
+    results = [r for b in batches for r in b]
+    assert [r.index for r in results] == [0, 1, 2]
+    for r, array in zip(results, test_arrays):
+        assert r.error is None and r.anomaly_map.shape == (64, 64) and r.anomaly_map.dtype == np.float32
+        np.testing.assert_array_equal(r.view, array)  # resize to the same size: the view is the input
+
+
+def test_works_on_images_of_any_size(one_shot):
+    big = make_surfaces(2, size=150, seed=7)
+    assert one_shot.score(big)[1].shape == (2, 64, 64)
+
+
+def test_a_single_pil_image_on_its_own(one_shot, test_arrays):
+    from PIL import Image
+
+    scores, maps = one_shot.score(Image.fromarray(test_arrays[0]))
+    assert scores.shape == (1,)
+    np.testing.assert_allclose(scores, one_shot.score([Image.fromarray(test_arrays[0])])[0])
