@@ -17,7 +17,7 @@ from fastpadim.synthetic import make_dataset
 import fastpadim.evaluate  # noqa: F401  registers the command
 
 BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
-SMALL = ["--weights", "random", "--image-size", "64", "--crop-size", "0", "--device", "cpu", "--examples", "2"]
+SMALL = ["--weights", "random", "--n-features", "8", "--image-size", "64", "--crop-size", "0", "--device", "cpu", "--examples", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_no_masks_gives_image_metrics_only(data_root, tmp_path):
     root = tmp_path / "plain"
     shutil.copytree(data_root / "surface", root)
     shutil.rmtree(root / "ground_truth")
-    run = evaluate_category(load_category(root), Settings(weights="random", image_size=64, crop_size=None, device="cpu"))
+    run = evaluate_category(load_category(root), Settings(weights="random", n_features=8, image_size=64, crop_size=None, device="cpu"))
     assert run.metrics["image_auroc"] is not None
     assert run.metrics["pixel_auroc"] is None and run.metrics["pro"] is None
     assert any("image-level metrics only" in n for n in run.notes)
@@ -75,18 +75,18 @@ def test_no_masks_gives_image_metrics_only(data_root, tmp_path):
 
 def test_rd_mvtec_runs_on_224_crops(data_root):
     run = evaluate_category(load_category(data_root / "surface"),
-                            Settings(weights="random", device="cpu", rd_mvtec=True), seed=1, n_examples=1)
+                            Settings(weights="random", n_features=8, device="cpu", rd_mvtec=True), seed=1, n_examples=1)
     assert run.examples[0].anomaly_map.shape == (224, 224)
     assert run.metrics["pro"] is not None
 
 
 def test_pca_reduction_projects_onto_orthonormal_components(data_root):
     train = sorted((data_root / "surface" / "train" / "good").iterdir())
-    model = PcaPadim(weights="random", n_features=20, image_size=64, crop_size=None, device="cpu", holdout=0)
+    model = PcaPadim(weights="random", n_features=12, image_size=64, crop_size=None, device="cpu", holdout=0)
     model.fit(train)
-    assert model.components_.shape[1] == 20 and model.mean_.shape[1] == 20
+    assert model.components_.shape[1] == 12 and model.mean_.shape[1] == 12
     gram = model.components_.T @ model.components_
-    assert torch.allclose(gram, torch.eye(20), atol=1e-4)
+    assert torch.allclose(gram, torch.eye(12), atol=1e-4)
     scores, maps = model.score(train[:2])
     assert maps.shape == (2, 64, 64) and np.all(np.isfinite(scores))
 
@@ -94,7 +94,7 @@ def test_pca_reduction_projects_onto_orthonormal_components(data_root):
 def test_summed_model_sums_the_single_layer_maps(data_root):
     images = sorted((data_root / "surface" / "train" / "good").iterdir())
     common = dict(weights="random", image_size=64, crop_size=None, device="cpu", holdout=0)
-    summed = SummedPadim((1, 2), **common).fit(images)
+    summed = SummedPadim((1, 2), n_features=8, **common).fit(images)
     maps = [Padim(layers=(layer,), n_features=summed.members_[i].n_features, **common)
             .fit(images).score(images[:2])[1] for i, layer in enumerate((1, 2))]
     got = [r for batch in summed.iter_scored(images[:2]) for r in batch]
