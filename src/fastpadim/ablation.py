@@ -70,6 +70,10 @@ class PcaPadim(Padim):
         self._pending_pca = (mean.float().to(self.device_), components)
         return super().fit(images, threshold_images, progress)
 
+    def save(self, path, keep_stats: bool = False) -> None:
+        # The model file has no place for the projection; a file without it would score wrongly.
+        raise FastpadimError("PCA-reduced models are for evaluation only and cannot be saved")
+
 
 class SummedPadim:
     """One Padim per layer (same backbone and settings), fitted separately; anomaly maps summed."""
