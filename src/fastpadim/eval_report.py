@@ -29,6 +29,7 @@ def category_row(name: str, runs: list[CategoryRun]) -> dict:
         bounds = [r.bounds[key] for r in runs if key in r.bounds]
         if bounds:
             row[f"{key}_bin_error_bound"] = float(max(bounds))
+    row["weights"] = runs[0].weights_id
     row["fit_s"] = float(np.mean([r.fit_s for r in runs]))
     row["images_per_s"] = float(np.mean([r.images_per_s for r in runs]))
     row["notes"] = sorted({note for r in runs for note in r.notes})
@@ -69,13 +70,14 @@ def _table_cells(row: dict) -> list[str]:
 
 
 HEADERS = ["category", *[LABELS[k] for k in METRICS], "fit s", "images/s"]
+SHORT_HEADERS = ["category", "img AUROC", "px AUROC", "PRO", "img F1", "px F1", "fit s", "img/s"]  # 80 columns
 
 
 def rich_table(rows: list[dict], summaries: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for i, header in enumerate(HEADERS):
+    for i, header in enumerate(SHORT_HEADERS):
         table.add_column(header, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*_table_cells(row))
@@ -117,7 +119,7 @@ def to_markdown(command: str, settings: dict, rows: list[dict], summaries: list[
     for row in rows:
         name = row["category"]
         lines += ["", f"## {name}", "",
-                  f"{row['n_train']} training images, {row['n_test']} test images; seeds {row['seeds']}."]
+                  f"{row['n_train']} training images, {row['n_test']} test images; weights {row['weights']}; seeds {row['seeds']}."]
         lines += [f"- note: {note}" for note in row["notes"]]
         lines += [""] + [f"![{name} {Path(f).stem}]({f})" for f in figures.get(name, [])]
     return "\n".join(lines) + "\n"

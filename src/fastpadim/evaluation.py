@@ -85,6 +85,7 @@ class CategoryRun:
     n_test: int
     notes: list[str]
     pixel_threshold: float | None = None
+    weights_id: str = ""
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
 
@@ -190,7 +191,7 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
         notes.append(f"{empty} shown anomalous example(s) have an empty mask")
     n_test = len(category.test)
     return CategoryRun(category.name, seed, result, bounds, fit_s, n_test / max(scoring_s, 1e-9),
-                       len(category.train), n_test, notes, pixel_threshold, curves, examples)
+                       len(category.train), n_test, notes, pixel_threshold, model.weights_id_, curves, examples)
 
 
 def _rd_mask(item, transform: RdTransform, index: int) -> np.ndarray:
