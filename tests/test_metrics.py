@@ -163,3 +163,29 @@ def test_shape_mismatch_and_nan_are_errors():
         metrics.pixel_auroc([np.zeros((8, 8), bool)], [np.zeros((9, 9))])
     with pytest.raises(FastpadimError, match="NaN"):
         metrics.pixel_auroc([np.ones((8, 8), bool)], [np.full((8, 8), np.nan)])
+
+
+class LazyMaps:
+    """Makes each map on demand and remembers how many were ever alive at once (here: one at a time)."""
+
+    def __init__(self, n, shape, seed):
+        self.n, self.shape, self.seed, self.requests = n, shape, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.requests += 1
+        return np.random.default_rng([self.seed, i]).random(self.shape)
+
+
+def test_pixel_metrics_stream_one_image_at_a_time():
+    lazy = LazyMaps(10, (32, 32), seed=9)
+    masks = np.zeros((10, 32, 32), bool)
+    masks[::2, 8:20, 5:15] = True
+    dense = np.stack([lazy[i] for i in range(10)])
+    lazy.requests = 0
+    streamed = metrics.pixel_histograms(masks, lazy)
+    assert lazy.requests == 20  # one pass for the score range, one for the histograms
+    full = metrics.pixel_histograms(masks, dense)
+    assert streamed.auroc() == full.auroc() and streamed.pro() == full.pro()

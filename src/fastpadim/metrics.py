@@ -14,7 +14,7 @@ bound on its distance to the exact value, computed from the same histograms:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,10 +135,10 @@ def _as_mask(mask) -> np.ndarray:
     return mask.astype(bool) if mask.dtype != bool else mask
 
 
-def _score_range(maps: Iterable[np.ndarray]) -> tuple[float, float]:
+def _score_range(maps: Sequence) -> tuple[float, float]:
     low, high = np.inf, -np.inf
-    for amap in maps:
-        amap = np.asarray(amap)
+    for i in range(len(maps)):  # by index: lazy sequences need not raise IndexError to end a loop
+        amap = np.asarray(maps[i])
         if not np.all(np.isfinite(amap)):
             raise FastpadimError("anomaly maps contain NaN or infinite values")
         low, high = min(low, float(amap.min())), max(high, float(amap.max()))
