@@ -1,0 +1,189 @@
+"""Evaluation outputs: summary rows, the terminal table, JSON / CSV, the Markdown report and its figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import MVTEC_OBJECTS, MVTEC_TEXTURES
+from .evaluation import FPR_LIMIT, METRICS, CategoryRun
+
+LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pro": "PRO (FPR≤0.3)",
+          "image_f1_max": "image F1-max", "pixel_f1_max": "pixel F1-max"}
+COLUMNS = [*METRICS, "fit_s", "images_per_s"]
+
+
+def category_row(name: str, runs: list[CategoryRun]) -> dict:
+    """One row per category; several runs (Rd-MVTec seeds) are averaged, their spread kept."""
+    row: dict = {"category": name, "n_train": runs[0].n_train, "n_test": runs[0].n_test,
+                 "seeds": [r.seed for r in runs]}
+    for key in METRICS:
+        values = [r.metrics[key] for r in runs if r.metrics[key] is not None]
+        row[key] = float(np.mean(values)) if values else None
+        if len(values) > 1:
+            row[f"{key}_std"] = float(np.std(values))
+        bounds = [r.bounds[key] for r in runs if key in r.bounds]
+        if bounds:
+            row[f"{key}_bin_error_bound"] = float(max(bounds))
+    row["weights"] = runs[0].weights_id
+    row["fit_s"] = float(np.mean([r.fit_s for r in runs]))
+    row["images_per_s"] = float(np.mean([r.images_per_s for r in runs]))
+    row["notes"] = sorted({note for r in runs for note in r.notes})
+    return row
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """The paper's means: textures, objects (when MVTec classes are present) and all categories."""
+    groups = [("mean textures", MVTEC_TEXTURES), ("mean objects", MVTEC_OBJECTS), ("mean all", None)]
+    summaries = []
+    for label, members in groups:
+        chosen = [r for r in rows if members is None or r["category"] in members]
+        if not chosen:
+            continue
+        summary: dict = {"category": label, "n_categories": len(chosen)}
+        if members is not None:
+            summary["of"] = len(members)
+        for key in COLUMNS:
+            values = [r[key] for r in chosen if r.get(key) is not None]
+            summary[key] = float(np.mean(values)) if values else None
+            if key in METRICS and values and len(values) < len(chosen):
+                summary[f"{key}_over"] = len(values)  # some categories had this metric skipped
+        summaries.append(summary)
+    return summaries
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table_cells(row: dict) -> list[str]:
+    name = row["category"]
+    if "of" in row:
+        name += f" ({row['n_categories']}/{row['of']})"
+    elif "n_categories" in row:
+        name += f" ({row['n_categories']})"
+    return [name, *[_fmt(row.get(k)) for k in METRICS], _fmt(row.get("fit_s"), 1), _fmt(row.get("images_per_s"), 1)]
+
+
+HEADERS = ["category", *[LABELS[k] for k in METRICS], "fit s", "images/s"]
+SHORT_HEADERS = ["category", "img AUROC", "px AUROC", "PRO", "img F1", "px F1", "fit s", "img/s"]  # 80 columns
+
+
+def rich_table(rows: list[dict], summaries: list[dict], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, header in enumerate(SHORT_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*_table_cells(row))
+    for row in summaries:
+        table.add_row(*_table_cells(row), style="bold")
+    return table
+
+
+def to_csv(rows: list[dict], summaries: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["category", *COLUMNS, "notes"])
+    for row in [*rows, *summaries]:
+        writer.writerow([row["category"], *["" if row.get(k) is None else f"{row[k]:.6f}" for k in COLUMNS],
+                         "; ".join(row.get("notes", []))])
+    return buffer.getvalue()
+
+
+def to_json(settings: dict, rows: list[dict], summaries: list[dict], failures: dict[str, str]) -> str:
+    return json.dumps({"settings": settings, "categories": rows, "summary": summaries, "failed": failures}, indent=2)
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(_table_cells(r)) + " |" for r in rows]
+    return lines
+
+
+def to_markdown(command: str, settings: dict, rows: list[dict], summaries: list[dict], failures: dict[str, str],
+                figures: dict[str, list[str]]) -> str:
+    lines = ["# fastpadim evaluation", "", "Command:", "", f"    {command}", "",
+             "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+             "Metrics are computed on the raw anomaly maps (no normalisation fitted on the test set). PRO is the "
+             f"area under the per-region-overlap curve up to a false-positive rate of {FPR_LIMIT}, divided by "
+             f"{FPR_LIMIT}. Pixel metrics are binned; the JSON file gives each one's error bound.", ""]
+    lines += markdown_table([*rows, *summaries])
+    if failures:
+        lines += ["", "## Failed categories", ""] + [f"- {name}: {reason}" for name, reason in failures.items()]
+    for row in rows:
+        name = row["category"]
+        lines += ["", f"## {name}", "",
+                  f"{row['n_train']} training images, {row['n_test']} test images; weights {row['weights']}; seeds {row['seeds']}."]
+        lines += [f"- note: {note}" for note in row["notes"]]
+        lines += [""] + [f"![{name} {Path(f).stem}]({f})" for f in figures.get(name, [])]
+    return "\n".join(lines) + "\n"
+
+
+def draw_curves(run: CategoryRun, path: Path) -> None:
+    """Image ROC, pixel ROC and the PRO curve (up to the FPR limit) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("image_roc", "image ROC", "false-positive rate", "true-positive rate", 1.0),
+              ("pixel_roc", "pixel ROC", "false-positive rate", "true-positive rate", 1.0),
+              ("pro", f"PRO (FPR ≤ {FPR_LIMIT})", "false-positive rate (normal pixels)", "mean region overlap", FPR_LIMIT)]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, (key, title, xlabel, ylabel, xmax) in zip(axes, panels):
+        metric = {"image_roc": "image_auroc", "pixel_roc": "pixel_auroc", "pro": "pro"}[key]
+        value = run.metrics.get(metric)
+        if key in run.curves:
+            x, y = run.curves[key]
+            ax.plot(x, y, lw=1.5)
+            ax.set_xlim(0, xmax)
+            ax.set_ylim(0, 1.01)
+        else:
+            ax.text(0.5, 0.5, "not computed", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"{title}: {_fmt(value)}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(run.category)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def draw_examples(run: CategoryRun, path: Path) -> bool:
+    """Per example: the network's view, the ground truth, the heatmap overlay and the prediction at the
+    pixel F1-max threshold (which also sets the heatmap's colour scale: that threshold sits mid-scale)."""
+    if not run.examples:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .visualize import overlay
+
+    threshold = run.pixel_threshold
+    columns = ["image", "ground truth", "anomaly map", "prediction" if threshold is not None else None]
+    columns = [c for c in columns if c]
+    fig, axes = plt.subplots(len(run.examples), len(columns), figsize=(2.6 * len(columns), 2.6 * len(run.examples)),
+                             squeeze=False)
+    for row, example in zip(axes, run.examples):
+        panels = [example.view, example.mask, np.asarray(overlay(example.view, example.anomaly_map, threshold))]
+        if threshold is not None:
+            panels.append(example.anomaly_map >= threshold)
+        for ax, panel, title in zip(row, panels, columns):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=8)
+        row[0].set_ylabel(f"{example.defect_type}\n{example.name}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
