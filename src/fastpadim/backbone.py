@@ -217,6 +217,8 @@ class FeatureExtractor(nn.Module):
             (channel_index[(channel_index >= lo) & (channel_index < hi)] - lo).to(self.channel_index.device)
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
+        # A layer whose channels are all kept needs no index_select (a full copy of its map).
+        self._keep_all = [keep.numel() == hi - lo for keep, lo, hi in zip(self._split, bounds[:-1], bounds[1:])]
 
     def _maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         kwargs = {"extra_blocks": True} if self.extra_blocks else {}
@@ -231,10 +233,11 @@ class FeatureExtractor(nn.Module):
         maps = self._maps(images.contiguous(memory_format=torch.channels_last))
         size = maps[0].shape[-2:]
         parts = []
-        for feature_map, keep in zip(maps, self._split):
+        for feature_map, keep, keep_all in zip(maps, self._split, self._keep_all):
             if keep.numel() == 0:
                 continue
-            feature_map = feature_map.index_select(1, keep.to(feature_map.device))
+            if not keep_all:
+                feature_map = feature_map.index_select(1, keep.to(feature_map.device))
             if feature_map.shape[-2:] != size:
                 feature_map = F.interpolate(feature_map, size=size, mode="nearest")
             parts.append(feature_map.permute(0, 2, 3, 1))  # (B, h, w, C_l)

@@ -22,9 +22,9 @@ def demo(
 
     import numpy as np
     from PIL import Image
-    from sklearn.metrics import roc_auc_score
 
     from .images import list_images
+    from .metrics import image_auroc as image_auroc_of, pixel_auroc as pixel_auroc_of, pro_auc
     from .model import Padim
     from .synthetic import make_dataset
     from .visualize import defect_mask, overlay
@@ -52,22 +52,23 @@ def demo(
                 mask = np.zeros(r.anomaly_map.shape, bool)
                 if mask_file.exists():
                     mask = np.asarray(model.preprocessing_.mask_geometry(Image.open(mask_file))) > 0
-                pixel_labels.append(mask.ravel())
-                pixel_scores.append(r.anomaly_map.ravel())
+                pixel_labels.append(mask)
+                pixel_scores.append(r.anomaly_map)
                 (output / "heatmaps" / kind).mkdir(parents=True, exist_ok=True)
                 overlay(r.view, r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
                 defect_mask(r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}_mask.png")
                 rows.append((f"{kind}/{path.name}", r.score, r.score > model.threshold_))
         score_s = time.perf_counter() - start
-        image_auroc = roc_auc_score(labels, scores)
-        pixel_auroc = roc_auc_score(np.concatenate(pixel_labels), np.concatenate(pixel_scores))
+        image_auroc = image_auroc_of(labels, scores)
+        pixel_auroc = pixel_auroc_of(pixel_labels, pixel_scores)
+        pro = pro_auc(pixel_labels, pixel_scores)
         verdict_ok = np.mean([flag == label for (_, _, flag), label in zip(rows, labels)])
         report = [
             "# fastpadim demo report", "",
             f"Generated surfaces: {len(train)} good training images, {len(test)} test images (good, scratch, spot).",
             f"Backbone {model.preset_.name} ({model.weights_id_}), {model.channel_indices_.numel()} channels, device {model.device_.type}.",
             "", "| metric | value |", "|---|---|",
-            f"| image AUROC | {image_auroc:.4f} |", f"| pixel AUROC | {pixel_auroc:.4f} |",
+            f"| image AUROC | {image_auroc:.4f} |", f"| pixel AUROC | {pixel_auroc:.4f} |", f"| PRO (FPR ≤ 0.3) | {pro:.4f} |",
             f"| verdicts correct at the threshold {model.threshold_:.3f} | {verdict_ok:.1%} |",
             f"| fit time ({model.n_samples_seen_} images + hold-out) | {fit_s:.1f} s |",
             f"| scoring | {len(test) / score_s:.1f} images/s |",
@@ -77,6 +78,6 @@ def demo(
         ]
         (output / "report.md").write_text("\n".join(report) + "\n")
         console.print(
-            f"image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}, {verdict_ok:.0%} verdicts correct; "
+            f"image AUROC {image_auroc:.3f}, pixel AUROC {pixel_auroc:.3f}, PRO {pro:.3f}, {verdict_ok:.0%} verdicts correct; "
             f"report in {output / 'report.md'}, heatmaps in {output / 'heatmaps'}", highlight=False,
         )
