@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark workers. Imported by both environments (fastpadim's and anomalib's),
+so it needs only the standard library, numpy and Pillow."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BATCH_SIZE = 32
+LATENCY_IMAGES = 20  # single-image calls timed for the median latency
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def train_files(data: Path) -> list[Path]:
+    return sorted(p for p in (data / "train" / "good").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def test_files(data: Path) -> list[Path]:
+    """Test images in a fixed order (defect type, then name); labels and masks are derived from the path."""
+    return sorted(p for p in (data / "test").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def decode(path: Path | np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 (size, size, 3): PIL bicubic resize, the same geometry fastpadim uses with crop_size=None."""
+    image = Image.open(path).convert("RGB") if not isinstance(path, np.ndarray) else Image.fromarray(path)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image)
+
+
+def synthetic_train(data: Path, n: int):
+    """``n`` distinct good images made lazily from the training images: the 8 flips/rotations of each,
+    then the same shifted (np.roll) by a few pixels per further round. Nothing is kept in memory."""
+    base = train_files(data)
+    per_round = 8 * len(base)
+    for i in range(n):
+        image = np.asarray(Image.open(base[i % len(base)]).convert("RGB"))
+        k = (i // len(base)) % 8
+        image = np.rot90(image, k % 4)
+        if k >= 4:
+            image = image[:, ::-1]
+        shift = 3 * (i // per_round)
+        if shift:
+            image = np.roll(image, (shift, -shift), axis=(0, 1))
+        yield np.ascontiguousarray(image)
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+
+
+class Timer:
+    """Wall seconds and this process's CPU seconds (all threads): on a shared machine the CPU time is the
+    steadier of the two, since other processes' load stretches wall time far more than it adds CPU time."""
+
+    def __enter__(self):
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2))

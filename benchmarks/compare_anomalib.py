@@ -1,0 +1,182 @@
+"""fastpadim vs anomalib's PaDiM, side by side in one run, on the same data, backbone, weights, input size and
+channels; prints one table per input size.
+
+Each implementation runs in its own fresh subprocess (fastpadim with this interpreter, anomalib with the
+interpreter of .venv-anomalib made by benchmarks/setup_anomalib.sh), so peak RSS is that implementation's
+alone. Runs alternate between the two and are repeated; the table gives the median and [min-max].
+Metrics for both come from the same code here: scikit-learn's roc_auc_score and fastpadim.metrics.pro_auc.
+
+    python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from common import BOTTLE, test_files  # noqa: E402
+
+IMPLS = ("fastpadim", "anomalib")
+AGREEMENT = 0.005  # metrics must agree within 0.5 point
+
+
+def run_worker(impl: str, mode: str, out: Path, args, extra: list[str], timeout: float | None = None) -> dict | None:
+    """One fresh process; returns its result.json, or None (with the reason printed) when it failed."""
+    python = sys.executable if impl == "fastpadim" else str(args.anomalib_python)
+    env = dict(os.environ)
+    if impl == "fastpadim":
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [python, str(HERE / f"worker_{impl}.py"), mode, "--data", str(args.data), "--out", str(out), *extra]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {impl} {' '.join(extra)}: stopped after {timeout:.0f} s", flush=True)
+        return None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        print(f"  {impl} {' '.join(extra)}: failed (exit {done.returncode}): {' | '.join(tail)}", flush=True)
+        return None
+    print(f"  {impl} {' '.join(extra)}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads((out / "result.json").read_text())
+
+
+def ground_truth(data: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image labels (N,) and pixel masks (N, size, size) in test_files order; good images have empty masks."""
+    labels, masks = [], []
+    for path in test_files(data):
+        kind = path.parent.name
+        labels.append(kind != "good")
+        mask_path = data / "ground_truth" / kind / f"{path.stem}_mask.png"
+        if kind == "good" or not mask_path.exists():
+            masks.append(np.zeros((size, size), bool))
+            continue
+        mask = Image.open(mask_path).convert("L").resize((size, size), Image.Resampling.NEAREST)
+        masks.append(np.asarray(mask) > 127)
+    return np.array(labels), np.stack(masks)
+
+
+def metrics(labels: np.ndarray, masks: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict:
+    result = {
+        "image_auroc": roc_auc_score(labels, scores),
+        "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+    }
+    try:
+        from fastpadim.metrics import pro_auc
+    except ImportError:
+        result["pro"] = None  # fastpadim.metrics not merged yet
+    else:
+        result["pro"] = float(pro_auc(masks, maps, fpr_limit=0.3))
+    return result
+
+
+def spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.median(values), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    if not a or not b:
+        return "n/a"
+    return f"{statistics.median(a) / statistics.median(b):.2f}"
+
+
+def table(size: int, runs: dict[str, list[dict]], quality: dict[str, dict]) -> str:
+    def col(impl, key):
+        return [r[key] for r in runs[impl]]
+
+    def latency(impl):
+        return [r["latency_ms"]["median"] for r in runs[impl]]
+
+    rows = [
+        ("fit time (s, wall)", "fit_s", ".1f", None),
+        ("fit time (s, CPU of the process)", "fit_cpu_s", ".1f", None),
+        ("decode before fit (s, anomalib only)", "decode_s", ".1f", None),
+        ("batched inference (images/s, wall)", "images_per_s", ".2f", None),
+        ("batched inference (s CPU per image)", None, ".3f", lambda r: r["infer_cpu_s"] / r["n_test"]),
+        ("single-image latency (ms, median)", None, ".0f", lambda r: r["latency_ms"]["median"]),
+        ("peak RSS by end of fit (MB)", "peak_rss_fit_mb", ".0f", None),
+        ("peak RSS whole run (MB)", "peak_rss_mb", ".0f", None),
+        ("model file (MB)", None, ".1f", lambda r: r["model_bytes"] / 1e6),
+    ]
+    lines = [
+        f"\n### {size}x{size} input, no crop, all 176 channels "
+        f"({runs['fastpadim'][0]['n_train'] if runs['fastpadim'] else '?'} train images, repeats: "
+        f"{len(runs['fastpadim'])} fastpadim / {len(runs['anomalib'])} anomalib; median [min-max])\n",
+        "| measure | fastpadim | anomalib PadimModel | fastpadim / anomalib |",
+        "|---|---|---|---|",
+    ]
+    for label, key, fmt, fn in rows:
+        values = {impl: [fn(r) if fn else r[key] for r in runs[impl]] for impl in IMPLS}
+        if key == "decode_s":  # fastpadim decodes inside fit and inference, overlapped with the network
+            lines.append(f"| {label} | (inside fit) | {spread(values['anomalib'], fmt)} | n/a |")
+            continue
+        lines.append(f"| {label} | {spread(values['fastpadim'], fmt)} | {spread(values['anomalib'], fmt)} | "
+                     f"{ratio(values['fastpadim'], values['anomalib'])} |")
+    for label, key in (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("PRO (FPR <= 0.3)", "pro")):
+        a, b = quality.get("fastpadim", {}).get(key), quality.get("anomalib", {}).get(key)
+        fa = "n/a" if a is None else f"{a:.4f}"
+        fb = "n/a" if b is None else f"{b:.4f}"
+        diff = "n/a" if a is None or b is None else f"diff {100 * (a - b):+.2f} pt" + (
+            "" if abs(a - b) <= AGREEMENT else " (DISAGREE > 0.5 pt)")
+        lines.append(f"| {label} | {fa} | {fb} | {diff} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=BOTTLE, help="an MVTec-AD-like category folder")
+    parser.add_argument("--sizes", default="256", help="comma-separated input sizes (resize only), e.g. 256,224")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--anomalib-python", type=Path, default=ROOT / ".venv-anomalib" / "bin" / "python")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-compare")
+    args = parser.parse_args()
+    if not (args.data / "train" / "good").is_dir():
+        sys.exit(f"{args.data}: not an MVTec-AD-like folder (no train/good)")
+    if not args.anomalib_python.exists():
+        sys.exit(f"{args.anomalib_python} not found: run benchmarks/setup_anomalib.sh first")
+
+    summary = {}
+    for size in (int(s) for s in args.sizes.split(",")):
+        print(f"input {size}x{size}:", flush=True)
+        runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        for repeat in range(args.repeats):
+            order = IMPLS if repeat % 2 == 0 else IMPLS[::-1]  # alternate so drift in machine load hits both
+            for impl in order:
+                out = args.out / str(size) / impl / f"run{repeat}"
+                result = run_worker(impl, "compare", out, args, ["--size", str(size)])
+                if result:
+                    result["out"] = str(out)
+                    runs[impl].append(result)
+        labels, masks = ground_truth(args.data, size)
+        quality = {}
+        for impl in IMPLS:
+            if runs[impl]:
+                preds = np.load(Path(runs[impl][0]["out"]) / "preds.npz")
+                quality[impl] = metrics(labels, masks, preds["scores"], preds["maps"])
+        text = table(size, runs, quality)
+        print(text, flush=True)
+        summary[size] = {"runs": runs, "quality": quality, "table": text}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(f"\nraw results: {args.out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
