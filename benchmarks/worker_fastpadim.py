@@ -24,7 +24,8 @@ from fastpadim import Padim  # noqa: E402
 def new_model(size: int) -> Padim:
     # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold hold-out:
     # the same work anomalib's PadimModel does.
-    return Padim(n_features=176, image_size=size, crop_size=None, holdout=0, device="cpu", batch_size=BATCH_SIZE)
+    return Padim(n_features=176, image_size=size, crop_size=None, holdout=0, device="cpu", batch_size=BATCH_SIZE,
+                 keep_stats=False)  # anomalib keeps no statistics after fit either
 
 
 def compare(args) -> dict:

@@ -129,6 +129,7 @@ def fit(
             backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
             image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
             holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
+            keep_stats=keep_stats,
         )
         total = len(files) + (len(threshold_files) if threshold_files else 0)
         start = time.perf_counter()

@@ -34,7 +34,7 @@ def demo(
         console.print(f"generated a data set of textured surfaces in {data}", highlight=False)
         train = list_images(data / "train/good")
         test = list_images(data / "test")
-        model = Padim(device=device, holdout=0.1, seed=seed)
+        model = Padim(device=device, holdout=0.1, seed=seed, keep_stats=False)
         start = time.perf_counter()
         with progress_bar("fitting", len(train)) as advance:
             model.fit(train, progress=advance)

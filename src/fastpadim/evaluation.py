@@ -51,7 +51,7 @@ class Settings:
         self.check()
         size, crop = (RD_CROP_SIZE, None) if self.rd_mvtec else (self.image_size, self.crop_size)
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
-                      device=self.device, batch_size=self.batch_size, holdout=0.0)
+                      device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False)
         if self.layer_mode == "summed":
             from .backbone import resolve_preset
 

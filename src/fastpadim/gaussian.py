@@ -124,31 +124,50 @@ class GaussianStats:
         cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
         return cov
 
-    def whitener(self, epsilon: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W = L⁻¹ with Σ = L Lᵀ (Cholesky, float64): the Mahalanobis distance is then ‖W (x − μ)‖."""
+    def whitener(self, epsilon: float, dtype: torch.dtype = torch.float32, consume: bool = False) -> torch.Tensor:
+        """W = L⁻¹ with Σ = L Lᵀ (Cholesky, float64): the Mahalanobis distance is then ‖W (x − μ)‖.
+
+        ``consume=True`` writes W into the scatter's own memory (a packed float64 row, 8·D(D+1)/2 bytes, is
+        larger than a row of W), so no second (P, D, D) array is needed; the statistics are gone afterwards.
+        Chunks are read in order and chunk j's result only overwrites rows before chunk j + 1, so every row
+        is read before it is overwritten.
+        """
         positions, dim = self.mean.shape
-        result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
+        if consume:
+            result = self.scatter.view(-1).view(dtype)[: positions * dim * dim].view(positions, dim, dim)
+        else:
+            result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
         eye = torch.eye(dim, dtype=torch.float64, device=self.mean.device)
 
-        def factor(sl: slice) -> None:
-            chol, info = torch.linalg.cholesky_ex(self.covariance(epsilon, sl))
+        def factor(cov: torch.Tensor, sl: slice) -> None:
+            chol, info = torch.linalg.cholesky_ex(cov)
             if bool((info != 0).any()):
                 raise FastpadimError("covariance is not positive definite; increase epsilon")
             result[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).to(dtype)
 
         if self.mean.device.type != "cpu":
             for sl in _position_chunks(positions, dim):
-                factor(sl)
-            return result
-        # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded
-        # (8x slower when the cores are shared); single-threaded calls, parallel over positions, do not.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(factor, _position_chunks(positions, dim, cap=64)))
-        finally:
-            torch.set_num_threads(threads)
+                factor(self.covariance(epsilon, sl), sl)
+        else:
+            # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded
+            # (8x slower when the cores are shared); single-threaded calls, parallel over positions, do not.
+            # Chunks are read here, in order, and factored by the pool, at most 2 per thread in flight.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    pending = []
+                    for sl in _position_chunks(positions, dim, cap=64):
+                        pending.append(pool.submit(factor, self.covariance(epsilon, sl), sl))
+                        if len(pending) >= 2 * threads:
+                            pending.pop(0).result()
+                    for future in pending:
+                        future.result()
+            finally:
+                torch.set_num_threads(threads)
+        if consume:
+            self.scatter = torch.empty(0, dtype=torch.float64)
+            self.count = -1  # marks the statistics as consumed
         return result
 
 

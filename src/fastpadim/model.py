@@ -64,7 +64,8 @@ class Padim:
     ``fit``) are scored, and the threshold is their (1 − ``false_alarm_rate``) quantile.
 
     Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
-    ``channel_indices_``, ``n_samples_seen_``, ``threshold_``, ``stats_`` (streaming state, for ``partial_fit``).
+    ``channel_indices_``, ``n_samples_seen_``, ``threshold_``, ``stats_`` (streaming state, for ``partial_fit``;
+    None with ``keep_stats=False``, which lowers the peak memory of ``fit``).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Padim:
         false_alarm_rate: float = 0.01,
         workers: int = 2,
         factor_dtype: str = "float32",
+        keep_stats: bool = True,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -100,6 +102,7 @@ class Padim:
         self.false_alarm_rate = false_alarm_rate
         self.workers = workers
         self.factor_dtype = factor_dtype
+        self.keep_stats = keep_stats
 
     # ----------------------------------------------------------------------------------------- set-up
     def _check_params(self) -> None:
@@ -207,8 +210,9 @@ class Padim:
             self.threshold_ = None
         elif self.stats_ is None:
             raise FastpadimError(
-                "this model was saved without its training statistics, so it cannot take more images; "
-                "save it with keep_stats=True (--keep-stats) to allow partial_fit"
+                "this model does not hold its training statistics (fitted with keep_stats=False, or saved "
+                "without them), so it cannot take more images; fit with keep_stats=True and save with "
+                "keep_stats=True (--keep-stats) to allow partial_fit"
             )
         self._accumulate(images, progress)
         self._factor()
@@ -253,10 +257,13 @@ class Padim:
             raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
 
     def _factor(self) -> None:
-        """One Cholesky per position, at fit time; scoring only multiplies."""
+        """One Cholesky per position, at fit time; scoring only multiplies. Without ``keep_stats`` the factor
+        takes the statistics' memory (lower peak memory; no partial_fit afterwards)."""
         self.n_samples_seen_ = self.stats_.count
         self.mean_ = self.stats_.mean.float()
-        self.whitener_ = self.stats_.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype])
+        self.whitener_ = self.stats_.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype], consume=not self.keep_stats)
+        if not self.keep_stats:
+            self.stats_ = None
         self._prepare_scoring()
 
     def _prepare_scoring(self) -> None:

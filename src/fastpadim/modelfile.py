@@ -85,7 +85,9 @@ def save_model(model, path: str | os.PathLike, keep_stats: bool = False) -> None
         "whitener": model.whitener_.detach().cpu().contiguous(),
         "channel_indices": model.channel_indices_.detach().cpu().long().contiguous(),
     }
-    if keep_stats and model.stats_ is not None:
+    if keep_stats and model.stats_ is None:
+        raise FastpadimError("this model holds no training statistics to keep (it was fitted with keep_stats=False)")
+    if keep_stats:
         tensors["stats.mean"] = model.stats_.mean.cpu().contiguous()
         tensors["stats.scatter"] = model.stats_.scatter.cpu().contiguous()
     metadata = {"fastpadim": json.dumps(model_metadata(model))}
