@@ -183,3 +183,18 @@ def test_a_single_pil_image_on_its_own(one_shot, test_arrays):
     scores, maps = one_shot.score(Image.fromarray(test_arrays[0]))
     assert scores.shape == (1,)
     np.testing.assert_allclose(scores, one_shot.score([Image.fromarray(test_arrays[0])])[0])
+
+
+def test_without_kept_statistics_the_model_is_the_same(train_arrays, test_arrays, one_shot, tmp_path):
+    """keep_stats=False writes the factor into the statistics' memory: same factor and scores, no partial_fit."""
+    lean = Padim(**SMALL, batch_size=64, keep_stats=False).fit(train_arrays)
+    assert lean.stats_ is None
+    torch.testing.assert_close(lean.whitener_, one_shot.whitener_, rtol=0, atol=0)
+    np.testing.assert_array_equal(lean.score_samples(test_arrays), one_shot.score_samples(test_arrays))
+    with pytest.raises(FastpadimError, match="keep_stats"):
+        lean.partial_fit(train_arrays[:2])
+    with pytest.raises(FastpadimError, match="no training statistics"):
+        lean.save(tmp_path / "lean.padim", keep_stats=True)
+    lean.save(tmp_path / "lean.padim")
+    np.testing.assert_array_equal(Padim.load(tmp_path / "lean.padim", device="cpu").score_samples(test_arrays),
+                                  lean.score_samples(test_arrays))
