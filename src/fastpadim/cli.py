@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .errors import FastpadimError
@@ -31,7 +32,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -84,7 +85,7 @@ def check_writable_file(path: Path) -> None:
 
 def report_skipped(skipped: list[tuple[str, str]]) -> None:
     for _name, reason in skipped:
-        console.print(f"[yellow]skipped:[/yellow] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped:[/yellow] {escape(reason)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -188,7 +189,7 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
     maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
-    ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes maps/*.npy).")] = None,
+    ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
     frame_stride: Annotated[int, typer.Option(help="Videos (with --ray): score every K-th frame.")] = 1,
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""

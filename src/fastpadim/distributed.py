@@ -35,6 +35,7 @@ RAY_INSTALL_HINT = "--ray needs Ray: pip install 'fastpadim[ray]'"
 FAULT_MARKER_ENV = "FASTPADIM_FAULT_MARKER"  # tests: the first task to see this file missing creates it and dies
 MAX_RETRIES = 3
 POLL_S = 0.5
+SCORES_DIR = "scores"  # Parquet part files; maps/ beside it, so the folder reads as one table
 PREDICT_CHUNK = 256  # items per scoring call: one decode pass per run of frames of a video
 
 
@@ -317,8 +318,10 @@ class Scorer:
     """A Ray Data actor: loads the model once, scores chunks of items, writes maps if asked."""
 
     def __init__(self, model_bytes, maps_dir: str | None, root: str, threshold: float | None):
+        if not isinstance(model_bytes, (bytes, bytearray, memoryview)):
+            model_bytes = require_ray().get(model_bytes)  # Ray Data passes constructor refs unresolved
         with tempfile.NamedTemporaryFile(suffix=".padim") as handle:
-            handle.write(model_bytes if isinstance(model_bytes, bytes) else bytes(model_bytes))
+            handle.write(model_bytes)
             handle.flush()
             self.model = Padim.load(handle.name, device="auto")
         if threshold is not None:
@@ -373,11 +376,11 @@ def _relative(name: str, root: str) -> str:
 
 
 def scored_names(output: Path) -> set[str]:
-    """Names already in the Parquet part files of ``output`` (what a re-run skips)."""
+    """Names already in the Parquet part files of ``output/scores`` (what a re-run skips)."""
     import pyarrow.parquet as pq
 
     done: set[str] = set()
-    for part in sorted(output.glob("part-*.parquet")):
+    for part in sorted((output / SCORES_DIR).glob("part-*.parquet")):
         done.update(pq.read_table(part, columns=["name"]).column("name").to_pylist())
     return done
 
@@ -386,7 +389,8 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
                    maps: bool = False, threshold: float | None = None, root: Path | None = None,
                    progress: Callable[[int], None] | None = None, workers: int | None = None,
                    cpus_per_task: float = 1) -> dict:
-    """Score ``items`` with Ray Data into ``output/part-*.parquet``; returns counts (scored, anomalous, errors, skipped)."""
+    """Score ``items`` with Ray Data into ``output/scores/part-*.parquet`` (maps in ``output/maps``);
+    returns counts: scored, anomalous, errors (unreadable), already (in the output before)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -394,7 +398,10 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
 
     ray = require_ray()
     read_model_file(model_path)  # one clear line for a bad model file, before anything starts
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        (output / SCORES_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
     done = scored_names(output)
     todo = [item for item in items if item.name not in done]
     counts = {"scored": 0, "anomalous": 0, "errors": 0, "already": len(items) - len(todo)}
@@ -409,8 +416,7 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
     ds = ray.data.from_items([{"path": i.path, "frame": -1 if i.frame is None else i.frame} for i in todo],
                              override_num_blocks=max(1, min(len(todo) // PREDICT_CHUNK + 1, 4 * concurrency)))
     scored = ds.map_batches(
-        Scorer, batch_size=PREDICT_CHUNK, concurrency=concurrency, num_cpus=cpus_per_task, max_restarts=MAX_RETRIES,
-        max_task_retries=MAX_RETRIES,
+        Scorer, batch_size=PREDICT_CHUNK, concurrency=concurrency, num_cpus=cpus_per_task,
         fn_constructor_args=(model_ref, str(output / "maps") if maps else None, str(root or Path.cwd()), threshold),
     )
     run = uuid.uuid4().hex[:8]
@@ -423,7 +429,7 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
             "map": pa.array([m or None for m in batch["map"].tolist()], pa.string()),
             "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),
         })
-        atomic_write(output / f"part-{run}-{n:06d}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
+        atomic_write(output / SCORES_DIR / f"part-{run}-{n:06d}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
         errors = int(failed.sum())
         counts["errors"] += errors
         counts["scored"] += len(batch["name"]) - errors
@@ -491,7 +497,7 @@ def predict_command(model_path: Path, source: Path, output: Path, ray_target: st
         console.print(
             f"scored {counts['scored']} images ({counts['anomalous']} anomalous, {counts['errors']} unreadable) in "
             f"{elapsed:.1f} s ({new / elapsed:.1f} images/s); {counts['already']} already in {output}; "
-            f"wrote {output}/part-*.parquet", highlight=False,
+            f"wrote {output / SCORES_DIR}/part-*.parquet", highlight=False,
         )
         if not counts["scored"] and not counts["already"]:
             raise FastpadimError("no image could be scored")
