@@ -182,6 +182,7 @@ def test_predict_on_ray_writes_parquet_and_resumes(ray_session, tmp_path):
     assert counts["already"] == 4 and counts["scored"] == 2 and counts["errors"] == 0  # only the new ones
 
     table = pq.read_table(tmp_path / "out" / "scores").to_pylist()
+    assert all(r["map"] is None for r in table if r["error"])
     assert sorted(r["name"] for r in table) == sorted(i.name for i in everything)  # each once
     assert scored_names(tmp_path / "out") == {i.name for i in everything}
     by_name = {r["name"]: r for r in table}

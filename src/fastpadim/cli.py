@@ -122,13 +122,13 @@ def fit(
     """Fit a model on good images (or video frames)."""
     import time
 
-    from .distributed import fit_items, per_video_jobs, rate_progress, require_ray
+    from .distributed import connect, fit_items, per_video_jobs, rate_progress
     from .model import Padim
     from .sources import resolve
 
     with user_errors():
         if ray_target is not None:
-            require_ray()
+            console.print(f"Ray: {connect(ray_target)} CPUs", highlight=False)  # start-up is not fit time
         if not per_video:
             check_writable_file(output)
         files, unusable = resolve(source, frame_stride)

@@ -14,6 +14,7 @@ writes the rows to Parquet part files as they arrive, so a re-run skips what was
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import warnings
 import tempfile
@@ -318,8 +319,8 @@ class Scorer:
     """A Ray Data actor: loads the model once, scores chunks of items, writes maps if asked."""
 
     def __init__(self, model_bytes, maps_dir: str | None, root: str, threshold: float | None):
-        if not isinstance(model_bytes, (bytes, bytearray, memoryview)):
-            model_bytes = require_ray().get(model_bytes)  # Ray Data passes constructor refs unresolved
+        if isinstance(model_bytes, list):  # [ObjectRef]: nested, so Ray leaves it for us to fetch
+            model_bytes = require_ray().get(model_bytes[0])
         with tempfile.NamedTemporaryFile(suffix=".padim") as handle:
             handle.write(model_bytes)
             handle.flush()
@@ -349,7 +350,7 @@ class Scorer:
                     add(name, verdict="error", error=r.error)
                     continue
                 verdict = "unknown" if threshold is None else ("anomalous" if r.score > threshold else "good")
-                map_path = None
+                map_path = ""
                 if self.maps_dir is not None:
                     target = self.maps_dir / (_relative(name, self.root) + ".npy")
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -410,14 +411,17 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
     cpus = connect(ray_target)
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices would interleave with our progress line
     ray.data.DataContext.get_current().enable_progress_bars = False
     concurrency = workers or max(1, int(cpus // cpus_per_task))
     model_ref = ray.put(Path(model_path).read_bytes())
+    # Blocks of at most PREDICT_CHUNK items, and at least one per actor so every worker gets some.
+    chunk = max(1, min(PREDICT_CHUNK, -(-len(todo) // concurrency)))
     ds = ray.data.from_items([{"path": i.path, "frame": -1 if i.frame is None else i.frame} for i in todo],
-                             override_num_blocks=max(1, min(len(todo) // PREDICT_CHUNK + 1, 4 * concurrency)))
+                             override_num_blocks=-(-len(todo) // chunk))
     scored = ds.map_batches(
-        Scorer, batch_size=PREDICT_CHUNK, concurrency=concurrency, num_cpus=cpus_per_task,
-        fn_constructor_args=(model_ref, str(output / "maps") if maps else None, str(root or Path.cwd()), threshold),
+        Scorer, batch_size=chunk, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus_per_task,
+        fn_constructor_args=([model_ref], str(output / "maps") if maps else None, str(root or Path.cwd()), threshold),
     )
     run = uuid.uuid4().hex[:8]
     for n, batch in enumerate(scored.iter_batches(batch_size=None, batch_format="numpy")):
