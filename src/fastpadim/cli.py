@@ -118,6 +118,7 @@ def fit(
     ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Fit on Ray: an embedded local Ray with N workers (--ray alone: local), or join a cluster.")] = None,
     frame_stride: Annotated[int, typer.Option(help="Videos: use every K-th frame.")] = 1,
     per_video: Annotated[bool, typer.Option(help="One model per video, written into the --output folder as <video name>.padim.")] = False,
+    cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per task; each task holds one copy of the statistics.")] = 1,
 ) -> None:
     """Fit a model on good images (or video frames)."""
     import time
@@ -143,7 +144,8 @@ def fit(
             total = len(job) + (len(threshold_files) if threshold_files else 0)
             start = time.perf_counter()
             with (rate_progress if ray_target else progress_bar)("fitting", total) as advance:
-                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target)
+                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target,
+                          **({"cpus_per_task": cpus_per_task} if ray_target else {}))
             elapsed = time.perf_counter() - start
             report_skipped(model.skipped_)
             model.save(target, keep_stats=keep_stats)
@@ -191,6 +193,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
     ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
     frame_stride: Annotated[int, typer.Option(help="Videos (with --ray): score every K-th frame.")] = 1,
+    cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per scoring actor.")] = 1,
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
     from .images import list_images
@@ -200,7 +203,7 @@ def predict(
     if ray_target is not None:
         from .distributed import predict_command
 
-        return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride)
+        return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
     maps = True if maps is None else maps
     with user_errors():
         files = list_images(source)

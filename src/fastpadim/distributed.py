@@ -36,6 +36,7 @@ RAY_INSTALL_HINT = "--ray needs Ray: pip install 'fastpadim[ray]'"
 FAULT_MARKER_ENV = "FASTPADIM_FAULT_MARKER"  # tests: the first task to see this file missing creates it and dies
 MAX_RETRIES = 3
 POLL_S = 0.5
+MIN_SHARD = 8  # images per fit shard at least
 SCORES_DIR = "scores"  # Parquet part files; maps/ beside it, so the folder reads as one table
 PREDICT_CHUNK = 256  # items per scoring call: one decode pass per run of frames of a video
 
@@ -253,7 +254,9 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     images = list(images)
     if threshold_images is None and model.holdout > 0:
         images, threshold_images = model._split_holdout(images)
-    n_shards = shards or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    # One shard per worker slot, but none so small that loading the backbone outweighs its images.
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    n_shards = shards or max(1, min(slots, -(-len(images) // MIN_SHARD)))
     params = model_params(model)
     runner = _RayRunner(ray, cpus_per_task, task_options)
     channels = model.channel_indices_.cpu()
@@ -482,7 +485,7 @@ def per_video_jobs(items: Sequence[Item], output: Path) -> list[tuple[Path, list
 
 
 def predict_command(model_path: Path, source: Path, output: Path, ray_target: str, maps: bool,
-                    threshold: float | None, frame_stride: int) -> None:
+                    threshold: float | None, frame_stride: int, cpus_per_task: float = 1) -> None:
     """``fastpadim predict --ray``: score into Parquet part files, skipping what ``output`` already holds."""
     import time
 
@@ -495,7 +498,8 @@ def predict_command(model_path: Path, source: Path, output: Path, ray_target: st
         start = time.perf_counter()
         with rate_progress("scoring", len(items)) as advance:
             counts = predict_on_ray(model_path, items, output, ray_target, maps=maps, threshold=threshold,
-                                    root=source if Path(source).is_dir() else Path(source).parent, progress=advance)
+                                    root=source if Path(source).is_dir() else Path(source).parent, progress=advance,
+                                    cpus_per_task=cpus_per_task)
         elapsed = time.perf_counter() - start
         new = counts["scored"] + counts["errors"]
         console.print(
