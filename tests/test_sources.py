@@ -176,3 +176,23 @@ def test_cli_fit_per_video_writes_one_model_per_video(tmp_path, bottle_frames):
     for name in ("cam1", "cam2"):
         meta, _ = read_model_file(tmp_path / "models" / f"{name}.padim")
         assert meta["n_train_images"] == 3  # frames 0, 2, 4 of six
+
+
+def test_cli_predict_on_a_video_names_rows_and_overlays_by_frame(tmp_path, bottle_frames):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fastpadim.cli import app
+
+    write_video(tmp_path / "cam.mkv", bottle_frames[:6])
+    model = tiny_model(holdout=0.0).fit(bottle_frames[:6])
+    model.save(tmp_path / "m.padim")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "m.padim"), str(tmp_path / "cam.mkv"), "--frame-stride", "3",
+                                      "-o", str(tmp_path / "out"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["images"]
+    assert [r["image"] for r in rows] == [f"{tmp_path / 'cam.mkv'}#frame={k}" for k in (0, 3)]
+    assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["cam.mkv#frame=0.png", "cam.mkv#frame=3.png"]
+    expected = model.score([bottle_frames[0], bottle_frames[3]])[0]
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5)

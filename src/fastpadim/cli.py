@@ -192,12 +192,12 @@ def predict(
     maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
     ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
-    frame_stride: Annotated[int, typer.Option(help="Videos (with --ray): score every K-th frame.")] = 1,
+    frame_stride: Annotated[int, typer.Option(help="Videos: score every K-th frame.")] = 1,
     cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per scoring actor.")] = 1,
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
-    from .images import list_images
     from .model import Padim
+    from .sources import inputs, output_name, resolve
     from .visualize import defect_mask, overlay
 
     if ray_target is not None:
@@ -206,7 +206,8 @@ def predict(
         return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
     maps = True if maps is None else maps
     with user_errors():
-        files = list_images(source)
+        files, skipped = resolve(source, frame_stride)
+        names: list[str] = []
         model = Padim.load(model_path, device=device, weights=weights)
         model.batch_size = batch_size
         if threshold is not None:
@@ -217,23 +218,24 @@ def predict(
             raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
         if not os.access(output, os.W_OK):
             raise FastpadimError(f"cannot write to {output}: permission denied")
-        rows, skipped = [], []
+        rows = []
         with progress_bar("scoring", len(files)) as advance:
-            for batch in model.iter_scored(files, keep_view=maps, progress=advance):
+            for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance):
                 for result in batch:
+                    name = names[result.index]  # the path, or video.mp4#frame=N
                     if result.error:
-                        skipped.append((result.name, result.error))
+                        skipped.append((name, result.error))
                         continue
-                    rel = relative_name(result.name, source)
+                    rel = relative_name(name, source)
                     verdict = None if model.threshold_ is None else bool(result.score > model.threshold_)
-                    row = {"image": result.name, "score": round(result.score, 6),
+                    row = {"image": name, "score": round(result.score, 6),
                            "verdict": {None: "unknown", True: "anomalous", False: "good"}[verdict]}
                     if maps:
-                        overlay_path = output / "overlays" / rel.with_suffix(".png")
+                        overlay_path = output / "overlays" / output_name(rel, ".png")
                         write_png(overlay(result.view, result.anomaly_map, model.threshold_), overlay_path)
                         row["overlay"] = str(overlay_path)
                         if model.threshold_ is not None:
-                            mask_path = output / "masks" / rel.with_suffix(".png")
+                            mask_path = output / "masks" / output_name(rel, ".png")
                             write_png(defect_mask(result.anomaly_map, model.threshold_), mask_path)
                             row["mask"] = str(mask_path)
                     rows.append(row)

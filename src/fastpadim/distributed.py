@@ -355,7 +355,7 @@ class Scorer:
                 verdict = "unknown" if threshold is None else ("anomalous" if r.score > threshold else "good")
                 map_path = ""
                 if self.maps_dir is not None:
-                    target = self.maps_dir / (_relative(name, self.root) + ".npy")
+                    target = self.maps_dir / sources.output_name(_relative(name, self.root), ".npy")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(target, lambda tmp, m=r.anomaly_map: _save_npy(tmp, m))
                     map_path = str(target)

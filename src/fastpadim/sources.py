@@ -133,6 +133,13 @@ def resolve(source: str | os.PathLike, frame_stride: int = 1) -> tuple[list[Item
     return items, skipped
 
 
+def output_name(relative: str | os.PathLike, suffix: str) -> Path:
+    """File name for an output about one input: ``a/b.png`` → ``a/b{suffix}``; a frame keeps its video's name
+    and number (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``), so frames of one video never collide."""
+    path = Path(relative)
+    return path.with_name(path.name + suffix) if FRAME_MARK in path.name else path.with_suffix(suffix)
+
+
 def by_video(items: Iterable[Item]) -> dict[str, list[Item]]:
     """Frames grouped by their video (in order of first appearance); images are not part of any group."""
     groups: dict[str, list[Item]] = {}
