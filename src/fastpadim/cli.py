@@ -144,8 +144,7 @@ def fit(
             total = len(job) + (len(threshold_files) if threshold_files else 0)
             start = time.perf_counter()
             with (rate_progress if ray_target else progress_bar)("fitting", total) as advance:
-                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target,
-                          **({"cpus_per_task": cpus_per_task} if ray_target else {}))
+                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target, cpus_per_task=cpus_per_task)
             elapsed = time.perf_counter() - start
             report_skipped(model.skipped_)
             model.save(target, keep_stats=keep_stats)

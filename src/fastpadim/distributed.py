@@ -303,7 +303,8 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
 
 def fit_items(model: Padim, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,
               progress: Callable[[int], None] | None = None, ray_target: str | None = None, **ray_options) -> Padim:
-    """Fit from source items, in this process (``ray_target`` None) or on Ray; frames are decoded lazily."""
+    """Fit from source items, in this process (``ray_target`` None; ``ray_options`` unused) or on Ray
+    (``ray_options`` go to ``fit_on_ray``); frames are decoded lazily."""
     if ray_target is not None:
         connect(ray_target)
         return fit_on_ray(model, images, threshold_images, progress, **ray_options)
