@@ -81,7 +81,10 @@ def connect(target: str = "local") -> int:
 def model_params(model: Padim) -> dict:
     """The constructor arguments of ``model``, to rebuild the same estimator in a worker."""
     names = [n for n in inspect.signature(Padim.__init__).parameters if n != "self"]
-    return {name: getattr(model, name) for name in names}
+    params = {name: getattr(model, name) for name in names}
+    if params["weights"] not in (None, "random") and Path(params["weights"]).exists():
+        params["weights"] = str(Path(params["weights"]).resolve())  # workers need not share our working folder
+    return params
 
 
 def _worker_model(params: dict, preset, channel_indices: torch.Tensor) -> Padim:
@@ -92,7 +95,7 @@ def _worker_model(params: dict, preset, channel_indices: torch.Tensor) -> Padim:
     return model
 
 
-def _crash_if_asked(shard: int) -> None:
+def _crash_if_asked() -> None:
     marker = os.environ.get(FAULT_MARKER_ENV)
     if not marker:
         return
@@ -114,7 +117,7 @@ def fit_shard(params: dict, preset, channel_indices: torch.Tensor, items: list[I
         done += n
         if progress is not None:
             progress.report.remote(shard, done)
-        _crash_if_asked(shard)
+        _crash_if_asked()
 
     finished = False
 
@@ -226,7 +229,7 @@ class _RayRunner:
                 except ray.exceptions.RayError as exc:
                     raise FastpadimError(f"shard {i} failed on the cluster after {MAX_RETRIES} retries: "
                                          f"{str(exc).splitlines()[0]}") from None
-                refs[i] = None  # drop our reference so the object store can free it
+                refs[i] = ref = None  # drop our references so the object store can free it
                 on_result(i, result)
                 del result
         finally:
