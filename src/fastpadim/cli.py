@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .errors import FastpadimError
@@ -31,7 +32,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 def fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -84,7 +85,7 @@ def check_writable_file(path: Path) -> None:
 
 def report_skipped(skipped: list[tuple[str, str]]) -> None:
     for _name, reason in skipped:
-        console.print(f"[yellow]skipped:[/yellow] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipped:[/yellow] {escape(reason)}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- fit
@@ -97,8 +98,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 
 @app.command()
 def fit(
-    source: Annotated[Path, typer.Argument(help="Folder of good images (searched recursively) or one image.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write.")] = Path("model.padim"),
+    source: Annotated[Path, typer.Argument(help="Good images: a folder (searched recursively), an image or video, a glob, or a .txt list of paths.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (a folder with --per-video).")] = Path("model.padim"),
     backbone: BackboneOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
     layers: LayersOpt = None,
@@ -114,35 +115,45 @@ def fit(
     false_alarm_rate: Annotated[float, typer.Option(help="Target share of good images flagged by the threshold.")] = 0.01,
     factor_dtype: Annotated[str, typer.Option(help="Stored factor precision: float32, float16 or bfloat16.")] = "float32",
     keep_stats: Annotated[bool, typer.Option(help="Also store the training statistics, so partial fits can continue later.")] = False,
+    ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Fit on Ray: an embedded local Ray with N workers (--ray alone: local), or join a cluster.")] = None,
+    frame_stride: Annotated[int, typer.Option(help="Videos: use every K-th frame.")] = 1,
+    per_video: Annotated[bool, typer.Option(help="One model per video, written into the --output folder as <video name>.padim.")] = False,
+    cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per task; each task holds one copy of the statistics.")] = 1,
 ) -> None:
-    """Fit a model on a folder of good images."""
+    """Fit a model on good images (or video frames)."""
     import time
 
-    from .images import list_images
+    from .distributed import connect, fit_items, per_video_jobs, rate_progress
     from .model import Padim
+    from .sources import resolve
 
     with user_errors():
-        check_writable_file(output)
-        files = list_images(source)
-        threshold_files = list_images(threshold_dir) if threshold_dir else None
-        model = Padim(
-            backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
-            image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
-            holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
-            keep_stats=keep_stats,
-        )
-        total = len(files) + (len(threshold_files) if threshold_files else 0)
-        start = time.perf_counter()
-        with progress_bar("fitting", total) as advance:
-            model.fit(files, threshold_images=threshold_files, progress=advance)
-        elapsed = time.perf_counter() - start
-        report_skipped(model.skipped_)
-        model.save(output, keep_stats=keep_stats)
-        threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
-        console.print(
-            f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({model.preset_.name}, {model.device_.type}); "
-            f"threshold {threshold}; wrote {output}", highlight=False,
-        )
+        if ray_target is not None:
+            console.print(f"Ray: {connect(ray_target)} CPUs", highlight=False)  # start-up is not fit time
+        if not per_video:
+            check_writable_file(output)
+        files, unusable = resolve(source, frame_stride)
+        threshold_files = resolve(threshold_dir, frame_stride)[0] if threshold_dir else None
+        report_skipped(unusable)
+        for target, job in per_video_jobs(files, output) if per_video else [(output, files)]:
+            model = Padim(
+                backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
+                image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+                holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
+                keep_stats=keep_stats,
+            )
+            total = len(job) + (len(threshold_files) if threshold_files else 0)
+            start = time.perf_counter()
+            with (rate_progress if ray_target else progress_bar)("fitting", total) as advance:
+                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target, cpus_per_task=cpus_per_task)
+            elapsed = time.perf_counter() - start
+            report_skipped(model.skipped_)
+            model.save(target, keep_stats=keep_stats)
+            threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
+            console.print(
+                f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
+                f"{model.preset_.name}, {model.device_.type}); threshold {threshold}; wrote {target}", highlight=False,
+            )
 
 
 # ------------------------------------------------------------------------------------------- predict
@@ -181,16 +192,25 @@ def predict(
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
-    maps: Annotated[bool, typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks.")] = True,
+    maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
+    ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
+    frame_stride: Annotated[int, typer.Option(help="Videos: score every K-th frame.")] = 1,
+    cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per scoring actor.")] = 1,
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
-    from .images import list_images
     from .model import Padim
+    from .sources import inputs, output_name, resolve
     from .visualize import defect_mask, overlay
 
+    if ray_target is not None:
+        from .distributed import predict_command
+
+        return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
+    maps = True if maps is None else maps
     with user_errors():
-        files = list_images(source)
+        files, skipped = resolve(source, frame_stride)
+        names: list[str] = []
         model = Padim.load(model_path, device=device, weights=weights)
         model.batch_size = batch_size
         if threshold is not None:
@@ -202,23 +222,24 @@ def predict(
             raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
         if not os.access(output, os.W_OK):
             raise FastpadimError(f"cannot write to {output}: permission denied")
-        rows, skipped = [], []
+        rows = []
         with progress_bar("scoring", len(files)) as advance:
-            for batch in model.iter_scored(files, keep_view=maps, progress=advance):
+            for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance):
                 for result in batch:
+                    name = names[result.index]  # the path, or video.mp4#frame=N
                     if result.error:
-                        skipped.append((result.name, result.error))
+                        skipped.append((name, result.error))
                         continue
-                    rel = relative_name(result.name, source)
+                    rel = relative_name(name, source)
                     verdict = None if model.threshold_ is None else bool(result.score > model.threshold_)
-                    row = {"image": result.name, "score": round(result.score, 6),
+                    row = {"image": name, "score": round(result.score, 6),
                            "verdict": {None: "unknown", True: "anomalous", False: "good"}[verdict]}
                     if maps:
-                        overlay_path = output / "overlays" / rel.with_suffix(".png")
+                        overlay_path = output / "overlays" / output_name(rel, ".png")
                         write_png(overlay(result.view, result.anomaly_map, model.threshold_), overlay_path)
                         row["overlay"] = str(overlay_path)
                         if model.threshold_ is not None:
-                            mask_path = output / "masks" / rel.with_suffix(".png")
+                            mask_path = output / "masks" / output_name(rel, ".png")
                             write_png(defect_mask(result.anomaly_map, model.threshold_), mask_path)
                             row["mask"] = str(mask_path)
                     rows.append(row)
@@ -270,8 +291,9 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
 
 def main() -> None:
     from . import commands  # noqa: F401 - registers the commands defined in other modules
+    from .distributed import expand_bare_ray
 
-    app()
+    app(args=expand_bare_ray(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -180,17 +180,7 @@ class Padim:
         self._build(preset)
         self.skipped_: list[tuple[str, str]] = []
         if threshold_images is None and self.holdout > 0:
-            images = list(images)
-            n_hold = max(1, round(self.holdout * len(images)))
-            if len(images) - n_hold < 2:
-                raise FastpadimError(
-                    f"{len(images)} images are too few to hold out {n_hold} for the threshold and fit on at least 2; "
-                    "add images or set holdout to 0"
-                )
-            order = np.random.default_rng(self.seed).permutation(len(images))
-            held = set(order[:n_hold].tolist())
-            threshold_images = [img for i, img in enumerate(images) if i in held]
-            images = [img for i, img in enumerate(images) if i not in held]
+            images, threshold_images = self._split_holdout(list(images))
         self.stats_ = None
         self._accumulate(images, progress)
         self._factor()
@@ -198,6 +188,18 @@ class Padim:
         if threshold_images is not None:
             self.set_threshold(threshold_images, progress=progress)
         return self
+
+    def _split_holdout(self, images: list) -> tuple[list, list]:
+        """The seeded hold-out split: (images for the Gaussians, images for the threshold)."""
+        n_hold = max(1, round(self.holdout * len(images)))
+        if len(images) - n_hold < 2:
+            raise FastpadimError(
+                f"{len(images)} images are too few to hold out {n_hold} for the threshold and fit on at least 2; "
+                "add images or set holdout to 0"
+            )
+        order = np.random.default_rng(self.seed).permutation(len(images))
+        held = set(order[:n_hold].tolist())
+        return [img for i, img in enumerate(images) if i not in held], [img for i, img in enumerate(images) if i in held]
 
     def partial_fit(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
         """Add good images to the Gaussians (same result as fitting on all at once); the threshold is kept."""
@@ -338,6 +340,9 @@ class Padim:
                     scores.append(r.score)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
+        return self._threshold_from_scores(scores, rate)
+
+    def _threshold_from_scores(self, scores: Sequence[float], rate: float) -> float:
         self.threshold_ = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate, method="higher"))
         self.threshold_count_ = len(scores)
         self.false_alarm_rate = rate
