@@ -1,15 +1,52 @@
-"""fastpadim: PaDiM anomaly detection and localization for industrial visual inspection."""
+"""fastpadim: PaDiM anomaly detection and localization for industrial visual inspection.
+
+``import fastpadim`` does not import PyTorch: the names that need it (``Padim``, ``PRESETS``) load on first
+use (PEP 562), so the ONNX runtime (``pip install fastpadim[runtime]``) works where PyTorch is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import FastpadimError, ImageError
+from .results import Predictions
 
 __version__ = "0.1.0"
 
-from .backbone import PRESETS  # noqa: E402
-from .errors import FastpadimError, ImageError  # noqa: E402
-from .model import Padim, Predictions  # noqa: E402
+if TYPE_CHECKING:
+    from .backbone import PRESETS
+    from .model import Padim
+    from .onnx_runtime import OnnxPadim
+
+_LAZY = {"Padim": "model", "PRESETS": "backbone", "OnnxPadim": "onnx_runtime"}
 
 
-def load(path, device: str = "auto", weights=None) -> Padim:
-    """Load a fitted model file (``Padim.load``)."""
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: str | None = None) -> Padim | OnnxPadim:
+    """Load a fitted model: a ``.padim`` file gives a ``Padim`` (PyTorch), an ``.onnx`` export an ``OnnxPadim``
+    (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way."""
+    if Path(path).suffix.lower() == ".onnx":
+        from .onnx_runtime import OnnxPadim
+
+        if weights is not None:
+            raise FastpadimError(f"{path}: an ONNX export carries its backbone weights; --weights does not apply")
+        return OnnxPadim(path, engine=engine or "onnxruntime", device=device)
+    if engine not in (None, "torch"):
+        raise FastpadimError(f"{path}: engine {engine!r} runs ONNX exports only; export the model first (fastpadim export)")
+    from .model import Padim
+
     return Padim.load(path, device=device, weights=weights)
 
 
-__all__ = ["Padim", "Predictions", "PRESETS", "FastpadimError", "ImageError", "load", "__version__"]
+__all__ = ["Padim", "OnnxPadim", "Predictions", "PRESETS", "FastpadimError", "ImageError", "load", "__version__"]

@@ -186,7 +186,7 @@ def write_text(text: str, path: Path) -> None:
 
 @app.command()
 def predict(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit'.")],
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim), or its ONNX export (.onnx).")],
     source: Annotated[Path, typer.Argument(help="An image or a folder of images (searched recursively).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv/json, overlays/ and masks/.")] = Path("out"),
     device: DeviceOpt = "auto",
@@ -197,9 +197,10 @@ def predict(
     ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
     frame_stride: Annotated[int, typer.Option(help="Videos: score every K-th frame.")] = 1,
     cpus_per_task: Annotated[float, typer.Option(help="With --ray: CPUs (threads) per scoring actor.")] = 1,
+    engine: Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")] = None,
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
-    from .model import Padim
+    from . import load
     from .sources import inputs, output_name, resolve
     from .visualize import defect_mask, overlay
 
@@ -211,7 +212,7 @@ def predict(
     with user_errors():
         files, skipped = resolve(source, frame_stride)
         names: list[str] = []
-        model = Padim.load(model_path, device=device, weights=weights)
+        model = load(model_path, device=device, weights=weights, engine=engine)
         model.batch_size = batch_size
         if threshold is not None:
             model.threshold_ = threshold
@@ -266,11 +267,16 @@ def predict(
 @app.command()
 def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
          as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False) -> None:
-    """Show what a model file holds: backbone, weights, preprocessing, training count, threshold."""
-    from .modelfile import read_model_file
-
+    """Show what a model file (.padim or .onnx) holds: backbone, weights, preprocessing, training count, threshold."""
     with user_errors():
-        meta, tensors = read_model_file(model_path)
+        if model_path.suffix.lower() == ".onnx":
+            from .onnx_runtime import read_metadata
+
+            meta, tensors = read_metadata(model_path), {}
+        else:
+            from .modelfile import read_model_file
+
+            meta, tensors = read_model_file(model_path)
         if as_json:
             out.print_json(json.dumps(meta))
             return
@@ -286,6 +292,12 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             f"threshold       {th['image'] if th['image'] is not None else 'none'}"
             + (f" (false-alarm rate {th['false_alarm_rate']} on {th['n_good_images']} good images)" if th["image"] is not None else ""),
         ]
+        if "export" in meta:
+            ex = meta["export"]
+            data = model_path.parent / ex["data_file"]
+            data_size = f"{data.stat().st_size / 1e6:.1f} MB" if data.is_file() else "missing"
+            lines.append(f"onnx export     opset {ex['opset']}, {ex['weights_dtype']} weights, input {ex['input']['shape']}; "
+                         f"data {ex['data_file']} ({data_size})")
         out.print("\n".join(lines), highlight=False)
 
 

@@ -3,3 +3,4 @@
 from . import demo  # noqa: F401
 from . import evaluate  # noqa: F401
 from . import serve  # noqa: F401
+from . import export  # noqa: F401

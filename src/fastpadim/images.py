@@ -1,24 +1,39 @@
-"""Image decoding and the paper's preprocessing: any file or array becomes the right RGB tensor."""
+"""Image decoding and the paper's preprocessing: any file or array becomes the right RGB input.
+
+Decoding, geometry and normalisation are NumPy and PIL only, so the ONNX runtime (no PyTorch installed)
+shares them with the PyTorch path; the conversion to torch tensors is a thin layer that imports torch
+only when called.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FastpadimError, ImageError
 
+if TYPE_CHECKING:
+    import torch
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MIN_IMAGE_SIDE = 32  # below this an image carries too little detail for stride-16 features to mean anything
 
-ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
+
+
+def is_tensor(item) -> bool:
+    """A torch tensor, checked without importing torch (a tensor exists only if torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(item, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -58,12 +73,19 @@ class Preprocessing:
             mask = mask.crop((left, left, left + self.crop_size, left + self.crop_size))
         return mask
 
+    def normalize_array(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 → float32 3xHxW normalised with the backbone's mean and std (NumPy)."""
+        array = np.asarray(rgb).transpose(2, 0, 1).astype(np.float32)  # a new C-contiguous array
+        array /= np.float32(255.0)
+        array -= np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1)
+        array /= np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1)
+        return array
+
     def normalize(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 HxWx3 → float32 3xHxW normalised with the backbone's mean and std."""
-        tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return tensor.sub_(mean).div_(std)
+        """The same as a torch tensor (shares the array's memory)."""
+        import torch
+
+        return torch.from_numpy(self.normalize_array(rgb))
 
     def to_dict(self) -> dict:
         return {"image_size": self.image_size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std)}
@@ -151,7 +173,7 @@ def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None) ->
         image = _decode(item, label)
     elif isinstance(item, Image.Image):
         image = to_rgb(item)
-    elif isinstance(item, torch.Tensor):
+    elif is_tensor(item):
         image = to_rgb(_array_to_pil(item.detach().cpu().numpy()))
     elif isinstance(item, np.ndarray):
         image = to_rgb(_array_to_pil(item))
@@ -166,13 +188,23 @@ def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None) ->
 
 @dataclass
 class LoadedImage:
-    """One decoded input: the network's tensor, the RGB view it saw (for overlays), or the reason it failed."""
+    """One decoded input: the network's input (float32 3xHxW), the RGB view it saw (for overlays), or the
+    reason it failed."""
 
     index: int
     name: str
-    tensor: torch.Tensor | None = None
+    array: np.ndarray | None = None
     view: np.ndarray | None = None
     error: str | None = None
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The input as a torch tensor (no copy)."""
+        if self.array is None:
+            return None
+        import torch
+
+        return torch.from_numpy(self.array)
 
 
 def load_one(item: ImageInput, index: int, preprocessing: Preprocessing, keep_view: bool) -> LoadedImage:
@@ -181,7 +213,16 @@ def load_one(item: ImageInput, index: int, preprocessing: Preprocessing, keep_vi
         view = np.array(preprocessing.geometry(open_image(item)))  # writable copy for torch
     except ImageError as exc:
         return LoadedImage(index, name, error=str(exc))
-    return LoadedImage(index, name, preprocessing.normalize(view), view if keep_view else None)
+    return LoadedImage(index, name, preprocessing.normalize_array(view), view if keep_view else None)
+
+
+def single_or_many(images) -> Iterable[ImageInput]:
+    """A list of inputs, or one input given on its own (a path, a PIL image, or an array or tensor that is not a
+    4-D batch)."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) or is_tensor(images):
+        if not (isinstance(images, np.ndarray) or is_tensor(images)) or images.ndim != 4:
+            return [images]
+    return images
 
 
 def iter_batches(
@@ -233,5 +274,13 @@ def list_images(source: str | os.PathLike, recursive: bool = True) -> list[Path]
     return files
 
 
+def stack_arrays(batch: list[LoadedImage]) -> np.ndarray:
+    """The readable inputs of a batch as one float32 (B, 3, H, W) array."""
+    return np.stack([item.array for item in batch if item.array is not None])
+
+
 def stack(batch: list[LoadedImage]) -> torch.Tensor:
-    return torch.stack([item.tensor for item in batch if item.tensor is not None])
+    """The same as a torch tensor (no copy)."""
+    import torch
+
+    return torch.from_numpy(stack_arrays(batch))

@@ -4,45 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset
 from .errors import FastpadimError
 from .gaussian import GaussianStats, mahalanobis
-from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, stack
+from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
+from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
-
-
-@dataclass
-class ScoredImage:
-    """One scored input: its image score and anomaly map, or the reason it could not be scored."""
-
-    index: int
-    name: str
-    score: float | None = None
-    anomaly_map: np.ndarray | None = None
-    view: np.ndarray | None = None  # the RGB crop the network saw, for overlays
-    error: str | None = None
-
-
-@dataclass
-class Predictions:
-    """Image scores (N,), anomaly maps (N, S, S) and verdicts (N,) for the images that could be read."""
-
-    scores: np.ndarray
-    maps: np.ndarray
-    is_anomalous: np.ndarray | None
-    threshold: float | None
-    names: list[str]
-    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,7 +31,7 @@ def resolve_device(device: str) -> torch.device:
         raise FastpadimError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
 
 
-class Padim:
+class Padim(ScoringMixin):
     """PaDiM (Defard et al., 2020) with streaming statistics and a factor computed once.
 
     Parameters follow the paper's defaults: resize 256 then centre-crop 224, ε = 0.01, σ = 4. The decision
@@ -155,11 +130,7 @@ class Padim:
         return embeddings
 
     def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
-        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)) and not (
-            isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
-        ):
-            images = [images]  # one image given on its own
-        return iter_batches(images, self.preprocessing_, self.batch_size, self.workers, keep_view)
+        return iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers, keep_view)
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(
@@ -300,53 +271,6 @@ class Padim:
             if progress:
                 progress(len(batch))
             yield [results[item.index] for item in batch]
-
-    def score_samples(self, images: Iterable[ImageInput]) -> np.ndarray:
-        """Image scores (higher = more anomalous); unreadable images raise."""
-        return self.score(images)[0]
-
-    def score(self, images: Iterable[ImageInput]) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) and anomaly maps (N, S, S); unreadable images raise."""
-        results = [r for batch in self.iter_scored(images) for r in batch]
-        for r in results:
-            if r.error:
-                raise FastpadimError(r.error)
-        size = self.preprocessing_.output_size
-        scores = np.array([r.score for r in results], dtype=np.float32)
-        maps = np.stack([r.anomaly_map for r in results]) if results else np.zeros((0, size, size), np.float32)
-        return scores, maps
-
-    def predict(self, images: Iterable[ImageInput]) -> Predictions:
-        """Scores, maps and verdicts against ``threshold_``; unreadable images are skipped and listed."""
-        results = [r for batch in self.iter_scored(images) for r in batch]
-        ok = [r for r in results if r.error is None]
-        size = self.preprocessing_.output_size
-        scores = np.array([r.score for r in ok], dtype=np.float32)
-        maps = np.stack([r.anomaly_map for r in ok]) if ok else np.zeros((0, size, size), np.float32)
-        verdicts = scores > self.threshold_ if self.threshold_ is not None else None
-        skipped = [(r.name, r.error) for r in results if r.error]
-        return Predictions(scores, maps, verdicts, self.threshold_, [r.name for r in ok], skipped)
-
-    def set_threshold(self, good_images: Iterable[ImageInput], false_alarm_rate: float | None = None,
-                      progress: Progress | None = None) -> float:
-        """Threshold = the (1 − rate) quantile of these good images' scores (at most that rate flagged)."""
-        rate = self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
-        scores = []
-        for batch in self.iter_scored(good_images, progress=progress):
-            for r in batch:
-                if r.error:
-                    self.skipped_.append((r.name, r.error))
-                else:
-                    scores.append(r.score)
-        if not scores:
-            raise FastpadimError("no readable good images to set the threshold from")
-        return self._threshold_from_scores(scores, rate)
-
-    def _threshold_from_scores(self, scores: Sequence[float], rate: float) -> float:
-        self.threshold_ = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate, method="higher"))
-        self.threshold_count_ = len(scores)
-        self.false_alarm_rate = rate
-        return self.threshold_
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:

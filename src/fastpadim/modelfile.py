@@ -1,4 +1,8 @@
-"""The model file: safetensors (no code runs on load) with JSON metadata, written atomically."""
+"""The model file: safetensors (no code runs on load) with JSON metadata, written atomically.
+
+torch is imported only by the functions that need it: ``atomic_write`` and the format constants serve the
+ONNX runtime too, where PyTorch is not installed.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .backbone import BackbonePreset
 from .errors import FastpadimError
-from .gaussian import GaussianStats
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbone import BackbonePreset
 
 FORMAT_NAME = "fastpadim"
 FORMAT_VERSION = 1
@@ -138,6 +144,8 @@ def _check_format(path: Path, meta: dict) -> None:
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None):
+    from .backbone import BackbonePreset
+    from .gaussian import GaussianStats
     from .model import Padim
 
     meta, tensors = read_model_file(path)

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from PIL import Image
 
-    from .model import Padim, ScoredImage
+    from .model import Padim
+    from .onnx_runtime import OnnxPadim
+    from .results import ScoredImage
 
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and headers around the image bytes
 MAX_BATCH_FILES = 64  # images in one /v1/score/batch request
@@ -58,10 +60,13 @@ def overlay_png_base64(result: "ScoredImage", threshold: float | None) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def model_summary(model: "Padim", model_path: str | None) -> dict:
-    from .modelfile import model_metadata
+def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
+    if hasattr(model, "engine"):  # an ONNX export: the metadata stored in it (no torch needed)
+        meta, engine, device = model.metadata_, model.engine, model.device
+    else:
+        from .modelfile import model_metadata
 
-    meta = model_metadata(model)
+        meta, engine, device = model_metadata(model), "torch", model.device_.type
     bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
     return {
         "model_file": model_path,
@@ -75,13 +80,14 @@ def model_summary(model: "Padim", model_path: str | None) -> dict:
         "input": {"image_size": pre["image_size"], "crop_size": pre["crop_size"],
                   "map_size": model.preprocessing_.output_size},
         "n_train_images": meta["n_train_images"],
-        "threshold": th["image"],
+        "threshold": model.threshold_,
         "false_alarm_rate": th["false_alarm_rate"],
-        "device": model.device_.type,
+        "device": device,
+        "engine": engine,
     }
 
 
-def create_app(model: "Padim", model_path: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
+def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
                max_upload_mb: float = 20.0, max_queue: int = 256) -> "FastAPI":
     """The FastAPI application serving ``model``; the batcher starts and stops with the app's lifespan."""
     import asyncio
@@ -329,7 +335,7 @@ def create_app(model: "Padim", model_path: str | None = None, max_batch: int = 8
 # ------------------------------------------------------------------------------------------ command
 @app.command()
 def serve(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit'.")],
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim), or its ONNX export (.onnx).")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens the service to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
@@ -337,21 +343,23 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most images in one network batch.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more requests to join a batch.")] = 5.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image upload, in MiB (larger: HTTP 413).")] = 20.0,
+    engine: Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/score, /v1/score/batch, GET /health, /v1/model, and a web page at /."""
     import uvicorn
 
-    from .model import Padim
+    from . import load
 
     with user_errors():
         if not 0 < port < 65536:
             raise FastpadimError(f"--port must be between 1 and 65535, got {port}")
-        model = Padim.load(model_path, device=device, weights=weights)
+        model = load(model_path, device=device, weights=weights, engine=engine)
         api = create_app(model, str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_upload_mb=max_upload_mb)
         warm_up(model)
+        summary = model_summary(model, str(model_path))
     threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
-    console.print(f"serving {model_path} ({model.preset_.name}, {model.device_.type}, threshold {threshold}) "
+    console.print(f"serving {model_path} ({summary['backbone']}, {summary['engine']} on {summary['device']}, threshold {threshold}) "
                   f"on http://{host}:{port}/  (API docs at /docs; Ctrl+C stops)", highlight=False, soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach it can use the service "

@@ -1,0 +1,391 @@
+"""``fastpadim export``: the whole scoring pipeline as one ONNX graph, to deploy without PyTorch.
+
+The graph maps a preprocessed batch (N, 3, S, S) to anomaly maps (N, S, S) and image scores (N,): the model's
+own feature extractor (backbone cut after the deepest used layer, channel subset; traced by PyTorch's ONNX
+exporter), then the Mahalanobis distance as batched products with the factor stored at fit time, bicubic
+upsampling, the Gaussian blur and the max. The factor is stored as packed lower triangles, half the bytes of
+the full matrices; the runtime unpacks it once when it loads the model (a Gather on constants, which
+onnxruntime and OpenVINO fold at load time). Every large tensor is written to one external data file beside
+the .onnx, streamed position block by position block, so neither the 2 GB protobuf limit nor the memory of a
+second copy of the factor applies. Threshold and preprocessing sit in the metadata, not in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import numpy as np
+import typer
+
+from .cli import WeightsOpt, app, console, progress_bar, user_errors
+from .errors import FastpadimError
+from .onnx_runtime import (
+    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, SCORE_OUTPUT, read_metadata, write_threshold,
+)
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .model import Padim
+
+DEFAULT_OPSET = 17
+OPSETS = range(17, 21)  # PyTorch's TorchScript-based ONNX exporter goes up to opset 20
+FP16_MIN_ELEMENTS = 1024  # smaller tensors (biases, shapes) stay as they are
+ALIGN_BYTES = 64 * 1024  # large tensors start on a page boundary, so the runtime can map them
+FACTOR_BLOCK_BYTES = 64 * 1024 * 1024  # positions unpacked at a time while writing the factor
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    data_path: Path
+    onnx_bytes: int
+    data_bytes: int
+
+
+class ExternalData:
+    """Appends tensors to one data file and returns ONNX tensors that refer to it (never held in protobuf)."""
+
+    def __init__(self, folder: Path, name: str):
+        self.name = name
+        self.handle = open(folder / name, "wb")
+        self.offset = 0
+
+    def _start(self, nbytes: int) -> None:
+        if nbytes >= ALIGN_BYTES and self.offset % ALIGN_BYTES:
+            pad = ALIGN_BYTES - self.offset % ALIGN_BYTES
+            self.handle.write(b"\0" * pad)
+            self.offset += pad
+
+    def add(self, name: str, dtype: np.dtype, shape: tuple[int, ...], blocks) -> onnx.TensorProto:
+        """A tensor written from an iterable of arrays whose bytes, in order, make up the (C-order) tensor."""
+        import onnx
+        from onnx import helper
+
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self._start(nbytes)
+        start = self.offset
+        for block in blocks:
+            data = np.ascontiguousarray(block, dtype=dtype)
+            self.handle.write(data.tobytes())
+            self.offset += data.nbytes
+        if self.offset - start != nbytes:
+            raise RuntimeError(f"tensor {name}: wrote {self.offset - start} bytes, expected {nbytes}")
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        tensor.dims.extend(shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.name), ("offset", str(start)), ("length", str(nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+# ------------------------------------------------------------------------------------------- graph
+def backbone_graph(model: Padim, opset: int) -> onnx.ModelProto:
+    """The model's feature extractor (images → embeddings (N, P, D)) as ONNX, traced on the CPU."""
+    import copy
+    import io
+    import warnings
+
+    import onnx
+    import torch
+
+    extractor = model.extractor_
+    if model.device_.type != "cpu":
+        extractor = copy.deepcopy(extractor).cpu()
+    size = model.preprocessing_.output_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's tracer and deprecation notes say nothing to users
+        torch.onnx.export(
+            extractor.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=["embeddings"],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, "embeddings": {0: "batch"}}, do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def factor_blocks(whitener, dtype: np.dtype):
+    """The lower triangles of W (P, D, D), row-major packed, each row led by a 0 (what the Gather's index 0
+    points at for the upper half): (P, 1 + D(D+1)/2), yielded in blocks of positions."""
+    positions, dim = whitener.shape[:2]
+    rows, cols = np.tril_indices(dim)
+    step = max(1, FACTOR_BLOCK_BYTES // (dim * dim * 4))
+    for start in range(0, positions, step):
+        block = whitener[start : start + step].float().cpu().numpy()
+        packed = np.zeros((block.shape[0], 1 + rows.size), dtype=dtype)
+        packed[:, 1:] = block[:, rows, cols]
+        yield packed
+
+
+def transposed_unpack_index(dim: int) -> np.ndarray:
+    """Index into a packed row that gives Wᵀ flattened: Wᵀ[a, b] = W[b, a], 0 (the leading zero) above."""
+    rows, cols = np.tril_indices(dim)
+    index = np.zeros((dim, dim), dtype=np.int64)
+    index[rows, cols] = np.arange(rows.size) + 1
+    return np.ascontiguousarray(index.T).reshape(-1)
+
+
+def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> tuple[list, list]:
+    """Embeddings (N, P, D) → anomaly maps (N, S, S) and scores (N,), as in ``Padim._score_tensor``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .anomaly_map import gaussian_kernel1d
+
+    positions, dim = model.mean_.shape
+    h, w = model.grid_
+    size = model.preprocessing_.output_size
+    factor_dtype = np.float16 if fp16 else np.float32
+    packed_width = 1 + dim * (dim + 1) // 2
+
+    def const(name, array):
+        return numpy_helper.from_array(np.asarray(array), name)
+
+    inits = [
+        # the mean stays float32 in fp16 exports too: it is small, and its rounding would be amplified by W
+        store.add("padim/mean", np.float32, (positions, dim), [model.mean_.float().cpu().numpy()]),
+        store.add("padim/factor_packed", factor_dtype, (positions, packed_width), factor_blocks(model.whitener_, factor_dtype)),
+        store.add("padim/unpack_index", np.int64, (dim * dim,), [transposed_unpack_index(dim)]),
+        const("padim/factor_shape", np.array([positions, dim, dim], np.int64)),
+        const("padim/grid_shape", np.array([-1, 1, h, w], np.int64)),
+        const("padim/reduce_axis", np.array([2], np.int64)),
+        const("padim/squeeze_axis", np.array([1], np.int64)),
+        const("padim/slice_start", np.array([0], np.int64)),
+        const("padim/slice_end", np.array([2], np.int64)),
+        const("padim/map_size", np.array([size, size], np.int64)),
+    ]
+    node = helper.make_node
+    factor = "padim/factor_packed"
+    nodes = []
+    if fp16:
+        nodes.append(node("Cast", [factor], ["padim/factor_packed32"], to=TensorProto.FLOAT))
+        factor = "padim/factor_packed32"
+    nodes += [
+        # Wᵀ (P, D, D) from the packed triangles: constant inputs only, so folded once at load time
+        node("Gather", [factor, "padim/unpack_index"], ["padim/factor_flat"], axis=1),
+        node("Reshape", ["padim/factor_flat", "padim/factor_shape"], ["padim/factor_t"]),
+        # ‖W (x − μ)‖ per position: (P, N, D) @ (P, D, D), one batched product
+        node("Sub", ["embeddings", "padim/mean"], ["padim/centred"]),
+        node("Transpose", ["padim/centred"], ["padim/centred_pnd"], perm=[1, 0, 2]),
+        node("MatMul", ["padim/centred_pnd", "padim/factor_t"], ["padim/whitened"]),
+        node("Mul", ["padim/whitened", "padim/whitened"], ["padim/squares"]),
+        node("ReduceSum", ["padim/squares", "padim/reduce_axis"], ["padim/sq_dist"], keepdims=0),
+        node("Sqrt", ["padim/sq_dist"], ["padim/dist_pn"]),
+        node("Transpose", ["padim/dist_pn"], ["padim/dist_np"], perm=[1, 0]),
+        node("Reshape", ["padim/dist_np", "padim/grid_shape"], ["padim/dist_grid"]),
+        # bicubic as PyTorch's (a = -0.75, half-pixel centres, borders replicated): (N, 1, S, S)
+        node("Shape", ["padim/dist_grid"], ["padim/grid_dims"]),
+        node("Slice", ["padim/grid_dims", "padim/slice_start", "padim/slice_end"], ["padim/batch_channel"]),
+        node("Concat", ["padim/batch_channel", "padim/map_size"], ["padim/resize_to"], axis=0),
+        node("Resize", ["padim/dist_grid", "", "", "padim/resize_to"], ["padim/upsampled"], mode="cubic",
+             cubic_coeff_a=-0.75, coordinate_transformation_mode="half_pixel", exclude_outside=0),
+    ]
+    current = "padim/upsampled"
+    if model.blur_sigma > 0:
+        kernel = gaussian_kernel1d(model.blur_sigma).numpy().astype(np.float32)
+        radius = kernel.size // 2
+        inits += [
+            const("padim/blur_x", kernel.reshape(1, 1, 1, -1)),
+            const("padim/blur_y", kernel.reshape(1, 1, -1, 1)),
+            const("padim/pad_x", np.array([0, 0, 0, radius, 0, 0, 0, radius], np.int64)),
+            const("padim/pad_y", np.array([0, 0, radius, 0, 0, 0, radius, 0], np.int64)),
+        ]
+        nodes += [
+            node("Pad", [current, "padim/pad_x"], ["padim/padded_x"], mode="reflect"),
+            node("Conv", ["padim/padded_x", "padim/blur_x"], ["padim/blurred_x"]),
+            node("Pad", ["padim/blurred_x", "padim/pad_y"], ["padim/padded_y"], mode="reflect"),
+            node("Conv", ["padim/padded_y", "padim/blur_y"], ["padim/blurred"]),
+        ]
+        current = "padim/blurred"
+    # clamp at 0 (bicubic may undershoot), then the map and its max
+    nodes += [
+        node("Relu", [current], ["padim/clamped"]),
+        node("Squeeze", ["padim/clamped", "padim/squeeze_axis"], [MAP_OUTPUT]),
+    ]
+    if opset >= 18:
+        inits.append(const("padim/map_axes", np.array([1, 2], np.int64)))
+        nodes.append(node("ReduceMax", [MAP_OUTPUT, "padim/map_axes"], [SCORE_OUTPUT], keepdims=0))
+    else:
+        nodes.append(node("ReduceMax", [MAP_OUTPUT], [SCORE_OUTPUT], axes=[1, 2], keepdims=0))
+    return nodes, inits
+
+
+def externalize(graph: onnx.GraphProto, store: ExternalData, fp16: bool) -> None:
+    """Move the backbone's initializers to the data file; with ``fp16``, large float ones are stored in half
+    precision and cast back to float32 by a node that the runtime folds at load time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    kept, casts = [], []
+    for tensor in graph.initializer:
+        array = numpy_helper.to_array(tensor)
+        if fp16 and array.dtype == np.float32 and array.size >= FP16_MIN_ELEMENTS:
+            stored = f"{tensor.name}/fp16"
+            kept.append(store.add(stored, np.float16, array.shape, [array.astype(np.float16)]))
+            casts.append(helper.make_node("Cast", [stored], [tensor.name], to=TensorProto.FLOAT))
+        elif array.nbytes >= 1024:
+            kept.append(store.add(tensor.name, array.dtype, array.shape, [array]))
+        else:
+            kept.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if casts:
+        nodes = casts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
+def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str) -> dict:
+    from .modelfile import model_metadata
+
+    size = model.preprocessing_.output_size
+    meta = model_metadata(model)
+    meta["export"] = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "opset": opset,
+        "weights_dtype": "float16" if fp16 else "float32",
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size],
+                  "description": "RGB, preprocessed as in 'preprocessing' (resize, crop, (x/255 - mean)/std), NCHW float32"},
+        "outputs": {MAP_OUTPUT: ["batch", size, size], SCORE_OUTPUT: ["batch"]},
+        "data_file": data_name,
+    }
+    return meta
+
+
+def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Write ``path`` (.onnx graph) and ``path.data`` (its tensors) for a fitted model; all or nothing."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from . import __version__
+
+    model._require_fitted()
+    if opset not in OPSETS:
+        raise FastpadimError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise FastpadimError(f"{path}: the export must be an .onnx file (its tensors go beside it, in {path.name}.data)")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
+    data_name = f"{path.name}.data"
+    size = model.preprocessing_.output_size
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as exc:
+        raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        proto = backbone_graph(model, opset)
+        graph = proto.graph
+        store = ExternalData(work, data_name)
+        try:
+            externalize(graph, store, fp16)
+            nodes, inits = scoring_nodes(model, opset, store, fp16)
+        finally:
+            store.close()
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+        del graph.output[:]
+        graph.output.extend([
+            helper.make_tensor_value_info(MAP_OUTPUT, TensorProto.FLOAT, ["batch", size, size]),
+            helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["batch"]),
+        ])
+        graph.name = "fastpadim"
+        proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
+        proto.producer_name, proto.producer_version = "fastpadim", __version__
+        proto.doc_string = "PaDiM anomaly maps and image scores; see metadata_props['fastpadim']"
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(export_metadata(model, opset, fp16, data_name))
+        onnx.save_model(proto, str(work / path.name))
+        onnx.checker.check_model(str(work / path.name))
+        # data first: the old .onnx never points at a missing file, and a failure leaves the old pair whole
+        os.replace(work / data_name, folder / data_name)
+        os.replace(work / path.name, path)
+    except OSError as exc:
+        raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(path, folder / data_name, path.stat().st_size, (folder / data_name).stat().st_size)
+
+
+# ------------------------------------------------------------------------------------------ commands
+@app.command()
+def export(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="ONNX file to write (default: MODEL with .onnx); its tensors go to OUTPUT.data beside it.")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store weights and the Gaussian factor in half precision (half the size; computed in float32).")] = False,
+    opset: Annotated[int, typer.Option(help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1}).")] = DEFAULT_OPSET,
+    image_size: Annotated[Optional[int], typer.Option(help="Expected network input side; the export fails if the model was fitted at another.")] = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Export a fitted model to ONNX: one graph from a preprocessed batch to anomaly maps and image scores."""
+    from .model import Padim
+
+    with user_errors():
+        output = output or model_path.with_suffix(".onnx")
+        if model_path.suffix.lower() == ".onnx":
+            raise FastpadimError(f"{model_path} is already an ONNX export; export takes a .padim model file")
+        model = Padim.load(model_path, device="cpu", weights=weights)
+        size = model.preprocessing_.output_size
+        if image_size is not None and image_size != size:
+            raise FastpadimError(
+                f"{model_path} takes {size} px inputs; its Gaussians are per position of that grid, so a {image_size} px "
+                f"export needs a model fitted at that size (fastpadim fit --image-size {image_size} --crop-size 0 ...)"
+            )
+        with progress_bar("exporting", None):
+            result = export_onnx(model, output, fp16=fp16, opset=opset)
+        threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
+        console.print(
+            f"wrote {result.onnx_path} ({result.onnx_bytes / 1e6:.1f} MB) and {result.data_path.name} "
+            f"({result.data_bytes / 1e6:.1f} MB): input {size} px, opset {opset}, "
+            f"{'float16' if fp16 else 'float32'} weights, threshold {threshold}", highlight=False, soft_wrap=True,
+        )
+
+
+@app.command("set-threshold")
+def set_threshold(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="An ONNX export (.onnx).")],
+    value: Annotated[Optional[float], typer.Argument(help="The new image threshold.")] = None,
+    good: Annotated[Optional[Path], typer.Option("--good", help="Set it from these good images instead (a folder or an image).")] = None,
+    false_alarm_rate: Annotated[Optional[float], typer.Option(help="With --good: share of good images flagged (default: the model's).")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove the threshold (verdicts become 'unknown').")] = False,
+    engine: Annotated[str, typer.Option(help="With --good: onnxruntime or openvino.")] = "onnxruntime",
+) -> None:
+    """Change an ONNX export's threshold in its metadata, without re-exporting (the graph does not hold it)."""
+    from .onnx_runtime import OnnxPadim
+
+    with user_errors():
+        if sum([value is not None, good is not None, clear]) != 1:
+            raise FastpadimError("give exactly one of: a VALUE, --good FOLDER, or --clear")
+        if model_path.suffix.lower() != ".onnx":
+            raise FastpadimError(f"{model_path}: set-threshold edits ONNX exports; for a .padim model use predict --threshold")
+        if good is not None:
+            from .images import list_images
+
+            files = list_images(good)
+            model = OnnxPadim(model_path, engine=engine)
+            if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
+                raise FastpadimError(f"false alarm rate must be in (0, 1), got {false_alarm_rate}")
+            with progress_bar("scoring", len(files)) as advance:
+                model.set_threshold(files, false_alarm_rate, progress=advance)
+            model.save_metadata()
+            meta = model.metadata_
+        else:
+            if value is not None and not np.isfinite(value):
+                raise FastpadimError(f"the threshold must be a finite number, got {value}")
+            write_threshold(model_path, value)
+            meta = read_metadata(model_path)
+        th = meta["threshold"]["image"]
+        console.print(f"{model_path}: threshold {'none' if th is None else f'{th:.6g}'}", highlight=False)
