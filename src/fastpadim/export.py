@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import numpy as np
 import typer
 
-from .cli import WeightsOpt, app, console, progress_bar, user_errors
+from .cli import WeightsOpt, app, check_writable_file, console, progress_bar, user_errors
 from .errors import FastpadimError
 from .onnx_runtime import (
     EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, SCORE_OUTPUT, read_metadata, write_threshold,
@@ -263,6 +263,14 @@ def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str) -> dic
     return meta
 
 
+def check_export_target(path: Path, opset: int) -> None:
+    if opset not in OPSETS:
+        raise FastpadimError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
+    if path.suffix.lower() != ".onnx":
+        raise FastpadimError(f"{path}: the export must be an .onnx file (its tensors go beside it, in {path.name}.data)")
+    check_writable_file(path)
+
+
 def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset: int = DEFAULT_OPSET) -> ExportResult:
     """Write ``path`` (.onnx graph) and ``path.data`` (its tensors) for a fitted model; all or nothing."""
     import onnx
@@ -271,14 +279,9 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
     from . import __version__
 
     model._require_fitted()
-    if opset not in OPSETS:
-        raise FastpadimError(f"--opset must be between {OPSETS.start} and {OPSETS.stop - 1}, got {opset}")
     path = Path(path)
-    if path.suffix.lower() != ".onnx":
-        raise FastpadimError(f"{path}: the export must be an .onnx file (its tensors go beside it, in {path.name}.data)")
+    check_export_target(path, opset)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
     data_name = f"{path.name}.data"
     size = model.preprocessing_.output_size
     try:
@@ -337,6 +340,7 @@ def export(
         output = output or model_path.with_suffix(".onnx")
         if model_path.suffix.lower() == ".onnx":
             raise FastpadimError(f"{model_path} is already an ONNX export; export takes a .padim model file")
+        check_export_target(output, opset)  # before the (slower) model load
         model = Padim.load(model_path, device="cpu", weights=weights)
         size = model.preprocessing_.output_size
         if image_size is not None and image_size != size:

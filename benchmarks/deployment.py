@@ -1,0 +1,164 @@
+"""Deployment figures: file sizes of exports, and speed of the PyTorch path vs onnxruntime vs OpenVINO.
+
+    python benchmarks/deployment.py speed --data ../shared/data/mvtec_ad/bottle [--train 60] [--images 40] [--repeats 30]
+    python benchmarks/deployment.py sizes [--out DIR]
+
+``speed`` fits the default model (EfficientNet-Lite0, offline ImageNet weights, 256 → crop 224) on the first
+``--train`` good training images, exports it (fp32 and fp16), then runs every engine in its own fresh process
+(so each pays only for what it imports: the ONNX runs never import torch) on the same test images:
+batch throughput (``predict`` on all images, batch 32, decoding included), single-image latency (median of
+``predict([one image])``, decoding included) and the process's peak RSS. "fp16" is the engine's half-precision
+storage: ``factor_dtype="float16"`` for PyTorch, ``export --fp16`` for ONNX (both compute in float32 on the CPU).
+
+``sizes`` fits two models on a few generated images (random weights: the size does not depend on them) and
+exports each in fp32 and fp16: the default model and PaDiM-WR50-Rd550, both 224 px inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = ["torch-fp32", "torch-fp16", "onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32", "openvino-fp16"]
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def worker(config: str, model_dir: Path, files: list[str], repeats: int) -> dict:
+    """One engine in this (fresh) process: load time, throughput, latency, peak RSS."""
+    engine, precision = config.split("-")
+    start = time.perf_counter()
+    if engine == "torch":
+        from fastpadim import Padim
+
+        model = Padim.load(model_dir / f"model-{precision}.padim", device="cpu")
+    else:
+        from fastpadim.onnx_runtime import OnnxPadim
+
+        model = OnnxPadim(model_dir / f"model-{precision}.onnx", engine=engine)
+    load_s = time.perf_counter() - start
+    model.batch_size = 32
+    model.predict(files[:4])  # warm-up: lazy initialisation, allocator growth
+    start = time.perf_counter()
+    result = model.predict(files)
+    throughput = len(files) / (time.perf_counter() - start)
+    latencies = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        model.predict([files[i % len(files)]])
+        latencies.append(time.perf_counter() - start)
+    return {
+        "config": config, "load_s": load_s, "images_per_s": throughput,
+        "latency_ms": 1000 * statistics.median(latencies), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_imported": "torch" in sys.modules, "scores": result.scores.tolist(),
+    }
+
+
+def speed(args) -> None:
+    from fastpadim import Padim
+    from fastpadim.export import export_onnx
+
+    data = Path(args.data)
+    train = sorted((data / "train/good").glob("*.png"))[: args.train]
+    tests = sorted((data / "test").glob("*/*.png"))
+    files = [str(p) for p in tests[:: max(1, len(tests) // args.images)][: args.images]]
+    work = Path(tempfile.mkdtemp(prefix="fastpadim-deploy-"))
+    print(f"load average before: {load_average()}", file=sys.stderr)
+    model = Padim(device="cpu", holdout=0).fit(train)
+    model.save(work / "model-fp32.padim")
+    export_onnx(model, work / "model-fp32.onnx")
+    export_onnx(model, work / "model-fp16.onnx", fp16=True)
+    model.factor_dtype, model.whitener_ = "float16", model.whitener_.half()  # as fit(factor_dtype="float16") stores it
+    model.save(work / "model-fp16.padim")
+    del model
+    rows = []
+    for config in CONFIGS:
+        if config.startswith("openvino"):
+            try:
+                import openvino  # noqa: F401
+            except ImportError:
+                print(f"{config}: OpenVINO is not installed, skipped", file=sys.stderr)
+                continue
+        command = [sys.executable, __file__, "worker", config, str(work), "--repeats", str(args.repeats), *files]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{config} failed:\n{done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{config}: done (load average {load_average()})", file=sys.stderr)
+    reference = rows[0]["scores"]
+    print(f"\nbottle, {len(train)} training images, {len(files)} test images, 224 px, {os.cpu_count()} CPU cores; "
+          f"load average after: {load_average()}\n")
+    print("| engine | weights | images/s (batch 32) | latency, 1 image (ms, median) | load (s) | peak RSS (MB) | imports torch | max score deviation |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        engine, precision = row["config"].split("-")
+        deviation = max(abs(a - b) / abs(b) for a, b in zip(row["scores"], reference))
+        print(f"| {engine} | {precision} | {row['images_per_s']:.1f} | {row['latency_ms']:.0f} | {row['load_s']:.1f} | "
+              f"{row['peak_rss_mb']:.0f} | {'yes' if row['torch_imported'] else 'no'} | {deviation:.1e} |")
+
+
+def sizes(args) -> None:
+    import numpy as np
+
+    from fastpadim import Padim
+    from fastpadim.export import export_onnx
+    from fastpadim.synthetic import surface
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="fastpadim-sizes-"))
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images = [surface(rng, 256) for _ in range(4)]
+    print("| model | .padim (MB) | ONNX fp32: .onnx + .data (MB) | ONNX fp16: .onnx + .data (MB) |")
+    print("|---|---|---|---|")
+    for name, backbone in (("EfficientNet-Lite0, D = 176 (default)", "efficientnet_lite0"), ("WR50-Rd550", "wide_resnet50_2")):
+        start = time.perf_counter()
+        model = Padim(backbone=backbone, weights="random", holdout=0, device="cpu").fit(images)
+        model.save(out / f"{backbone}.padim")
+        cells = []
+        for fp16 in (False, True):
+            result = export_onnx(model, out / f"{backbone}-{'fp16' if fp16 else 'fp32'}.onnx", fp16=fp16)
+            cells.append(f"{result.onnx_bytes / 1e6:.2f} + {result.data_bytes / 1e6:.0f}")
+        padim = (out / f"{backbone}.padim").stat().st_size / 1e6
+        print(f"| {name} | {padim:.0f} | {cells[0]} | {cells[1]} |", flush=True)
+        print(f"{backbone}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        del model
+        for path in out.glob(f"{backbone}*"):
+            path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("speed")
+    p.add_argument("--data", default="../shared/data/mvtec_ad/bottle")
+    p.add_argument("--train", type=int, default=60)
+    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=30)
+    p = sub.add_parser("sizes")
+    p.add_argument("--out")
+    p = sub.add_parser("worker")
+    p.add_argument("config", choices=CONFIGS)
+    p.add_argument("model_dir")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    if args.command == "worker":
+        print(json.dumps(worker(args.config, Path(args.model_dir), args.files, args.repeats)))
+    elif args.command == "speed":
+        speed(args)
+    else:
+        sizes(args)
+
+
+if __name__ == "__main__":
+    main()
