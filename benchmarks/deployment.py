@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+MODELS = [("EfficientNet-Lite0, D = 176 (default)", "efficientnet_lite0"), ("WR50-Rd550", "wide_resnet50_2")]
 CONFIGS = ["torch-fp32", "torch-fp16", "onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32", "openvino-fp16"]
 
 
@@ -120,9 +121,12 @@ def sizes(args) -> None:
     images = [surface(rng, 256) for _ in range(4)]
     print("| model | .padim (MB) | ONNX fp32: .onnx + .data (MB) | ONNX fp16: .onnx + .data (MB) |")
     print("|---|---|---|---|")
-    for name, backbone in (("EfficientNet-Lite0, D = 176 (default)", "efficientnet_lite0"), ("WR50-Rd550", "wide_resnet50_2")):
+    for name, backbone in MODELS:
+        if args.only and backbone != args.only:
+            continue
         start = time.perf_counter()
         model = Padim(backbone=backbone, weights="random", holdout=0, device="cpu").fit(images)
+        model.stats_ = None  # the training statistics (not saved) would double the memory of a WR50 model
         model.save(out / f"{backbone}.padim")
         cells = []
         for fp16 in (False, True):
@@ -146,6 +150,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p = sub.add_parser("sizes")
     p.add_argument("--out")
+    p.add_argument("--only", choices=[b for _, b in MODELS], help="one model only")
     p = sub.add_parser("worker")
     p.add_argument("config", choices=CONFIGS)
     p.add_argument("model_dir")
