@@ -303,9 +303,13 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
 
 def main() -> None:
     from . import commands  # noqa: F401 - registers the commands defined in other modules
-    from .distributed import expand_bare_ray
 
-    app(args=expand_bare_ray(sys.argv[1:]))
+    args = sys.argv[1:]
+    if "--ray" in args:  # distributed imports torch: only Ray runs load it (the ONNX runtime has no torch)
+        from .distributed import expand_bare_ray
+
+        args = expand_bare_ray(args)
+    app(args=args)
 
 
 if __name__ == "__main__":
