@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,6 +123,7 @@ def speed(args) -> None:
             kept = best.setdefault(config, row)
             kept["images_per_s"] = max(kept["images_per_s"], row["images_per_s"])
             kept["latency_ms"] = min(kept["latency_ms"], row["latency_ms"])
+    shutil.rmtree(work)
     rows = [best[c] for c in configs]
     reference = rows[0]["scores"]
     print(f"\nbottle, {len(train)} training images, {len(files)} test images, 224 px, {os.cpu_count()} CPU cores, "
@@ -208,6 +210,7 @@ def accuracy(args) -> None:
         deviation = float(np.max(np.abs(result.scores - reference.scores) / np.abs(reference.scores)))
         print(f"| {name} | {roc_auc_score(labels, result.scores):.4f} | {roc_auc_score(masks.ravel(), result.maps.ravel()):.4f} "
               f"| {pro} | {deviation:.1e} |", flush=True)
+    shutil.rmtree(work)
 
 
 def main() -> None:
