@@ -24,28 +24,15 @@ from fastpadim.errors import FastpadimError  # noqa: E402
 from fastpadim.export import export_onnx  # noqa: E402
 from fastpadim.model import Padim  # noqa: E402
 from fastpadim.onnx_runtime import OnnxPadim, read_metadata  # noqa: E402
-from fastpadim.synthetic import surface  # noqa: E402
+from conftest import bottle_root, with_spot  # noqa: E402
+from conftest import make_surfaces as surfaces  # noqa: E402
 
 from fastpadim import commands  # noqa: E402,F401  (registers export and set-threshold on the app)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-BOTTLE = Path(os.environ.get("FASTPADIM_BOTTLE", Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle"))
-if not (BOTTLE / "train/good").is_dir():
-    BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BOTTLE = bottle_root() or Path("absent-bottle-data")
 SMALL = dict(weights="random", image_size=64, crop_size=None, device="cpu", workers=1)
 runner = CliRunner()
-
-
-def surfaces(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [surface(rng, size) for _ in range(n)]
-
-
-def with_spot(image: np.ndarray) -> np.ndarray:
-    out = image.copy()
-    h, w = out.shape[:2]
-    out[h // 3 : h // 2, w // 3 : w // 2] = 255
-    return out
 
 
 def assert_same_outputs(expected, got, rtol: float) -> None:

@@ -1,0 +1,57 @@
+"""Accuracy and size of the stored factor in float32, float16 and bfloat16 (`Padim(factor_dtype=...)`).
+
+One fit (float32, statistics kept); the half-precision factors are made from the same statistics, so only the
+storage precision differs. Scores the bottle test set with each and prints metrics and model file sizes.
+
+    .venv/bin/python benchmarks/factor_precision.py [--data ../shared/data/mvtec_ad/bottle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fastpadim import Padim
+from fastpadim.images import list_images
+from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
+from fastpadim.model import FACTOR_DTYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/mvtec_ad/bottle")
+    args = parser.parse_args()
+    test = list_images(args.data / "test")
+    model = Padim(holdout=0, keep_stats=True).fit(list_images(args.data / "train/good"))
+    labels = [p.parent.name != "good" for p in test]
+    masks = []
+    for p in test:
+        mask_file = args.data / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+        size = model.preprocessing_.output_size
+        masks.append(np.asarray(model.preprocessing_.mask_geometry(Image.open(mask_file))) > 0
+                     if mask_file.exists() else np.zeros((size, size), bool))
+    reference = None
+    print("| factor | model file (MB) | image AUROC | pixel AUROC | PRO | largest relative score change |")
+    print("|---|---|---|---|---|---|")
+    for name, dtype in FACTOR_DTYPES.items():
+        model.factor_dtype = name
+        model.whitener_ = model.stats_.whitener(model.epsilon, dtype)
+        model._prepare_scoring()
+        scores, maps = model.score(test)
+        reference = scores if reference is None else reference
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save(Path(tmp) / "m.padim")
+            size_mb = (Path(tmp) / "m.padim").stat().st_size / 1e6
+        change = float(np.max(np.abs(scores / reference - 1)))
+        print(f"| {name} | {size_mb:.1f} | {image_auroc(labels, scores):.4f} | {pixel_auroc(masks, maps):.4f} | "
+              f"{pro_auc(masks, maps):.4f} | {change:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
