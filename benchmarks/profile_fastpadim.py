@@ -68,10 +68,10 @@ def staged(size: int, data: Path, max_train: int, max_test: int) -> None:
         chunk = train[start : start + BATCH_SIZE]
         items = fit.time("decode + resize + normalise (1 thread)", lambda: [load_one(p, 0, prep, False) for p in chunk])
         batch = fit.time("stack into a batch", lambda: torch.stack([i.tensor for i in items]))
+        batch = batch.contiguous(memory_format=torch.channels_last)  # as FeatureExtractor.forward feeds it
         maps = fit.time("backbone forward (to blocks.4)", extractor._maps, batch)
-        features = fit.time("embedding: select, upsample, concat", lambda: _assemble(extractor, maps))
-        b, d, h, w = features.shape
-        emb = fit.time("reshape to (B, P, D)", lambda: features.reshape(b, d, h * w).transpose(1, 2))
+        emb = fit.time("embedding: select, upsample, concat → (B, P, D)", lambda: _assemble(extractor, maps, batch))
+        (h, w), d = extractor.grid, emb.shape[-1]
         if stats is None:
             stats = GaussianStats.empty(h * w, d)
         fit.time("covariance update (GaussianStats.update)", stats.update, emb)
@@ -85,22 +85,23 @@ def staged(size: int, data: Path, max_train: int, max_test: int) -> None:
         chunk = tests[start : start + BATCH_SIZE]
         items = score.time("decode + resize + normalise (1 thread)", lambda: [load_one(p, 0, prep, False) for p in chunk])
         batch = score.time("stack into a batch", lambda: torch.stack([i.tensor for i in items]))
+        batch = batch.contiguous(memory_format=torch.channels_last)
         maps = score.time("backbone forward (to blocks.4)", extractor._maps, batch)
-        features = score.time("embedding: select, upsample, concat", lambda: _assemble(extractor, maps))
-        b, d, h, w = features.shape
-        emb = features.reshape(b, d, h * w).transpose(1, 2)
+        emb = score.time("embedding: select, upsample, concat → (B, P, D)", lambda: _assemble(extractor, maps, batch))
+        h, w = extractor.grid
         dist = score.time("Mahalanobis (bmm with the whitener)", mahalanobis, emb, mean, whitener)
         amap = score.time("upsample (bicubic) + blur", model.map_generator_, dist.view(-1, h, w))
         score.time("image score (max) + to numpy", lambda: (image_scores(amap).numpy(), amap.numpy()))
     score.report(f"scoring stages, {size}x{size}", len(tests))
 
 
-def _assemble(extractor, maps):
+def _assemble(extractor, maps, batch):
     """The part of FeatureExtractor.forward after the backbone (same code path, maps given)."""
     original = extractor._maps
     extractor._maps = lambda _images: maps
     try:
-        return extractor(None)
+        with torch.inference_mode():
+            return extractor(batch)
     finally:
         extractor._maps = original
 

@@ -198,3 +198,11 @@ def test_without_kept_statistics_the_model_is_the_same(train_arrays, test_arrays
     lean.save(tmp_path / "lean.padim")
     np.testing.assert_array_equal(Padim.load(tmp_path / "lean.padim", device="cpu").score_samples(test_arrays),
                                   lean.score_samples(test_arrays))
+
+
+def test_fit_inside_inference_mode(train_arrays, test_arrays, one_shot):
+    """The factorisation runs in a thread pool; it must follow the caller's (thread-local) inference mode."""
+    with torch.inference_mode():
+        model = Padim(**SMALL, batch_size=64).fit(train_arrays)
+        scores = model.score_samples(test_arrays)
+    np.testing.assert_allclose(scores, one_shot.score_samples(test_arrays), rtol=1e-6)

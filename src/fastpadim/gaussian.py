@@ -138,12 +138,14 @@ class GaussianStats:
         else:
             result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
         eye = torch.eye(dim, dtype=torch.float64, device=self.mean.device)
+        inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads must share the caller's
 
         def factor(cov: torch.Tensor, sl: slice) -> None:
-            chol, info = torch.linalg.cholesky_ex(cov)
-            if bool((info != 0).any()):
-                raise FastpadimError("covariance is not positive definite; increase epsilon")
-            result[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).to(dtype)
+            with torch.inference_mode(inference):
+                chol, info = torch.linalg.cholesky_ex(cov)
+                if bool((info != 0).any()):
+                    raise FastpadimError("covariance is not positive definite; increase epsilon")
+                result[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).to(dtype)
 
         if self.mean.device.type != "cpu":
             for sl in _position_chunks(positions, dim):
