@@ -94,9 +94,12 @@ class GaussianStats:
             # lower triangle by index_select on the flat matrix (2x faster than advanced indexing); casting
             # first and adding float64 to float64 is 5x faster than a mixed-dtype add
             self.scatter[sl] += block.view(block.shape[0], -1).index_select(1, flat).double()
-            if n_old:  # Chan's correction, a rank-1 term, applied directly to the packed triangle
-                d = delta[sl]
-                self.scatter[sl].addcmul_(d.index_select(1, rows), d.index_select(1, cols), value=weight)
+            if n_old:  # Chan's correction, a rank-1 term, applied directly to the packed triangle in
+                # sub-chunks, so its two gathered float64 factors stay small (memory must not depend on N)
+                for sub in range(sl.start, sl.stop, 64):
+                    part_sl = slice(sub, min(sl.stop, sub + 64))
+                    d = delta[part_sl]
+                    self.scatter[part_sl].addcmul_(d.index_select(1, rows), d.index_select(1, cols), value=weight)
         self.mean += delta * (batch / n_new)
         self.count = n_new
 

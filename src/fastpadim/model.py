@@ -17,6 +17,7 @@ from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Pred
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
+CPU_FORWARD_IMAGES = 8  # images per backbone call on the CPU (bounds activation memory)
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 
 
@@ -125,7 +126,11 @@ class Padim(ScoringMixin):
         """Images (B, 3, H, W) → embeddings (B, P, D)."""
         if self.device_.type == "cuda":
             batch = batch.pin_memory()  # page-locked, so the copy below overlaps with queued GPU work
-        embeddings = self.extractor_(batch.to(self.device_, non_blocking=True))
+            embeddings = self.extractor_(batch.to(self.device_, non_blocking=True))
+        else:
+            # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
+            # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
+            embeddings = torch.cat([self.extractor_(part) for part in batch.split(CPU_FORWARD_IMAGES)])
         self.grid_ = self.extractor_.grid
         return embeddings
 
