@@ -298,7 +298,7 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             data_size = f"{data.stat().st_size / 1e6:.1f} MB" if data.is_file() else "missing"
             lines.append(f"onnx export     opset {ex['opset']}, {ex['weights_dtype']} weights, input {ex['input']['shape']}; "
                          f"data {ex['data_file']} ({data_size})")
-        out.print("\n".join(lines), highlight=False)
+        out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 def main() -> None:
