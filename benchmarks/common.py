@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle"  # beside the checkout
 BATCH_SIZE = 32
 LATENCY_IMAGES = 20  # single-image calls timed for the median latency
 
@@ -82,3 +82,19 @@ class Timer:
 
 def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
+
+
+def worker_main(description: str, compare, scaling) -> None:
+    """The command line both workers share: `worker_X.py compare|scaling --out DIR [...]` → DIR/result.json."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("mode", choices=["compare", "scaling"])
+    parser.add_argument("--data", type=Path, default=BOTTLE)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = compare(args) if args.mode == "compare" else scaling(args)
+    write_json(args.out / "result.json", result)

@@ -18,7 +18,7 @@ from fastpadim.sources import Item
 
 preset_name = sys.argv[1]
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
-folder = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("/work/shared/data/mvtec_ad/bottle/train/good")
+folder = Path(sys.argv[3]) if len(sys.argv) > 3 else Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle/train/good"
 paths = list_images(folder)[:n]
 model = Padim(backbone=preset_name, weights="random", device="cpu", batch_size=8)
 preset = resolve_preset(preset_name, None, None)

@@ -5,7 +5,6 @@ Writes result.json (timings, peak RSS, file size) and, in compare mode, preds.np
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BATCH_SIZE, BOTTLE, LATENCY_IMAGES, Timer, current_rss_mb, peak_rss_mb, summary, synthetic_train, test_files,
-    train_files, write_json,
+    BATCH_SIZE, LATENCY_IMAGES, Timer, current_rss_mb, peak_rss_mb, summary, synthetic_train, test_files,
+    train_files, worker_main, write_json,
 )
 
 from fastpadim import Padim  # noqa: E402
@@ -79,18 +78,5 @@ def scaling(args) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["compare", "scaling"])
-    parser.add_argument("--data", type=Path, default=BOTTLE)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--n", type=int, default=200)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = compare(args) if args.mode == "compare" else scaling(args)
-    write_json(args.out / "result.json", result)
-
-
 if __name__ == "__main__":
-    main()
+    worker_main(__doc__, compare, scaling)
