@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bottle_root  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
-BOTTLE = Path(__file__).resolve().parents[2] / "shared/data/mvtec_ad/bottle"
-if not BOTTLE.is_dir():
-    BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 

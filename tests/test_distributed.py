@@ -16,11 +16,9 @@ from fastpadim.distributed import (
 from fastpadim.gaussian import GaussianStats, unpack
 from fastpadim.modelfile import read_model_file
 from fastpadim.sources import Item
+from conftest import bottle_root  # noqa: E402
 
-BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
-_local = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad" / "bottle"
-if _local.is_dir():
-    BOTTLE = _local
+BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared
 
 MEAN_RTOL, COV_RTOL = 1e-6, 1e-5
 

@@ -15,8 +15,9 @@ from fastpadim.model import Padim
 from fastpadim.synthetic import make_dataset
 
 import fastpadim.evaluate  # noqa: F401  registers the command
+from conftest import bottle_root  # noqa: E402
 
-BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared
 SMALL = ["--weights", "random", "--n-features", "8", "--image-size", "64", "--crop-size", "0", "--device", "cpu", "--examples", "2"]
 
 
@@ -103,7 +104,7 @@ def test_summed_model_sums_the_single_layer_maps(data_root):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not BOTTLE.is_dir(), reason="MVTec AD bottle not found at /work/shared/data/mvtec_ad/bottle")
+@pytest.mark.skipif(not BOTTLE.is_dir(), reason=f"MVTec AD bottle not found ({BOTTLE})")
 def test_bottle_end_to_end_with_real_weights():
     # A third of the training images keeps this test short; the full run is in docs/evaluation.md.
     category = load_category(BOTTLE)

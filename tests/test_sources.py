@@ -12,10 +12,9 @@ from fastpadim import Padim
 from fastpadim.distributed import fit_items
 from fastpadim.errors import FastpadimError
 from fastpadim.sources import Item, by_video, load, resolve
+from conftest import bottle_root  # noqa: E402
 
-BOTTLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mvtec_ad" / "bottle"
-if not BOTTLE.is_dir():
-    BOTTLE = Path("/work/shared/data/mvtec_ad/bottle")
+BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared
 
 
 def small_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:
