@@ -171,44 +171,32 @@ def sizes(args) -> None:
 
 def accuracy(args) -> None:
     import numpy as np
-    from PIL import Image
-    from sklearn.metrics import roc_auc_score
 
     from fastpadim import Padim, load
+    from fastpadim.datasets import load_category, load_mask
     from fastpadim.export import export_onnx
+    from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
 
-    data = Path(args.data)
-    files = sorted((data / "test").glob("*/*.png"))
+    category = load_category(Path(args.data))
+    files = [item.path for item in category.test]
     model = Padim.load(args.model, device="cpu")
-    pre = model.preprocessing_
-    masks = []
-    for path in files:
-        mask_file = data / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
-        if mask_file.is_file():
-            masks.append(np.array(pre.mask_geometry(Image.open(mask_file).convert("L"))) > 127)
-        else:
-            masks.append(np.zeros((pre.output_size, pre.output_size), bool))
-    masks = np.stack(masks)
-    labels = np.array([path.parent.name != "good" for path in files])
-    try:
-        from fastpadim.metrics import pro_auc
-    except ImportError:
-        pro_auc = None
+    masks = np.stack([load_mask(item, model.preprocessing_) for item in category.test])
+    labels = category.labels
     work = Path(tempfile.mkdtemp(prefix="fastpadim-accuracy-"))
     runs = {"PyTorch": model}
     for name, fp16 in (("onnxruntime fp32", False), ("onnxruntime fp16", True)):
         runs[name] = load(export_onnx(model, work / f"{name.split()[1]}.onnx", fp16=fp16).onnx_path)
     reference = None
-    print(f"{len(files)} test images of {data.name}\n")
+    print(f"{len(files)} test images of {category.name}\n")
     print("| run | image AUROC | pixel AUROC | PRO (FPR ≤ 0.3) | largest relative score difference |")
     print("|---|---|---|---|---|")
     for name, runner in runs.items():
         result = runner.predict(files)
         if reference is None:
             reference = result
-        pro = f"{pro_auc(masks, result.maps):.4f}" if pro_auc else "n/a"
+        pro = f"{pro_auc(masks, result.maps):.4f}"
         deviation = float(np.max(np.abs(result.scores - reference.scores) / np.abs(reference.scores)))
-        print(f"| {name} | {roc_auc_score(labels, result.scores):.4f} | {roc_auc_score(masks.ravel(), result.maps.ravel()):.4f} "
+        print(f"| {name} | {image_auroc(labels, result.scores):.4f} | {pixel_auroc(masks, result.maps):.4f} "
               f"| {pro} | {deviation:.1e} |", flush=True)
     shutil.rmtree(work)
 

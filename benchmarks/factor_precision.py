@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fastpadim import Padim
-from fastpadim.images import list_images
+from fastpadim.datasets import load_category, load_mask
 from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
 from fastpadim.model import FACTOR_DTYPES
 
@@ -27,15 +26,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/mvtec_ad/bottle")
     args = parser.parse_args()
-    test = list_images(args.data / "test")
-    model = Padim(holdout=0, keep_stats=True).fit(list_images(args.data / "train/good"))
-    labels = [p.parent.name != "good" for p in test]
-    masks = []
-    for p in test:
-        mask_file = args.data / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        size = model.preprocessing_.output_size
-        masks.append(np.asarray(model.preprocessing_.mask_geometry(Image.open(mask_file))) > 0
-                     if mask_file.exists() else np.zeros((size, size), bool))
+    category = load_category(args.data)
+    model = Padim(holdout=0, keep_stats=True).fit(category.train)
+    test = [item.path for item in category.test]
+    labels = category.labels
+    masks = [load_mask(item, model.preprocessing_) for item in category.test]
     reference = None
     print("| factor | model file (MB) | image AUROC | pixel AUROC | PRO | largest relative score change |")
     print("|---|---|---|---|---|---|")

@@ -21,9 +21,8 @@ def demo(
     import time
 
     import numpy as np
-    from PIL import Image
 
-    from .images import list_images
+    from .datasets import load_category, load_mask
     from .metrics import image_auroc as image_auroc_of, pixel_auroc as pixel_auroc_of, pro_auc
     from .model import Padim
     from .synthetic import make_dataset
@@ -32,8 +31,8 @@ def demo(
     with user_errors():
         data = make_dataset(output / "data", seed=seed)
         console.print(f"generated a data set of textured surfaces in {data}", highlight=False)
-        train = list_images(data / "train/good")
-        test = list_images(data / "test")
+        category = load_category(data)  # MVTec AD layout: train/good, test/<type>, ground_truth/<type>
+        train, test = category.train, category.test
         model = Padim(device=device, holdout=0.1, seed=seed, keep_stats=False)
         start = time.perf_counter()
         with progress_bar("fitting", len(train)) as advance:
@@ -42,17 +41,13 @@ def demo(
         model.save(output / "demo.padim")
         labels, scores, pixel_labels, pixel_scores, rows = [], [], [], [], []
         start = time.perf_counter()
-        for batch in model.iter_scored(test, keep_view=True):
+        for batch in model.iter_scored([item.path for item in test], keep_view=True):
             for r in batch:
-                path = Path(r.name)
-                kind = path.parent.name
-                labels.append(kind != "good")
+                item = test[r.index]
+                path, kind = item.path, item.defect_type
+                labels.append(item.is_anomalous)
                 scores.append(r.score)
-                mask_file = data / "ground_truth" / kind / f"{path.stem}_mask.png"
-                mask = np.zeros(r.anomaly_map.shape, bool)
-                if mask_file.exists():
-                    mask = np.asarray(model.preprocessing_.mask_geometry(Image.open(mask_file))) > 0
-                pixel_labels.append(mask)
+                pixel_labels.append(load_mask(item, model.preprocessing_))
                 pixel_scores.append(r.anomaly_map)
                 (output / "heatmaps" / kind).mkdir(parents=True, exist_ok=True)
                 overlay(r.view, r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
