@@ -98,3 +98,26 @@ def worker_main(description: str, compare, scaling) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = compare(args) if args.mode == "compare" else scaling(args)
     write_json(args.out / "result.json", result)
+
+
+def compare_result(impl: str, args, n_train: int, n_test: int, decode_s: float, t_fit, t_infer, latencies: list[float],
+                   rss_ready: float, peak_fit: float, model_path: Path, threads: int) -> dict:
+    """The record both workers write for one `compare` run (same keys, so the table treats them alike)."""
+    return {
+        "impl": impl,
+        "size": args.size,
+        "n_train": n_train,
+        "n_test": n_test,
+        "decode_s": decode_s,
+        "fit_s": t_fit.seconds,
+        "fit_cpu_s": t_fit.cpu_seconds,
+        "infer_s": t_infer.seconds,
+        "infer_cpu_s": t_infer.cpu_seconds,
+        "images_per_s": n_test / t_infer.seconds,
+        "latency_ms": summary([s * 1000 for s in latencies]),
+        "rss_ready_mb": rss_ready,
+        "peak_rss_fit_mb": peak_fit,
+        "peak_rss_mb": peak_rss_mb(),
+        "model_bytes": model_path.stat().st_size,
+        "threads": threads,
+    }

@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BATCH_SIZE, LATENCY_IMAGES, Timer, current_rss_mb, peak_rss_mb, summary, synthetic_train, test_files,
-    train_files, worker_main, write_json,
+    BATCH_SIZE, LATENCY_IMAGES, Timer, current_rss_mb, peak_rss_mb, synthetic_train, test_files,
+    train_files, worker_main, compare_result,
 )
 
 from fastpadim import Padim  # noqa: E402
@@ -46,24 +46,8 @@ def compare(args) -> dict:
             model.score([path])
         latencies.append(t_one.seconds)
     np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
-    return {
-        "impl": "fastpadim",
-        "size": args.size,
-        "n_train": len(train),
-        "n_test": len(tests),
-        "decode_s": 0.0,  # inside fit_s and infer_s
-        "fit_s": t_fit.seconds,
-        "fit_cpu_s": t_fit.cpu_seconds,
-        "infer_s": t_infer.seconds,
-        "infer_cpu_s": t_infer.cpu_seconds,
-        "images_per_s": len(tests) / t_infer.seconds,
-        "latency_ms": summary([s * 1000 for s in latencies]),
-        "rss_ready_mb": rss_ready,
-        "peak_rss_fit_mb": peak_fit,
-        "peak_rss_mb": peak_rss_mb(),
-        "model_bytes": model_path.stat().st_size,
-        "threads": torch.get_num_threads(),
-    }
+    return compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
+                          peak_fit, model_path, torch.get_num_threads())  # decoding is inside fit_s and infer_s
 
 
 def scaling(args) -> dict:
