@@ -44,9 +44,8 @@ class PcaPadim(Padim):
 
     def fit(self, images: Iterable[ImageInput], threshold_images=None, progress=None) -> PcaPadim:
         images = list(images)
-        self._check_params()
         self._pending_pca = (None, None)
-        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features))
+        self._start()  # the feature model, to know how many channels the projection starts from
         total = self.channel_indices_.numel()
         k = self.n_components_ or total
         if not 0 < k <= total:

@@ -243,17 +243,11 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
                progress: Callable[[int], None] | None = None, shards: int | None = None,
                cpus_per_task: float = 1, task_options: dict | None = None) -> Padim:
     """``model.fit`` on the connected Ray cluster: same hold-out split, same statistics, one factorisation."""
-    from .backbone import resolve_preset
-
     ray = require_ray()
     if not ray.is_initialized():
         connect("local")
-    model._check_params()
-    for name in ("mean_", "whitener_", "stats_", "threshold_"):
-        model.__dict__.pop(name, None)
-    preset = resolve_preset(model.backbone, tuple(model.layers) if model.layers else None, model.n_features)
-    model._build(preset)  # on the driver too: fails early on bad weights, draws the channel subset once
-    model.skipped_ = []
+    model._start()  # on the driver too: fails early on bad weights, draws the channel subset once
+    preset = model.preset_
     images = list(images)
     if threshold_images is None and model.holdout > 0:
         images, threshold_images = model._split_holdout(images)

@@ -149,21 +149,24 @@ class Padim(ScoringMixin):
         With ``threshold_images`` (good images kept apart), those set the threshold; otherwise a seeded
         ``holdout`` fraction of ``images`` is kept out of the Gaussians for it (0 disables the threshold).
         """
-        self._check_params()
-        for name in ("mean_", "whitener_", "stats_", "threshold_"):
-            self.__dict__.pop(name, None)
-        preset = resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features)
-        self._build(preset)
-        self.skipped_: list[tuple[str, str]] = []
+        self._start()
         if threshold_images is None and self.holdout > 0:
             images, threshold_images = self._split_holdout(list(images))
-        self.stats_ = None
         self._accumulate(images, progress)
         self._factor()
-        self.threshold_ = None
         if threshold_images is not None:
             self.set_threshold(threshold_images, progress=progress)
         return self
+
+    def _start(self) -> None:
+        """A fresh start: parameters checked, feature model built, no learned state."""
+        self._check_params()
+        for name in ("mean_", "whitener_"):
+            self.__dict__.pop(name, None)
+        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features))
+        self.skipped_: list[tuple[str, str]] = []
+        self.stats_ = None
+        self.threshold_ = None
 
     def _split_holdout(self, images: list) -> tuple[list, list]:
         """The seeded hold-out split: (images for the Gaussians, images for the threshold)."""
@@ -180,12 +183,7 @@ class Padim(ScoringMixin):
     def partial_fit(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
         """Add good images to the Gaussians (same result as fitting on all at once); the threshold is kept."""
         if not self._is_fitted():
-            self._check_params()
-            preset = resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features)
-            self._build(preset)
-            self.skipped_ = []
-            self.stats_ = None
-            self.threshold_ = None
+            self._start()
         elif self.stats_ is None:
             raise FastpadimError(
                 "this model does not hold its training statistics (fitted with keep_stats=False, or saved "
