@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,10 +42,3 @@ class AnomalyMapGenerator(nn.Module):
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """Image score = maximum of the anomaly map."""
     return maps.flatten(1).amax(dim=1)
-
-
-def grid_side(positions: int) -> int:
-    side = math.isqrt(positions)
-    if side * side != positions:
-        raise ValueError(f"{positions} positions do not form a square grid")
-    return side
