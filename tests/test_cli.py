@@ -280,7 +280,7 @@ def test_bottle_end_to_end(bottle, tmp_path):
     assert len(summary["images"]) == 12 and summary["skipped"] == []
     for row in rows:
         assert Path(row["overlay"]).is_file() and Path(row["mask"]).is_file()
-        assert Image.open(row["overlay"]).size == (224, 224)
+        assert Image.open(row["overlay"]).size == (256, 256)  # the whole resized image, no crop by default
     good = [float(r["score"]) for r in rows if "/good/" in r["image"]]
     defective = [float(r["score"]) for r in rows if "/good/" not in r["image"]]
     assert len(good) == 6 and len(defective) == 6

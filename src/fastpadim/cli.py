@@ -107,7 +107,7 @@ def fit(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
     image_size: Annotated[int, typer.Option(help="Resize to this square size (bicubic).")] = 256,
-    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing; 0 = resize only.")] = 224,
+    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing (the paper: 224); 0 = none, the whole image is inspected.")] = 0,
     epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
     holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,

@@ -40,7 +40,7 @@ def evaluate(
     layers: LayersOpt = None,
     n_features: FeaturesOpt = None,
     image_size: Annotated[int, typer.Option(help="Resize to this square size (bicubic).")] = 256,
-    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing; 0 = resize only.")] = 224,
+    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing (the paper: 224); 0 = none, the whole image is inspected.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the random channel subset.")] = 0,
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,

@@ -31,7 +31,7 @@ class Settings:
     layers: tuple[int, ...] | None = None
     n_features: int | None = None
     image_size: int = 256
-    crop_size: int | None = 224
+    crop_size: int | None = None
     device: str = "auto"
     batch_size: int = 32
     reduction: str = "random"

@@ -15,8 +15,9 @@ import torch
 
 from .errors import FastpadimError
 
-# Bound on the temporary (positions × D × D) blocks built per step, in elements (float32: 64 MB).
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# Bound on the temporary (positions × D × D) blocks built per step, in elements (float32: 16 MB; blocks
+# of this size stay fast and keep the update's temporaries near 50 MB).
+_CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
 def _position_chunks(positions: int, dim: int, cap: int | None = None):
@@ -32,13 +33,21 @@ def tril_index(dim: int, device: torch.device | str = "cpu") -> tuple[torch.Tens
     return rows, cols
 
 
-def unpack(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """Packed lower triangles (P, D(D+1)/2) → full symmetric matrices (P, D, D)."""
+def tril_flat_index(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Where the packed lower triangle's entries sit in a flattened (D, D) matrix."""
+    rows, cols = tril_index(dim, device)
+    return rows * dim + cols
+
+
+def unpack(packed: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed lower triangles (P, D(D+1)/2) → full symmetric matrices (P, D, D), optionally into ``out``."""
     rows, cols = tril_index(dim, packed.device)
-    full = torch.zeros(packed.shape[0], dim, dim, dtype=packed.dtype, device=packed.device)
-    full[:, rows, cols] = packed
-    full[:, cols, rows] = packed
-    return full
+    n = packed.shape[0]
+    full = packed.new_empty(n, dim * dim) if out is None else out.view(-1)[: n * dim * dim].view(n, dim * dim)
+    # every entry is written: the lower triangle, then the upper as its mirror (index_copy, no zero fill)
+    full.index_copy_(1, rows * dim + cols, packed)
+    full.index_copy_(1, cols * dim + rows, packed)
+    return full.view(n, dim, dim)
 
 
 @dataclass
@@ -85,21 +94,29 @@ class GaussianStats:
         centred = x.sub_(batch_mean) if centre_in_place else x - batch_mean
         n_old, n_new = self.count, self.count + batch
         delta = batch_mean.double() - self.mean  # (P, D)
-        rows, cols = tril_index(dim, x.device)
-        flat = rows * dim + cols
+        # Chan's correction n_old·batch/n_new · δδᵀ is a rank-1 term of the block's own magnitude: added to the
+        # block in its precision before the triangle is taken, it costs one small batched product.
         weight = n_old * batch / n_new
+        delta_x = delta.to(x.dtype)
+        flat = tril_flat_index(dim, x.device)
+        # Temporaries are allocated once per update and reused by every chunk: fresh 64 MB blocks per chunk
+        # cost more in page faults than the products themselves.
+        step = next(_position_chunks(positions, dim)).stop
+        part_buf = x.new_empty(step, batch, dim)
+        block_buf = x.new_empty(step, dim, dim)
+        tri_buf = x.new_empty(step, flat.numel())
+        tri64_buf = self.scatter.new_empty(step, flat.numel())
         for sl in _position_chunks(positions, dim):
-            part = centred[:, sl].transpose(0, 1).contiguous()  # (p, B, D): BLAS is 2-3x faster on contiguous data
-            block = torch.bmm(part.transpose(1, 2), part)  # (p, D, D), in the embeddings' precision
+            n = sl.stop - sl.start
+            part = part_buf[:n].copy_(centred[:, sl].transpose(0, 1))  # (p, B, D): BLAS is 2-3x faster contiguous
+            block = torch.bmm(part.transpose(1, 2), part, out=block_buf[:n])  # (p, D, D)
+            if n_old:
+                d = delta_x[sl]
+                block.baddbmm_(d.unsqueeze(2), d.unsqueeze(1), alpha=weight)
             # lower triangle by index_select on the flat matrix (2x faster than advanced indexing); casting
             # first and adding float64 to float64 is 5x faster than a mixed-dtype add
-            self.scatter[sl] += block.view(block.shape[0], -1).index_select(1, flat).double()
-            if n_old:  # Chan's correction, a rank-1 term, applied directly to the packed triangle in
-                # sub-chunks, so its two gathered float64 factors stay small (memory must not depend on N)
-                for sub in range(sl.start, sl.stop, 64):
-                    part_sl = slice(sub, min(sl.stop, sub + 64))
-                    d = delta[part_sl]
-                    self.scatter[part_sl].addcmul_(d.index_select(1, rows), d.index_select(1, cols), value=weight)
+            tri = torch.index_select(block.view(n, -1), 1, flat, out=tri_buf[:n])
+            self.scatter[sl] += tri64_buf[:n].copy_(tri)
         self.mean += delta * (batch / n_new)
         self.count = n_new
 
@@ -119,11 +136,11 @@ class GaussianStats:
             scatter.add_(delta[:, rows] * delta[:, cols], alpha=weight)
         return GaussianStats(n, mean, scatter)
 
-    def covariance(self, epsilon: float, positions: slice = slice(None)) -> torch.Tensor:
-        """Σ = M / (N − 1) + εI for the given positions: full (p, D, D) float64 matrices."""
+    def covariance(self, epsilon: float, positions: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ = M / (N − 1) + εI for the given positions: full (p, D, D) float64 matrices (in ``out`` if given)."""
         if self.count < 2:
             raise FastpadimError(f"PaDiM needs at least 2 training images, got {self.count}")
-        cov = unpack(self.scatter[positions], self.dim).div_(self.count - 1)
+        cov = unpack(self.scatter[positions], self.dim, out).div_(self.count - 1)
         cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
         return cov
 
@@ -159,11 +176,16 @@ class GaussianStats:
             # Chunks are read here, in order, and factored by the pool, at most 2 per thread in flight.
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
+            # At most 2·threads chunks are in flight while the next is built, so a ring of 2·threads + 1
+            # covariance buffers is never overwritten while in use (and no chunk pays fresh page faults).
+            step = next(_position_chunks(positions, dim, cap=64)).stop
+            ring = [torch.empty(step, dim, dim, dtype=torch.float64) for _ in range(2 * threads + 1)]
             try:
                 with ThreadPoolExecutor(max_workers=threads) as pool:
                     pending = []
-                    for sl in _position_chunks(positions, dim, cap=64):
-                        pending.append(pool.submit(factor, self.covariance(epsilon, sl), sl))
+                    for i, sl in enumerate(_position_chunks(positions, dim, cap=64)):
+                        cov = self.covariance(epsilon, sl, out=ring[i % len(ring)])
+                        pending.append(pool.submit(factor, cov, sl))
                         if len(pending) >= 2 * threads:
                             pending.pop(0).result()
                     for future in pending:

@@ -41,7 +41,7 @@ class Preprocessing:
     """Resize to ``image_size`` (bicubic), then centre-crop ``crop_size`` (None: resize only)."""
 
     image_size: int = 256
-    crop_size: int | None = 224
+    crop_size: int | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

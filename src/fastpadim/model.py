@@ -35,7 +35,9 @@ def resolve_device(device: str) -> torch.device:
 class Padim(ScoringMixin):
     """PaDiM (Defard et al., 2020) with streaming statistics and a factor computed once.
 
-    Parameters follow the paper's defaults: resize 256 then centre-crop 224, ε = 0.01, σ = 4. The decision
+    Parameters follow the paper (ε = 0.01, σ = 4, resize 256) except that the whole resized image is inspected
+    by default: the paper's centre crop (``crop_size=224``) would leave a border band of every image unseen, so
+    it is opt-in, for reproducing the paper's tables (anomalib's PaDiM does not crop either). The decision
     threshold is set from good images only: ``holdout`` of the training images (or ``threshold_images`` given to
     ``fit``) are scored, and the threshold is their (1 − ``false_alarm_rate``) quantile.
 
@@ -52,7 +54,7 @@ class Padim(ScoringMixin):
         weights: str | os.PathLike | None = None,
         epsilon: float = 0.01,
         image_size: int = 256,
-        crop_size: int | None = 224,
+        crop_size: int | None = None,
         blur_sigma: float = 4.0,
         seed: int = 0,
         device: str = "auto",
@@ -130,9 +132,13 @@ class Padim(ScoringMixin):
         else:
             # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
             # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
-            embeddings = torch.cat([self.extractor_(part) for part in batch.split(CPU_FORWARD_IMAGES)])
+            parts = [self.extractor_(part) for part in self._forward_parts(batch)]
+            embeddings = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.grid_ = self.extractor_.grid
         return embeddings
+
+    def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return batch.split(CPU_FORWARD_IMAGES) if self.device_.type == "cpu" else (batch,)
 
     def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
         return iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers, keep_view)
@@ -212,16 +218,17 @@ class Padim(ScoringMixin):
         for batch in self._batches(images):
             self.skipped_.extend((item.name, item.error) for item in batch if item.error)
             good = [item for item in batch if item.tensor is not None]
-            if good:
-                embeddings = self._embed(stack(good))
+            # part by part into the buffer: a whole batch's embeddings are never held at once
+            for part in self._forward_parts(stack(good)) if good else ():
+                embeddings = self._embed(part)
                 if buffer is None:
                     per_image = embeddings[0].numel() * embeddings.element_size()
-                    capacity = max(len(good), UPDATE_BUFFER_BYTES // per_image)
+                    capacity = max(len(part), UPDATE_BUFFER_BYTES // per_image)
                     buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
-                if filled + len(good) > buffer.shape[0]:
+                if filled + len(part) > buffer.shape[0]:
                     flush()
-                buffer[filled : filled + len(good)] = embeddings
-                filled += len(good)
+                buffer[filled : filled + len(part)] = embeddings
+                filled += len(part)
                 del embeddings
             if progress:
                 progress(len(batch))
