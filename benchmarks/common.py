@@ -84,19 +84,20 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
-def worker_main(description: str, compare, scaling) -> None:
-    """The command line both workers share: `worker_X.py compare|scaling --out DIR [...]` → DIR/result.json."""
+def worker_main(description: str, compare, scaling, engine=None) -> None:
+    """The command line both workers share: `worker_X.py compare|scaling|engine --out DIR [...]` → DIR/result.json."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("mode", choices=["compare", "scaling"])
+    modes = {"compare": compare, "scaling": scaling, "engine": engine}
+    parser.add_argument("mode", choices=[name for name, fn in modes.items() if fn])
     parser.add_argument("--data", type=Path, default=BOTTLE)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    result = compare(args) if args.mode == "compare" else scaling(args)
+    result = modes[args.mode](args)
     write_json(args.out / "result.json", result)
 
 

@@ -6,7 +6,10 @@ interpreter of .venv-anomalib made by benchmarks/setup_anomalib.sh), so peak RSS
 alone. Runs alternate between the two and are repeated; the table gives the median and [min-max].
 Metrics for both come from the same code here: scikit-learn's roc_auc_score and fastpadim.metrics.pro_auc.
 
-    python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3
+    python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3 [--engine]
+
+With ``--engine`` each repeat also runs anomalib's user path (``Engine.fit`` + ``Engine.test`` with its data module,
+how the issue's anchor figures were taken) and a second table compares fastpadim with it.
 """
 
 from __future__ import annotations
@@ -139,6 +142,27 @@ def table(size: int, runs: dict[str, list[dict]], quality: dict[str, dict]) -> s
     return "\n".join(lines)
 
 
+def engine_table(runs: dict[str, list[dict]]) -> str:
+    """fastpadim's fit and scoring against anomalib's Engine.fit / Engine.test (its user path)."""
+    fp, en = runs["fastpadim"], runs["engine"]
+    rows = [
+        ("fit (s, wall)", [r["fit_s"] for r in fp], [r["fit_s"] for r in en], ".1f"),
+        ("fit (s, CPU of the process)", [r["fit_cpu_s"] for r in fp], [r["fit_cpu_s"] for r in en], ".1f"),
+        ("score the test set (s, wall; Engine.test adds its metrics and images)", [r["infer_s"] for r in fp],
+         [r["test_s"] for r in en], ".1f"),
+        ("peak RSS by end of fit (MB)", [r["peak_rss_fit_mb"] for r in fp], [r["peak_rss_fit_mb"] for r in en], ".0f"),
+    ]
+    lines = ["", "", f"against anomalib's Engine (repeats: {len(fp)} fastpadim / {len(en)} Engine; median [min-max])", "",
+             "| measure | fastpadim | anomalib Engine | fastpadim / anomalib |", "|---|---|---|---|"]
+    for label, a, b, fmt in rows:
+        lines.append(f"| {label} | {spread(a, fmt)} | {spread(b, fmt)} | {ratio(a, b)} |")
+    if en:
+        m = en[0]["metrics"]
+        lines.append(f"| Engine's own metrics | | image AUROC {m.get('image_AUROC', float('nan')):.4f}, "
+                     f"pixel AUROC {m.get('pixel_AUROC', float('nan')):.4f} | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=BOTTLE, help="an MVTec-AD-like category folder")
@@ -146,6 +170,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--anomalib-python", type=Path, default=ROOT / ".venv-anomalib" / "bin" / "python")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-compare")
+    parser.add_argument("--engine", action="store_true", help="also run anomalib's Engine.fit + Engine.test")
     args = parser.parse_args()
     if not (args.data / "train" / "good").is_dir():
         sys.exit(f"{args.data}: not an MVTec-AD-like folder (no train/good)")
@@ -155,12 +180,14 @@ def main() -> None:
     summary = {}
     for size in (int(s) for s in args.sizes.split(",")):
         print(f"input {size}x{size}:", flush=True)
-        runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        impls = (*IMPLS, "engine") if args.engine else IMPLS
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         for repeat in range(args.repeats):
-            order = IMPLS if repeat % 2 == 0 else IMPLS[::-1]  # alternate so drift in machine load hits both
+            order = impls if repeat % 2 == 0 else impls[::-1]  # alternate so drift in machine load hits both
             for impl in order:
                 out = args.out / str(size) / impl / f"run{repeat}"
-                result = run_worker(impl, "compare", out, args, ["--size", str(size)])
+                worker, mode = ("anomalib", "engine") if impl == "engine" else (impl, "compare")
+                result = run_worker(worker, mode, out, args, ["--size", str(size)])
                 if result:
                     result["out"] = str(out)
                     runs[impl].append(result)
@@ -170,7 +197,7 @@ def main() -> None:
             if runs[impl]:
                 preds = np.load(Path(runs[impl][0]["out"]) / "preds.npz")
                 quality[impl] = metrics(labels, masks, preds["scores"], preds["maps"])
-        text = table(size, runs, quality)
+        text = table(size, runs, quality) + (engine_table(runs) if args.engine else "")
         print(text, flush=True)
         summary[size] = {"runs": runs, "quality": quality, "table": text}
     args.out.mkdir(parents=True, exist_ok=True)

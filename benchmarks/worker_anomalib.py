@@ -1,5 +1,9 @@
-"""anomalib's PaDiM in one clean process (run with .venv-anomalib/bin/python): anomalib's ``PadimModel``
-used directly, without Lightning, on images decoded beforehand, with the offline Lite0 weights.
+"""anomalib's PaDiM in one clean process (run with .venv-anomalib/bin/python), with the offline Lite0 weights.
+
+``compare`` and ``scaling`` use anomalib's ``PadimModel`` directly, without Lightning, on images decoded
+beforehand (its core, the strictest comparison); ``engine`` is the path an anomalib user runs: the ``Padim``
+Lightning module with ``Engine.fit`` and ``Engine.test`` on its ``MVTecAD`` data module (how the issue's anchor
+figures were taken).
 
 Writes result.json (timings, peak RSS, file size) and, in compare mode, preds.npz (scores, maps) to --out.
 """
@@ -38,10 +42,12 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     return mapped
 
 
-def build_model():
-    from anomalib.models.image.padim.torch_model import PadimModel
+def build_model(model=None):
+    """anomalib's PadimModel (or the one inside a given Lightning module) with the Lite0 weights loaded."""
+    if model is None:
+        from anomalib.models.image.padim.torch_model import PadimModel
 
-    model = PadimModel(backbone="tf_efficientnet_lite0", layers=LAYERS, pre_trained=False, n_features=N_FEATURES)
+        model = PadimModel(backbone="tf_efficientnet_lite0", layers=LAYERS, pre_trained=False, n_features=N_FEATURES)
     extractor = model.feature_extractor.feature_extractor
     wanted = extractor.state_dict()
     weights = {k: v for k, v in lite0_state_dict().items() if k in wanted}
@@ -119,5 +125,37 @@ def scaling(args) -> dict:
     }
 
 
+def engine(args) -> dict:
+    """anomalib's own fit + test: Lightning ``Engine`` on the ``MVTecAD`` data module (decoding in its data loader,
+    its post-processing, metrics and visualiser included, as a user runs it), on the CPU, in this process."""
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from anomalib.models import Padim
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    pre = PreProcessor(transform=Compose([Resize((args.size, args.size), antialias=True),
+                                          Normalize(mean=[0.5] * 3, std=[0.5] * 3)]))  # the Lite0 weights' input range
+    module = Padim(backbone="tf_efficientnet_lite0", layers=LAYERS, pre_trained=False, n_features=N_FEATURES,
+                   pre_processor=pre)
+    build_model(module.model)
+    rss_ready = current_rss_mb()
+    datamodule = MVTecAD(root=args.data.parent, category=args.data.name, train_batch_size=BATCH_SIZE,
+                         eval_batch_size=BATCH_SIZE, num_workers=0)  # one process: its peak RSS is all of it
+    engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=args.out / "results",
+                    enable_progress_bar=False)
+    with Timer() as t_fit:
+        engine.fit(model=module, datamodule=datamodule)
+    peak_fit = peak_rss_mb()
+    with Timer() as t_test:
+        metrics = engine.test(model=module, datamodule=datamodule, verbose=False)[0]
+    return {
+        "impl": "anomalib Engine", "size": args.size, "fit_s": t_fit.seconds, "fit_cpu_s": t_fit.cpu_seconds,
+        "test_s": t_test.seconds, "test_cpu_s": t_test.cpu_seconds, "rss_ready_mb": rss_ready,
+        "peak_rss_fit_mb": peak_fit, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
+
+
 if __name__ == "__main__":
-    worker_main(__doc__, compare, scaling)
+    worker_main(__doc__, compare, scaling, engine)
