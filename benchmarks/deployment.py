@@ -93,7 +93,7 @@ def speed(args) -> None:
     files = [str(p) for p in tests[:: max(1, len(tests) // args.images)][: args.images]]
     work = Path(tempfile.mkdtemp(prefix="fastpadim-deploy-"))
     print(f"load average before: {load_average()}", file=sys.stderr)
-    model = Padim(device="cpu", holdout=0).fit(train)
+    model = Padim(device="cpu", holdout=0, crop_size=224).fit(train)  # the 224 crop, as recorded in the docs
     model.save(work / "model-fp32.padim")
     export_onnx(model, work / "model-fp32.onnx")
     export_onnx(model, work / "model-fp16.onnx", fp16=True)
@@ -154,7 +154,7 @@ def sizes(args) -> None:
         if args.only and backbone != args.only:
             continue
         start = time.perf_counter()
-        model = Padim(backbone=backbone, weights="random", holdout=0, device="cpu").fit(images)
+        model = Padim(backbone=backbone, weights="random", holdout=0, device="cpu", crop_size=224).fit(images)
         model.stats_ = None  # the training statistics (not saved) would double the memory of a WR50 model
         model.save(out / f"{backbone}.padim")
         cells = []

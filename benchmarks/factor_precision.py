@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/mvtec_ad/bottle")
     args = parser.parse_args()
     category = load_category(args.data)
-    model = Padim(holdout=0, keep_stats=True).fit(category.train)
+    model = Padim(holdout=0, keep_stats=True, crop_size=224).fit(category.train)  # the paper crop, as recorded
     test = [item.path for item in category.test]
     labels = category.labels
     masks = [load_mask(item, model.preprocessing_) for item in category.test]
