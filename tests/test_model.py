@@ -206,3 +206,12 @@ def test_fit_inside_inference_mode(train_arrays, test_arrays, one_shot):
         model = Padim(**SMALL, batch_size=64).fit(train_arrays)
         scores = model.score_samples(test_arrays)
     np.testing.assert_allclose(scores, one_shot.score_samples(test_arrays), rtol=1e-6)
+
+
+def test_other_layers_keep_at_most_their_channels(train_arrays):
+    """A preset's Rd size (R18: 100) caps the channels of other layers (layer 1 has 64), an explicit one does not."""
+    only_layer1 = Padim(**{**SMALL, "layers": (1,)}).fit(train_arrays[:3])
+    assert only_layer1.channel_indices_.numel() == 64  # resnet18 layer1: all 64 channels
+    assert Padim(**{**SMALL, "layers": (1, 2)}).fit(train_arrays[:3]).channel_indices_.numel() == 100  # 192 → Rd100
+    with pytest.raises(FastpadimError, match="between 1 and 64"):
+        Padim(**{**SMALL, "layers": (1,), "n_features": 100}).fit(train_arrays[:3])

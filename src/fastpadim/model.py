@@ -106,6 +106,8 @@ class Padim(ScoringMixin):
         total = sum(extractor.layer_channels())
         if channel_indices is None:
             n = preset.n_features or total
+            if self.n_features is None:
+                n = min(n, total)  # other layers than the preset's: its Rd size keeps at most all their channels
             if not 0 < n <= total:
                 raise FastpadimError(f"n_features must be between 1 and {total} for these layers, got {n}")
             generator = torch.Generator().manual_seed(self.seed)
