@@ -19,6 +19,11 @@ from common import (  # noqa: E402
 
 from fastpadim import Padim  # noqa: E402
 
+# fastpadim imports timm lazily, when fit builds the network; import it here, before any timer, as anomalib's worker
+# has imported anomalib, timm and torchvision before its timers (timm's import alone takes ~3.7 s on this machine:
+# it pulls in torchvision, which pulls in torch._dynamo). Building the model stays inside fastpadim's fit time.
+import timm  # noqa: E402, F401
+
 
 def new_model(size: int) -> Padim:
     # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold hold-out:
