@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,12 @@ def run_worker(impl: str, mode: str, out: Path, args, extra: list[str], timeout:
         print(f"  {impl} {' '.join(extra)}: failed (exit {done.returncode}): {' | '.join(tail)}", flush=True)
         return None
     print(f"  {impl} {' '.join(extra)}: done in {time.perf_counter() - start:.0f} s", flush=True)
-    return json.loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    # Model files (~0.5 GB each) and the Engine's checkpoints and images (~1 GB a run) were measured; drop them,
+    # so that repeated runs do not fill the disk. result.json and preds.npz stay.
+    for big in [*out.glob("model.*"), out / "results"]:
+        shutil.rmtree(big) if big.is_dir() else big.unlink(missing_ok=True)
+    return result
 
 
 def ground_truth(data: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
