@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -32,6 +31,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mb  # noqa: E402
 
 MODELS = [("EfficientNet-Lite0, D = 176 (default)", "efficientnet_lite0"), ("WR50-Rd550", "wide_resnet50_2")]
 CONFIGS = ["torch-fp32", "torch-fp16", "onnxruntime-fp32", "onnxruntime-fp16", "openvino-fp32", "openvino-fp16"]
@@ -73,14 +75,6 @@ def worker(config: str, model_dir: Path, files: list[str], repeats: int) -> dict
         "latency_ms": 1000 * statistics.median(latencies), "peak_rss_mb": peak_rss_mb(),
         "torch_imported": "torch" in sys.modules, "scores": result.scores.tolist(),
     }
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across fork/exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def speed(args) -> None:
