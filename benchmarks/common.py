@@ -88,15 +88,21 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2))
 
 
-def worker_main(description: str, compare, scaling, engine=None) -> None:
-    """The command line both workers share: `worker_X.py compare|scaling|engine --out DIR [...]` → DIR/result.json."""
+def bench_parser(description: str):
+    """An argument parser with the options every bottle benchmark takes: --data (a category folder) and --size."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=BOTTLE, help="an MVTec-AD-like category folder")
+    parser.add_argument("--size", type=int, default=256, help="input size (resize only)")
+    return parser
+
+
+def worker_main(description: str, compare, scaling, engine=None) -> None:
+    """The command line both workers share: `worker_X.py compare|scaling|engine --out DIR [...]` → DIR/result.json."""
+    parser = bench_parser(description)
     modes = {"compare": compare, "scaling": scaling, "engine": engine}
     parser.add_argument("mode", choices=[name for name, fn in modes.items() if fn])
-    parser.add_argument("--data", type=Path, default=BOTTLE)
-    parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

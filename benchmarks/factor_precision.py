@@ -9,6 +9,7 @@ storage precision differs. Scores the bottle test set with each and prints metri
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,12 +20,13 @@ from fastpadim.datasets import load_category, load_mask
 from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
 from fastpadim.model import FACTOR_DTYPES
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BOTTLE  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/mvtec_ad/bottle")
+    parser.add_argument("--data", type=Path, default=BOTTLE)
     args = parser.parse_args()
     category = load_category(args.data)
     model = Padim(holdout=0, keep_stats=True, crop_size=224).fit(category.train)  # the paper crop, as recorded

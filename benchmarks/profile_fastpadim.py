@@ -7,7 +7,6 @@ network in a thread pool), then the end-to-end ``fit`` and ``score`` for referen
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import pstats
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BATCH_SIZE, BOTTLE, peak_rss_mb, test_files, train_files  # noqa: E402
+from common import BATCH_SIZE, bench_parser, peak_rss_mb, test_files, train_files  # noqa: E402
 
 from fastpadim import Padim  # noqa: E402
 from fastpadim.anomaly_map import image_scores  # noqa: E402
@@ -128,9 +127,7 @@ def end_to_end(size: int, data: Path, profile: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=BOTTLE)
-    parser.add_argument("--size", type=int, default=256)
+    parser = bench_parser(__doc__)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--skip-end-to-end", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (1: CPU times not inflated by spinning)")

@@ -13,14 +13,13 @@ its embedding bank alone would need.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import BOTTLE  # noqa: E402
+from common import bench_parser  # noqa: E402
 from compare_anomalib import ROOT, run_worker  # noqa: E402
 
 
@@ -30,9 +29,7 @@ def bank_gb(n: int, size: int, channels: int = 176) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=BOTTLE)
-    parser.add_argument("--size", type=int, default=256)
+    parser = bench_parser(__doc__)
     parser.add_argument("--ns", default="50,200,1000,5000")
     parser.add_argument("--impls", default="fastpadim,anomalib")
     parser.add_argument("--anomalib-max-n", type=int, default=1000)
