@@ -20,10 +20,14 @@ from .errors import FastpadimError
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
-def _position_chunks(positions: int, dim: int, cap: int | None = None):
+def _chunk_step(dim: int, cap: int | None = None) -> int:
+    """Positions per chunk: (step, D, D) blocks of at most _CHUNK_ELEMENTS elements, and at most ``cap``."""
     step = max(1, _CHUNK_ELEMENTS // max(1, dim * dim))
-    if cap:
-        step = min(step, cap)
+    return min(step, cap) if cap else step
+
+
+def _position_chunks(positions: int, dim: int, cap: int | None = None):
+    step = _chunk_step(dim, cap)
     for start in range(0, positions, step):
         yield slice(start, min(positions, start + step))
 
@@ -99,9 +103,9 @@ class GaussianStats:
         weight = n_old * batch / n_new
         delta_x = delta.to(x.dtype)
         flat = tril_flat_index(dim, x.device)
-        # Temporaries are allocated once per update and reused by every chunk: fresh 64 MB blocks per chunk
-        # cost more in page faults than the products themselves.
-        step = next(_position_chunks(positions, dim)).stop
+        # Temporaries are allocated once per update and reused by every chunk: fresh blocks per chunk cost
+        # more in page faults than the products themselves.
+        step = min(positions, _chunk_step(dim))
         part_buf = x.new_empty(step, batch, dim)
         block_buf = x.new_empty(step, dim, dim)
         tri_buf = x.new_empty(step, flat.numel())
@@ -178,7 +182,7 @@ class GaussianStats:
             torch.set_num_threads(1)
             # At most 2·threads chunks are in flight while the next is built, so a ring of 2·threads + 1
             # covariance buffers is never overwritten while in use (and no chunk pays fresh page faults).
-            step = next(_position_chunks(positions, dim, cap=64)).stop
+            step = min(positions, _chunk_step(dim, cap=64))
             ring = [torch.empty(step, dim, dim, dtype=torch.float64) for _ in range(2 * threads + 1)]
             try:
                 with ThreadPoolExecutor(max_workers=threads) as pool:
