@@ -86,11 +86,12 @@ class SummedPadim:
 
     def _member(self, layer: int) -> Padim:
         """A one-layer Padim keeping min(n_features, that layer's channels) random channels (all by default)."""
+        if self.n_features is None:
+            return Padim(layers=(layer,), n_features=0, **self.padim_kwargs)  # 0 keeps every channel
+        # the layer's channel count needs the network: built once here to read it
         probe = Padim(layers=(layer,), n_features=0, **self.padim_kwargs)
         probe._build(resolve_preset(probe.backbone, (layer,), 0))
-        channels = probe.channel_indices_.numel()
-        keep = channels if self.n_features is None else min(self.n_features, channels)
-        return Padim(layers=(layer,), n_features=keep, **self.padim_kwargs)
+        return Padim(layers=(layer,), n_features=min(self.n_features, probe.channel_indices_.numel()), **self.padim_kwargs)
 
     def fit(self, images: Iterable[ImageInput], threshold_images=None, progress=None) -> SummedPadim:
         images = list(images)
