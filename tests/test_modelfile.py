@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_pickle_file_is_not_loaded(tmp_path):
 
 # ------------------------------------------------------------------------------------- atomic writes
 def leftovers(folder) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 def test_failed_writes_leave_nothing_behind(fitted, tmp_path):
@@ -163,7 +164,7 @@ def test_a_failing_writer_keeps_the_old_file(tmp_path):
             handle.write("partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(FastpadimError, match="No space left"):
+    with pytest.raises(FastpadimError, match="no space left"):
         atomic_write(target, broken)
     assert target.read_text() == "old"
     assert leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ["kept.txt"]
@@ -182,3 +183,153 @@ def test_overwrite_replaces_the_file(fitted, tmp_path):
     fitted.save(path)
     assert read_model_file(path)[0]["format"] == "fastpadim"
     assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ hostile model files
+def rewrite(source, target, change_meta=None, change_tensors=None) -> None:
+    with safe_open(str(source), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["fastpadim"])
+        tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
+    if change_meta:
+        change_meta(meta)
+    if change_tensors:
+        change_tensors(tensors)
+    save_file(tensors, str(target), metadata={"fastpadim": json.dumps(meta)})
+
+
+def set_field(dotted: str, value):
+    def change(meta):
+        *parents, last = dotted.split(".")
+        node = meta
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return change
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("threshold.image", float("nan")), ("threshold.image", float("inf")), ("preprocessing.std", [0.2, 0.0, 0.2]),
+    ("preprocessing.image_size", 100000), ("backbone.n_features", "many"), ("epsilon", "x"), ("blur_sigma", -3),
+    ("grid", [1, 1]), ("preprocessing.mean", [0.5, float("nan"), 0.5]), ("backbone.layers", "1,2,3"),
+    ("seed", -1), ("threshold.false_alarm_rate", 0), ("backbone.timm_name", "../../etc/passwd"), ("factor_dtype", "int8"),
+])
+def test_bad_metadata_is_refused_at_load_naming_the_field(saved, tmp_path, dotted, value):
+    target = tmp_path / "bad.padim"
+    rewrite(saved, target, change_meta=set_field(dotted, value))
+    field = dotted if dotted != "grid" else "grid[0]"
+    with pytest.raises(FastpadimError, match=re.escape(f"field '{field}")):
+        Padim.load(target, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["mean", "whitener"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_tensors_are_refused_at_load(saved, tmp_path, name, value):
+    target = tmp_path / "nan.padim"
+
+    def poison(tensors):
+        tensors[name].view(-1)[7] = value
+
+    rewrite(saved, target, change_tensors=poison)
+    with pytest.raises(FastpadimError, match=f"tensor '{name}' holds NaN or infinite values"):
+        Padim.load(target, device="cpu")
+
+
+def test_tensor_shapes_must_match_the_metadata(saved, tmp_path):
+    target = tmp_path / "shape.padim"
+    rewrite(saved, target, change_tensors=lambda t: t.update(mean=t["mean"][:-1].clone()))
+    with pytest.raises(FastpadimError, match="tensor 'mean' has shape"):
+        Padim.load(target, device="cpu")
+
+
+def test_a_nan_score_is_never_a_verdict(fitted, test_arrays):
+    """Even a model broken in memory (not through a file) gives an error per image, never "good"."""
+    import copy
+
+    broken = copy.deepcopy(fitted)
+    broken.mean_ = broken.mean_.clone()
+    broken.mean_[0, 0] = float("nan")
+    prediction = broken.predict(test_arrays)
+    assert len(prediction.scores) == 0 and len(prediction.skipped) == len(test_arrays)
+    assert "non-finite score" in prediction.skipped[0][1]
+    with pytest.raises(FastpadimError, match="finite number"):
+        broken.threshold_ = float("nan")
+
+
+def test_weights_path_in_metadata_is_never_followed(saved, tmp_path, monkeypatch):
+    """A model file names weights by id only: a path in it is ignored, a file id needs the user's --weights."""
+    secret = tmp_path / "secret.pth"
+    torch.save({"x": torch.zeros(1)}, secret)
+    opened = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    target = tmp_path / "foreign.padim"
+    rewrite(saved, target, change_meta=lambda m: m["backbone"].update(
+        weights_path=str(secret), weights_id="file:secret.pth:sha256=0123456789abcdef"))
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(FastpadimError, match="pass its location with --weights"):
+        Padim.load(target, device="cpu")
+    assert str(secret) not in opened
+    monkeypatch.undo()
+    # the user's file must be the one the model was fitted with (same SHA-256)
+    with pytest.raises(FastpadimError):
+        Padim.load(target, device="cpu", weights=secret)
+
+
+def test_a_model_file_never_sends_the_loader_to_the_hub(saved, tmp_path, monkeypatch):
+    import timm
+
+    calls = []
+    real = timm.create_model
+
+    def create_model(name, pretrained=False, **kwargs):
+        calls.append((name, pretrained))
+        if pretrained:
+            raise AssertionError("the network was asked for")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    target = tmp_path / "hub.padim"
+    rewrite(saved, target, change_meta=lambda m: m["backbone"].update(weights_id="timm:resnet18.tv_in1k"))
+    with pytest.raises(FastpadimError, match="allow a download"):
+        Padim.load(target, device="cpu")
+    assert not any(pretrained for _, pretrained in calls)
+
+
+def test_a_model_file_cannot_make_us_build_a_giant_network(saved, tmp_path):
+    target = tmp_path / "giant.padim"
+    rewrite(saved, target, change_meta=lambda m: m["backbone"].update(
+        name="vit_giant_patch14_224", timm_name="vit_giant_patch14_224", weights_id="timm:vit_giant_patch14_224"))
+    with pytest.raises(FastpadimError, match="M parameters, above the limit"):
+        Padim.load(target, device="cpu")
+
+
+def test_interrupted_save_leaves_no_temporary(fitted, tmp_path):
+    """SIGTERM while the model file is written: the process exits and removes its one temporary folder."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent(f"""
+        import os, signal, time, torch
+        import safetensors.torch as st
+        from fastpadim.files import atomic_write
+        real = st.save_file
+        def slow(tensors, filename, metadata=None):
+            real(tensors, filename, metadata=metadata)
+            print("written", flush=True)
+            time.sleep(30)
+        atomic_write({str(tmp_path / 'm.padim')!r}, lambda tmp: slow({{"a": torch.zeros(1000)}}, tmp))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    assert any(p.name.startswith(".m.padim.") for p in tmp_path.iterdir())  # the temporary exists mid-write
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

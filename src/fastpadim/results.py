@@ -3,6 +3,7 @@ ONNX runtime (``OnnxPadim``), so both give the same outputs. NumPy only (no torc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -11,6 +12,43 @@ import numpy as np
 from .errors import FastpadimError
 
 Progress = Callable[[int], None]
+VERDICT_LABELS = {None: "unknown", True: "anomalous", False: "good"}
+
+
+def check_threshold(value, what: str = "threshold") -> float | None:
+    """A threshold is None (no verdicts) or a finite number; anything else (NaN, inf, text) is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FastpadimError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def verdict(score: float, threshold: float | None) -> bool | None:
+    """True = anomalous, False = good, None = no threshold to judge by. The one place a verdict is made:
+    a non-finite score or threshold never becomes one (NaN > t is False, which would read "good")."""
+    if not math.isfinite(score):
+        raise FastpadimError(f"score {score} is not a finite number: no verdict")
+    if threshold is None:
+        return None
+    return score > check_threshold(threshold)
+
+
+def threshold_caveat(false_alarm_rate: float, n_good: int | None) -> str | None:
+    """What the threshold's good images cannot show, in one sentence (None if they support the rate).
+
+    The (1 − rate) quantile of n scores estimates the rate only if rate ≥ 1/n; below that the threshold is
+    simply the highest good score, and the true false-alarm rate is unknown (often far higher)."""
+    if not n_good or false_alarm_rate * n_good >= 1:
+        return None
+    needed = math.ceil(1 / false_alarm_rate)
+    return (f"a false-alarm rate of {false_alarm_rate:g} cannot be estimated from {n_good} good images (the threshold "
+            f"is their highest score; at least {needed} are needed): expect more false alarms; give more good images "
+            f"(--threshold-dir) or ask for a rate of at least {1 / n_good:.2g}")
+
+
+def verdict_label(score: float, threshold: float | None) -> str:
+    return VERDICT_LABELS[verdict(score, threshold)]
 
 
 @dataclass
@@ -23,6 +61,14 @@ class ScoredImage:
     anomaly_map: np.ndarray | None = None
     view: np.ndarray | None = None  # the RGB crop the network saw, for overlays
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        # A NaN/Inf score (a broken model, or numbers that overflowed) is an error for this image, never a score
+        # that a comparison would turn into the verdict "good".
+        if self.score is not None and not math.isfinite(self.score):
+            self.error = (f"{self.name}: the model produced a non-finite score ({self.score}); no verdict "
+                          "(the model file or this image gives invalid numbers)")
+            self.score, self.anomaly_map = None, None
 
 
 @dataclass
@@ -44,6 +90,29 @@ class ScoringMixin:
 
     def iter_scored(self, images, keep_view: bool = False, progress: Progress | None = None) -> Iterator[list[ScoredImage]]:
         raise NotImplementedError
+
+    @property
+    def threshold_(self) -> float | None:
+        """The image threshold (None: no verdicts). Refused once the Gaussians changed after it was set
+        (``partial_fit``): a threshold from other Gaussians would pass parts it should flag."""
+        value = self.__dict__.get("_threshold")
+        set_for = self.__dict__.get("_threshold_for")
+        seen = getattr(self, "n_samples_seen_", None)
+        if value is not None and set_for is not None and seen is not None and set_for != seen:
+            raise FastpadimError(
+                f"the threshold {value:.6g} was set for the model fitted on {set_for} images, but its Gaussians now hold "
+                f"{seen} (partial_fit): set it again from good images (set_threshold, or partial_fit(..., threshold_images=...))"
+            )
+        return value
+
+    @threshold_.setter
+    def threshold_(self, value: float | None) -> None:
+        self._install_threshold(value, getattr(self, "n_samples_seen_", None))
+
+    def _install_threshold(self, value: float | None, set_for: int | None) -> None:
+        """A threshold and the training count of the Gaussians it was set for (None: no check)."""
+        self.__dict__["_threshold"] = check_threshold(value)
+        self.__dict__["_threshold_for"] = set_for
 
     def score_samples(self, images) -> np.ndarray:
         """Image scores (higher = more anomalous); unreadable images raise."""
@@ -67,7 +136,8 @@ class ScoringMixin:
         size = self.preprocessing_.output_size
         scores = np.array([r.score for r in ok], dtype=np.float32)
         maps = np.stack([r.anomaly_map for r in ok]) if ok else np.zeros((0, size, size), np.float32)
-        verdicts = scores > self.threshold_ if self.threshold_ is not None else None
+        threshold = check_threshold(self.threshold_)
+        verdicts = scores > threshold if threshold is not None else None
         skipped = [(r.name, r.error) for r in results if r.error]
         return Predictions(scores, maps, verdicts, self.threshold_, [r.name for r in ok], skipped)
 

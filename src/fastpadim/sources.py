@@ -134,10 +134,11 @@ def resolve(source: str | os.PathLike, frame_stride: int = 1) -> tuple[list[Item
 
 
 def output_name(relative: str | os.PathLike, suffix: str) -> Path:
-    """File name for an output about one input: ``a/b.png`` → ``a/b{suffix}``; a frame keeps its video's name
-    and number (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``), so frames of one video never collide."""
+    """File name for an output about one input: the input's full name plus ``suffix`` (``a/b.jpg`` →
+    ``a/b.jpg{suffix}``), so ``b.png`` and ``b.jpg`` never share an output; a frame keeps its video's name and
+    number the same way (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``)."""
     path = Path(relative)
-    return path.with_name(path.name + suffix) if FRAME_MARK in path.name else path.with_suffix(suffix)
+    return path.with_name(path.name + suffix)
 
 
 def by_video(items: Iterable[Item]) -> dict[str, list[Item]]:
@@ -226,3 +227,29 @@ def inputs(items: Iterable[Item], skipped: Skipped | None = None, names: list[st
         if names is not None:
             names.append(name)
         yield value
+
+
+def is_source(images) -> bool:
+    """A path that names several inputs (a folder, a glob, a list file, a video), as the command line reads it."""
+    if not isinstance(images, (str, os.PathLike)):
+        return False
+    text = str(images)
+    path = Path(text)
+    if path.is_dir() or is_video(path):
+        return True
+    if path.is_file():
+        return path.suffix.lower() in LIST_SUFFIXES
+    return glob.has_magic(text)
+
+
+def expand(images) -> tuple[Iterable, Skipped]:
+    """What the Python API was given, as inputs: a folder, glob, list file or video means the same as on the
+    command line (``resolve``), never the characters of a string; anything else is returned as it is.
+    Also returns the inputs that were unusable as a whole (e.g. an unreadable video)."""
+    if not is_source(images):
+        return images, []
+    items, skipped = resolve(images)
+    if all(item.frame is None for item in items):
+        return [item.path for item in items], skipped
+    return inputs(items, skipped), skipped  # frames are decoded lazily
+

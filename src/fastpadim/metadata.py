@@ -1,0 +1,134 @@
+"""The typed schema of a model's metadata (``.padim`` and ``.onnx``), checked before anything is built from it.
+
+A model file comes from outside: every field is checked for its type and bounds here, so a hostile or damaged
+file is refused with one line that names the field, instead of allocating what it asks for or producing NaN.
+Limits that bound memory (image size, channels, layers) are stated as constants. NumPy-free and torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .errors import FastpadimError
+
+MAX_IMAGE_SIZE = 4096  # network input side in pixels; PaDiM's state grows with its square
+MIN_IMAGE_SIZE = 32
+MAX_FEATURES = 4096  # embedding channels D (WR50 has 1792 in all)
+MAX_LAYERS = 8
+MAX_LAYER_INDEX = 32
+MAX_BLUR_SIGMA = 64.0
+MAX_EPSILON = 1e6
+MIN_STRIDE, MAX_STRIDE = 2, 32  # the first used map's stride: input side / grid side
+FACTOR_DTYPES = ("float32", "float16", "bfloat16")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")  # timm names and tags (no paths, no URLs)
+
+
+def _fail(path, field: str, problem: str):
+    raise FastpadimError(f"{path}: model metadata field '{field}' {problem}")
+
+
+def _get(path, section: dict, field: str, prefix: str = ""):
+    if not isinstance(section, dict):
+        _fail(path, prefix.rstrip(".") or "metadata", "is not a JSON object")
+    if field not in section:
+        _fail(path, prefix + field, "is missing")
+    return section[field]
+
+
+def _int(path, section, field, low, high, prefix="", optional=False) -> int | None:
+    value = _get(path, section, field, prefix)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(path, prefix + field, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        _fail(path, prefix + field, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(path, section, field, low, high, prefix="", optional=False, open_low=False) -> float | None:
+    value = _get(path, section, field, prefix)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(path, prefix + field, f"must be a finite number, got {value!r}")
+    if value < low or value > high or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        _fail(path, prefix + field, f"must lie in {bracket}{low}, {high}], got {value}")
+    return float(value)
+
+
+def _name(path, section, field, prefix="") -> str:
+    value = _get(path, section, field, prefix)
+    if not isinstance(value, str) or not _NAME.match(value):
+        _fail(path, prefix + field, f"must be a model name (letters, digits, '_', '.', '-'), got {value!r}")
+    return value
+
+
+def _triple(path, section, field, low, high, prefix="", open_low=False) -> list[float]:
+    value = _get(path, section, field, prefix)
+    if not isinstance(value, list) or len(value) != 3:
+        _fail(path, prefix + field, f"must be a list of 3 numbers, got {value!r}")
+    for i in range(3):
+        _float(path, {f"{field}[{i}]": value[i]}, f"{field}[{i}]", low, high, prefix, open_low=open_low)
+    return [float(v) for v in value]
+
+
+def validate(meta, path: str | Path = "model") -> dict:
+    """Check every field a model's metadata must have (the ``.padim`` schema, shared by ONNX exports);
+    returns ``meta`` unchanged, or raises FastpadimError naming the first bad field."""
+    if not isinstance(meta, dict):
+        raise FastpadimError(f"{path}: model metadata is not a JSON object")
+    if not isinstance(meta.get("fastpadim_version", ""), str):
+        _fail(path, "fastpadim_version", "must be a string")
+
+    bb = _get(path, meta, "backbone")
+    p = "backbone."
+    _name(path, bb, "name", p)
+    _name(path, bb, "timm_name", p)
+    layers = _get(path, bb, "layers", p)
+    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
+        _fail(path, p + "layers", f"must be a list of 1 to {MAX_LAYERS} layer indices, got {layers!r}")
+    for i in range(len(layers)):
+        _int(path, {f"layers[{i}]": layers[i]}, f"layers[{i}]", 0, MAX_LAYER_INDEX, p)
+    if not isinstance(bb.get("extra_blocks", False), bool):
+        _fail(path, p + "extra_blocks", f"must be true or false, got {bb['extra_blocks']!r}")
+    _int(path, bb, "n_features", 1, MAX_FEATURES, p)
+    weights_id = _get(path, bb, "weights_id", p)
+    if not isinstance(weights_id, str) or not weights_id or len(weights_id) > 300:
+        _fail(path, p + "weights_id", f"must be a non-empty string, got {weights_id!r}")
+
+    pre = _get(path, meta, "preprocessing")
+    p = "preprocessing."
+    size = _int(path, pre, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, p)
+    crop = _int(path, pre, "crop_size", MIN_IMAGE_SIZE, size, p, optional=True)
+    _triple(path, pre, "mean", -10.0, 10.0, p)
+    _triple(path, pre, "std", 0.0, 10.0, p, open_low=True)  # std 0 would divide by zero: NaN inputs
+
+    grid = _get(path, meta, "grid")
+    if not isinstance(grid, list) or len(grid) != 2:
+        _fail(path, "grid", f"must be [height, width], got {grid!r}")
+    side = crop or size
+    for i in range(2):
+        cells = _int(path, {f"grid[{i}]": grid[i]}, f"grid[{i}]", 1, side)
+        if not MIN_STRIDE <= side / cells <= MAX_STRIDE:
+            _fail(path, f"grid[{i}]", f"= {cells} does not fit {side} px inputs (stride {side / cells:.3g})")
+
+    _float(path, meta, "epsilon", 0.0, MAX_EPSILON)
+    _float(path, meta, "blur_sigma", 0.0, MAX_BLUR_SIGMA)
+    _int(path, meta, "seed", 0, 2**63 - 1)
+    if _get(path, meta, "factor_dtype") not in FACTOR_DTYPES:
+        _fail(path, "factor_dtype", f"must be one of {', '.join(FACTOR_DTYPES)}, got {meta['factor_dtype']!r}")
+    _int(path, meta, "n_train_images", 1, 2**53)
+
+    th = _get(path, meta, "threshold")
+    p = "threshold."
+    _float(path, th, "image", -math.inf, math.inf, p, optional=True)
+    _float(path, th, "false_alarm_rate", 0.0, 1.0, p, open_low=True)
+    if th["false_alarm_rate"] == 1.0:
+        _fail(path, p + "false_alarm_rate", "must be below 1")
+    _int(path, {"n_good_images": th.get("n_good_images")}, "n_good_images", 1, 2**53, p, optional=True)
+    _int(path, {"n_train_images": th.get("n_train_images")}, "n_train_images", 1, 2**53, p, optional=True)
+    return meta
