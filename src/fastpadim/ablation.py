@@ -87,9 +87,9 @@ class SummedPadim:
     def _member(self, layer: int) -> Padim:
         """A one-layer Padim keeping min(n_features, that layer's channels) random channels (all by default)."""
         if self.n_features is None:
-            return Padim(layers=(layer,), n_features=0, **self.padim_kwargs)  # 0 keeps every channel
+            return Padim(layers=(layer,), n_features="all", **self.padim_kwargs)
         # the layer's channel count needs the network: built once here to read it
-        probe = Padim(layers=(layer,), n_features=0, **self.padim_kwargs)
+        probe = Padim(layers=(layer,), n_features="all", **self.padim_kwargs)
         probe._build(resolve_preset(probe.backbone, (layer,), 0))
         return Padim(layers=(layer,), n_features=min(self.n_features, probe.channel_indices_.numel()), **self.padim_kwargs)
 

@@ -43,6 +43,8 @@ class Padim(ScoringMixin):
     threshold is set from good images only: ``holdout`` of the training images (or ``threshold_images`` given to
     ``fit``) are scored, and the threshold is their (1 − ``false_alarm_rate``) quantile.
 
+    ``n_features``: the random channel subset's size (None: the preset's Rd; "all": every channel of the layers).
+
     Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
     ``channel_indices_``, ``n_samples_seen_``, ``threshold_``, ``stats_`` (streaming state, for ``partial_fit``;
     None with ``keep_stats=False``, which lowers the peak memory of ``fit``).
@@ -52,7 +54,7 @@ class Padim(ScoringMixin):
         self,
         backbone: str = DEFAULT_BACKBONE,
         layers: Sequence[int] | None = None,
-        n_features: int | None = None,
+        n_features: int | str | None = None,
         weights: str | os.PathLike | None = None,
         epsilon: float = 0.01,
         image_size: int = 256,
@@ -104,8 +106,8 @@ class Padim(ScoringMixin):
         number("batch_size", 1, integer=True)
         number("workers", 1, integer=True)
         number("false_alarm_rate", 0.0, 1.0, closed=False)
-        if self.n_features is not None:
-            number("n_features", 1, integer=True)  # 0 is not "all channels": leave it None for the preset's
+        if self.n_features not in (None, "all"):
+            number("n_features", 1, integer=True)  # 0 is no shorthand: "all" keeps every channel, None the preset's
         if self.crop_size is not None:
             number("crop_size", 32, self.image_size, integer=True)
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
@@ -199,7 +201,8 @@ class Padim(ScoringMixin):
         self._check_params()
         for name in ("mean_", "whitener_"):
             self.__dict__.pop(name, None)
-        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, self.n_features))
+        n_features = 0 if self.n_features == "all" else self.n_features  # a preset's 0 means every channel
+        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, n_features))
         self.skipped_: list[tuple[str, str]] = []
         self.stats_ = None
         self.threshold_ = None
