@@ -38,8 +38,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, dtype in FACTOR_DTYPES.items():
         model.factor_dtype = name
-        model.whitener_ = model.stats_.whitener(model.epsilon, dtype)
-        model._prepare_scoring()
+        model.install(model.mean_, model.stats_.whitener(model.epsilon, dtype), model.n_samples_seen_, model.stats_)
         scores, maps = model.score(test)
         reference = scores if reference is None else reference
         with tempfile.TemporaryDirectory() as tmp:

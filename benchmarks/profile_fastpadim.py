@@ -21,7 +21,6 @@ from common import BATCH_SIZE, bench_parser, peak_rss_mb, test_files, train_file
 
 from fastpadim import Padim  # noqa: E402
 from fastpadim.anomaly_map import image_scores  # noqa: E402
-from fastpadim.backbone import resolve_preset  # noqa: E402
 from fastpadim.gaussian import GaussianStats, mahalanobis  # noqa: E402
 from fastpadim.images import load_one  # noqa: E402
 
@@ -57,7 +56,7 @@ def new_model(size: int) -> Padim:
 @torch.inference_mode()
 def staged(size: int, data: Path, max_train: int, max_test: int) -> None:
     model = new_model(size)
-    model._build(resolve_preset(model.backbone, None, model.n_features))
+    model.prepare()
     extractor, prep = model.extractor_, model.preprocessing_
 
     fit = Stages()
@@ -70,7 +69,7 @@ def staged(size: int, data: Path, max_train: int, max_test: int) -> None:
         batch = batch.contiguous(memory_format=torch.channels_last)  # as FeatureExtractor.forward feeds it
         maps = fit.time("backbone forward (to blocks.4)", extractor._maps, batch)
         emb = fit.time("embedding: select, upsample, concat → (B, P, D)", lambda: _assemble(extractor, maps, batch))
-        (h, w), d = extractor.grid, emb.shape[-1]
+        (h, w), d = model.grid_, emb.shape[-1]
         if stats is None:
             stats = GaussianStats.empty(h * w, d)
         fit.time("covariance update (GaussianStats.update)", stats.update, emb)
@@ -87,7 +86,7 @@ def staged(size: int, data: Path, max_train: int, max_test: int) -> None:
         batch = batch.contiguous(memory_format=torch.channels_last)
         maps = score.time("backbone forward (to blocks.4)", extractor._maps, batch)
         emb = score.time("embedding: select, upsample, concat → (B, P, D)", lambda: _assemble(extractor, maps, batch))
-        h, w = extractor.grid
+        h, w = model.grid_
         dist = score.time("Mahalanobis (bmm with the whitener)", mahalanobis, emb, mean, whitener)
         amap = score.time("upsample (bicubic) + blur", model.map_generator_, dist.view(-1, h, w))
         score.time("image score (max) + to numpy", lambda: (image_scores(amap).numpy(), amap.numpy()))

@@ -108,7 +108,7 @@ def test_embedding_channels_and_grid(name, channels, request):
     with torch.no_grad():
         out = extractor(torch.randn(2, 3, 96, 96))
     assert out.shape == (2, 24 * 24, sum(channels))  # (B, P, D) on the stride-4 grid, deeper maps upsampled to it
-    assert extractor.grid == (24, 24)
+    assert extractor.grid_for(96) == (24, 24)
 
 
 def test_channel_subset_matches_selecting_after_concatenation(resnet18_random):

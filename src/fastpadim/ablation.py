@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from .anomaly_map import image_scores
-from .backbone import resolve_preset
 from .errors import FastpadimError
 from .images import ImageInput
 from .model import Padim, ScoredImage
@@ -45,7 +44,7 @@ class PcaPadim(Padim):
     def fit(self, images: Iterable[ImageInput], threshold_images=None, progress=None) -> PcaPadim:
         images = list(images)
         self._pending_pca = (None, None)
-        self._start()  # the feature model, to know how many channels the projection starts from
+        self.prepare()  # the feature model, to know how many channels the projection starts from
         total = self.channel_indices_.numel()
         k = self.n_components_ or total
         if not 0 < k <= total:
@@ -89,8 +88,7 @@ class SummedPadim:
         if self.n_features is None:
             return Padim(layers=(layer,), n_features="all", **self.padim_kwargs)
         # the layer's channel count needs the network: built once here to read it
-        probe = Padim(layers=(layer,), n_features="all", **self.padim_kwargs)
-        probe._build(resolve_preset(probe.backbone, (layer,), 0))
+        probe = Padim(layers=(layer,), n_features="all", **self.padim_kwargs).prepare()
         return Padim(layers=(layer,), n_features=min(self.n_features, probe.channel_indices_.numel()), **self.padim_kwargs)
 
     def fit(self, images: Iterable[ImageInput], threshold_images=None, progress=None) -> SummedPadim:

@@ -257,11 +257,22 @@ class FeatureExtractor(nn.Module):
         self.extra_blocks = preset.extra_blocks
         self.register_buffer("channel_index", torch.empty(0, dtype=torch.long), persistent=False)
         self._split: list[torch.Tensor] = []
+        self.channels = self._dry_run(64)[0]  # channels per used map, known from build time on
+
+    def _dry_run(self, size: int) -> tuple[list[int], tuple[int, int]]:
+        """Channels of each used map and the first map's grid for size×size inputs (one forward of zeros)."""
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, size, size, device=next(self.model.parameters()).device)
+            maps = self._maps(probe)
+        return [m.shape[1] for m in maps], tuple(maps[0].shape[-2:])
 
     def layer_channels(self) -> list[int]:
-        with torch.no_grad():
-            probe = torch.zeros(1, 3, 64, 64, device=next(self.model.parameters()).device)
-            return [m.shape[1] for m in self._maps(probe)]
+        return list(self.channels)
+
+    def grid_for(self, size: int) -> tuple[int, int]:
+        """The embedding's grid (h, w) for size×size inputs: learned once when a model is built, so forward
+        passes change no state."""
+        return self._dry_run(size)[1]
 
     def select(self, channel_index: torch.Tensor) -> None:
         """Keep only these channels: sorted indices into the concatenation of all layers' channels."""
@@ -299,7 +310,6 @@ class FeatureExtractor(nn.Module):
             parts.append(feature_map.permute(0, 2, 3, 1))  # (B, h, w, C_l)
         # sorted indices: per-layer selections concatenate in index order
         embedding = torch.cat(parts, dim=-1)
-        self.grid = tuple(size)
         return embedding.reshape(embedding.shape[0], size[0] * size[1], embedding.shape[-1])
 
 
@@ -339,6 +349,16 @@ def fold_batchnorm(model: nn.Module, layers: list[int], extra_blocks: bool) -> n
         if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-6):
             return model
     return folded
+
+
+def same_weights(found: str, recorded: str) -> bool:
+    """Whether weights found now are those a model was fitted with: equal ids; for files, equal content
+    (the SHA-256), whatever the file is called now; "random" (tests) matches any."""
+    if recorded == "random":
+        return True
+    if found.startswith("file:") and recorded.startswith("file:"):
+        return found.rsplit("sha256=", 1)[-1] == recorded.rsplit("sha256=", 1)[-1]
+    return found == recorded
 
 
 def backbone_parameter_count(timm_name: str) -> int:

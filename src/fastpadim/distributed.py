@@ -13,7 +13,6 @@ writes the rows to Parquet part files as they arrive, so a re-run skips what was
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -80,19 +79,14 @@ def connect(target: str = "local") -> int:
 
 def model_params(model: Padim) -> dict:
     """The constructor arguments of ``model``, to rebuild the same estimator in a worker."""
-    names = [n for n in inspect.signature(Padim.__init__).parameters if n != "self"]
-    params = {name: getattr(model, name) for name in names}
+    params = model.get_params()
     if params["weights"] not in (None, "random") and Path(params["weights"]).exists():
         params["weights"] = str(Path(params["weights"]).resolve())  # workers need not share our working folder
     return params
 
 
-def _worker_model(params: dict, preset, channel_indices: torch.Tensor) -> Padim:
-    model = Padim(**params)
-    model._build(preset, channel_indices)  # loads the backbone once per task
-    model.skipped_ = []
-    model.stats_ = None
-    return model
+def _worker_model(params: dict, channel_indices: torch.Tensor) -> Padim:
+    return Padim(**params).prepare(channel_indices)  # loads the backbone once per task
 
 
 def _crash_if_asked() -> None:
@@ -106,9 +100,9 @@ def _crash_if_asked() -> None:
     os._exit(17)  # the worker process dies mid-shard, as on a lost node
 
 
-def fit_shard(params: dict, preset, channel_indices: torch.Tensor, items: list[Item], shard: int, progress=None) -> dict:
-    """Statistics of one shard: count, mean, packed scatter (numpy, for zero-copy transfer), grid, skipped."""
-    model = _worker_model(params, preset, channel_indices)
+def fit_shard(params: dict, channel_indices: torch.Tensor, items: list[Item], shard: int, progress=None) -> dict:
+    """Statistics of one shard: count, mean, packed scatter (numpy, for zero-copy transfer), skipped."""
+    model = _worker_model(params, channel_indices)
     skipped: Skipped = []
     done = 0
 
@@ -119,37 +113,22 @@ def fit_shard(params: dict, preset, channel_indices: torch.Tensor, items: list[I
             progress.report.remote(shard, done)
         _crash_if_asked()
 
-    finished = False
-
-    def shard_inputs():
-        nonlocal finished
-        yield from sources.inputs(items, skipped)
-        finished = True
-
-    try:
-        model._accumulate(shard_inputs(), advance)
-    except FastpadimError:
-        # A shard may hold fewer than two readable images; its partial statistics still merge exactly.
-        if not finished or (model.stats_ is not None and model.stats_.count >= 2):
-            raise
-    stats = model.stats_
+    # a shard may hold fewer than two readable images: its partial statistics still merge exactly
+    stats = model.accumulate(sources.inputs(items, skipped), advance).stats_
     return {
         "count": stats.count if stats is not None else 0,
         "mean": stats.mean.cpu().numpy() if stats is not None else None,
         "scatter": stats.scatter.cpu().numpy() if stats is not None else None,
-        "grid": getattr(model, "grid_", None),
         "skipped": skipped + model.skipped_,
     }
 
 
-def score_shard(params: dict, preset, channel_indices: torch.Tensor, factors: dict, items: list[Item], shard: int,
+def score_shard(params: dict, channel_indices: torch.Tensor, factors: dict, items: list[Item], shard: int,
                 progress=None) -> tuple[list[tuple[str, float]], Skipped]:
     """Image scores of one shard with the given mean and whitener (for the hold-out threshold)."""
-    model = _worker_model(params, preset, channel_indices)
-    model.mean_ = torch.as_tensor(np.array(factors["mean"])).to(model.device_)
-    model.whitener_ = torch.as_tensor(np.array(factors["whitener"])).to(model.device_)
-    model.grid_ = tuple(factors["grid"])
-    model._prepare_scoring()
+    model = _worker_model(params, channel_indices)
+    model.install(torch.as_tensor(np.array(factors["mean"])), torch.as_tensor(np.array(factors["whitener"])),
+                  factors["count"])
     skipped: Skipped = []
     names: list[str] = []
     scores, done = [], 0
@@ -246,11 +225,10 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     ray = require_ray()
     if not ray.is_initialized():
         connect("local")
-    model._start()  # on the driver too: fails early on bad weights, draws the channel subset once
-    preset = model.preset_
+    model.prepare()  # on the driver too: fails early on bad weights, draws the channel subset once
     images = list(images)
     if threshold_images is None and model.holdout > 0:
-        images, threshold_images = model._split_holdout(images)
+        images, threshold_images = model.holdout_split(images)
     # One shard per worker slot, but none so small that loading the backbone outweighs its images.
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
     n_shards = shards or max(1, min(slots, -(-len(images) // MIN_SHARD)))
@@ -262,26 +240,18 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
 
     def merge(_i, result):
         model.skipped_.extend(result["skipped"])
-        if result["grid"] is not None:
-            model.grid_ = tuple(result["grid"])
         part = _stats_of(result)
         if part is not None:
             # The first part is copied out of the object store (merge() always returns new tensors).
             merged["stats"] = (merged["stats"] or GaussianStats.empty(*part.mean.shape)).merge(part)
 
     bounds = shard_bounds(len(images), n_shards)
-    runner.run(fit_shard, [(params, preset, channels, images[a:b]) for a, b in bounds], progress, merge)
-    model.stats_ = merged.pop("stats")
-    count = model.stats_.count if model.stats_ is not None else 0
-    if count < 2:
-        detail = f" ({len(model.skipped_)} unreadable)" if model.skipped_ else ""
-        raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
-    model._factor()
-    model.threshold_ = None
+    runner.run(fit_shard, [(params, channels, images[a:b]) for a, b in bounds], progress, merge)
+    model.finish(merged.pop("stats"))
     if threshold_images:
         threshold_images = list(threshold_images)
         factors = ray.put({"mean": model.mean_.cpu().numpy(), "whitener": model.whitener_.cpu().numpy(),
-                           "grid": list(model.grid_)})
+                           "count": model.n_samples_seen_})
         scores: list[float] = []
 
         def collect(_i, result):
@@ -290,11 +260,11 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
             model.skipped_.extend(skipped)
 
         bounds = shard_bounds(len(threshold_images), n_shards)
-        runner.run(score_shard, [(params, preset, channels, factors, threshold_images[a:b]) for a, b in bounds],
+        runner.run(score_shard, [(params, channels, factors, threshold_images[a:b]) for a, b in bounds],
                    progress, collect)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
-        model._threshold_from_scores(scores, model.false_alarm_rate)
+        model.set_threshold_from_scores(scores, model.false_alarm_rate)
     return model
 
 
@@ -307,7 +277,7 @@ def fit_items(model: Padim, images: Sequence[Item], threshold_images: Sequence[I
         return fit_on_ray(model, images, threshold_images, progress, **ray_options)
     images = list(images)
     if threshold_images is None and model.holdout > 0:
-        images, threshold_images = model._split_holdout(images)
+        images, threshold_images = model.holdout_split(images)
     skipped: Skipped = []
     held = sources.inputs(threshold_images, skipped) if threshold_images is not None else None
     model.fit(sources.inputs(images, skipped), threshold_images=held, progress=progress)

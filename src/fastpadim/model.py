@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .anomaly_map import AnomalyMapGenerator, image_scores
-from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset
+from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
 from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
@@ -46,8 +48,13 @@ class Padim(ScoringMixin):
     ``n_features``: the random channel subset's size (None: the preset's Rd; "all": every channel of the layers).
 
     Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
-    ``channel_indices_``, ``n_samples_seen_``, ``threshold_``, ``stats_`` (streaming state, for ``partial_fit``;
-    None with ``keep_stats=False``, which lowers the peak memory of ``fit``).
+    ``channel_indices_``, ``grid_`` (the embedding's positions, known once the model is built), ``n_samples_seen_``,
+    ``threshold_``, ``threshold_rate_``, ``stats_`` (streaming state, for ``partial_fit``; None with
+    ``keep_stats=False``, which lowers the peak memory of ``fit``).
+
+    ``fit`` is ``prepare`` → ``accumulate`` → ``finish``, each public, so that other paths (a Ray fit whose shards
+    accumulate in other processes, a model file being loaded) assemble a model the same way; ``install`` is the
+    one place where fitted state is set.
     """
 
     def __init__(
@@ -88,7 +95,22 @@ class Padim(ScoringMixin):
         self.keep_stats = keep_stats
         self.allow_download = allow_download
 
-    # ----------------------------------------------------------------------------------------- set-up
+    # -------------------------------------------------------------------------------- parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        """Parameters are the ``__init__`` arguments (scikit-learn's convention)."""
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params) -> Padim:
+        for name, value in params.items():
+            if name not in self._param_names():
+                raise FastpadimError(f"Padim has no parameter {name!r} (it has {', '.join(self._param_names())})")
+            setattr(self, name, value)
+        return self
+
     def _check_params(self) -> None:
         def number(name: str, low: float, high: float = math.inf, integer: bool = False, closed: bool = True):
             value = getattr(self, name)
@@ -115,6 +137,22 @@ class Padim(ScoringMixin):
         if self.factor_dtype not in FACTOR_DTYPES:
             raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
 
+    # ------------------------------------------------------------------------------------- set-up
+    def prepare(self, channel_indices: torch.Tensor | None = None) -> Padim:
+        """A fresh start: parameters checked, feature model built (its grid and channels known from here on), no
+        learned state. ``channel_indices`` reuses a channel subset (a Ray shard, a loaded model); by default it is
+        drawn from ``seed``."""
+        self._check_params()
+        for name in ("mean_", "whitener_", "n_samples_seen_", "_whitener_compute"):
+            self.__dict__.pop(name, None)
+        n_features = 0 if self.n_features == "all" else self.n_features  # a preset's 0 means every channel
+        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, n_features), channel_indices)
+        self.skipped_: list[tuple[str, str]] = []
+        self.stats_ = None
+        self.threshold_ = None
+        self.threshold_rate_ = None
+        return self
+
     def _build(self, preset: BackbonePreset, channel_indices: torch.Tensor | None = None) -> None:
         """Create the feature model, preprocessing and channel subset (deterministic in ``seed``)."""
         self.device_ = resolve_device(self.device)
@@ -140,6 +178,7 @@ class Padim(ScoringMixin):
         self.channel_indices_ = channel_indices
         extractor.select(channel_indices)
         self.extractor_: FeatureExtractor = extractor.to(self.device_)
+        self.grid_ = self.extractor_.grid_for(self.preprocessing_.output_size)
         self.map_generator_ = AnomalyMapGenerator(self.preprocessing_.output_size, self.blur_sigma).to(self.device_)
 
     def _is_fitted(self) -> bool:
@@ -155,20 +194,19 @@ class Padim(ScoringMixin):
         """Images (B, 3, H, W) → embeddings (B, P, D)."""
         if self.device_.type == "cuda":
             batch = batch.pin_memory()  # page-locked, so the copy below overlaps with queued GPU work
-            embeddings = self.extractor_(batch.to(self.device_, non_blocking=True))
-        else:
-            # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
-            # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
-            parts = [self.extractor_(part) for part in self._forward_parts(batch)]
-            embeddings = parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.grid_ = self.extractor_.grid
-        return embeddings
+            return self.extractor_(batch.to(self.device_, non_blocking=True))
+        # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
+        # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
+        parts = [self.extractor_(part) for part in self._forward_parts(batch)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return batch.split(CPU_FORWARD_IMAGES) if self.device_.type == "cpu" else (batch,)
 
-    def _batches(self, images: Iterable[ImageInput], keep_view: bool = False) -> Iterator[list[LoadedImage]]:
-        return iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers, keep_view)
+    def _batches(self, images: Iterable[ImageInput], keep_view: bool = False,
+                 batch_size: int | None = None) -> Iterator[list[LoadedImage]]:
+        return iter_batches(single_or_many(images), self.preprocessing_, batch_size or self.batch_size, self.workers,
+                            keep_view)
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(
@@ -183,33 +221,22 @@ class Padim(ScoringMixin):
         ``holdout`` fraction of ``images`` is kept out of the Gaussians for it (0 disables the threshold).
         ``images`` may also be a folder, a glob or a list file, as on the command line.
         """
-        self._start()
+        self.prepare()
         images, self.skipped_ = expand(images)
         if threshold_images is not None:
             threshold_images, unusable = expand(threshold_images)
             self.skipped_ += unusable
         elif self.holdout > 0:
-            images, threshold_images = self._split_holdout(list(images))
-        self._accumulate(images, progress)
-        self._factor()
+            images, threshold_images = self.holdout_split(list(images))
+        self.accumulate(images, progress).finish()
         if threshold_images is not None:
             self.set_threshold(threshold_images, progress=progress)
         return self
 
-    def _start(self) -> None:
-        """A fresh start: parameters checked, feature model built, no learned state."""
-        self._check_params()
-        for name in ("mean_", "whitener_"):
-            self.__dict__.pop(name, None)
-        n_features = 0 if self.n_features == "all" else self.n_features  # a preset's 0 means every channel
-        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, n_features))
-        self.skipped_: list[tuple[str, str]] = []
-        self.stats_ = None
-        self.threshold_ = None
-
-    def _split_holdout(self, images: list) -> tuple[list, list]:
+    def holdout_split(self, images: Sequence) -> tuple[list, list]:
         """The seeded hold-out split: (images for the Gaussians, images for the threshold)."""
         self._check_params()
+        images = list(images)
         n_hold = max(1, round(self.holdout * len(images)))
         if len(images) - n_hold < 2:
             raise FastpadimError(
@@ -228,7 +255,7 @@ class Padim(ScoringMixin):
         again from them; without, predicting refuses until ``set_threshold`` is called.
         """
         if not self._is_fitted():
-            self._start()
+            self.prepare()
         elif self.stats_ is None:
             raise FastpadimError(
                 "this model does not hold its training statistics (fitted with keep_stats=False, or saved "
@@ -237,13 +264,14 @@ class Padim(ScoringMixin):
             )
         images, unusable = expand(images)
         self.skipped_ += unusable
-        self._accumulate(images, progress)
-        self._factor()
+        self.accumulate(images, progress).finish()
         if threshold_images is not None:
             self.set_threshold(threshold_images, progress=progress)
         return self
 
-    def _accumulate(self, images: Iterable[ImageInput], progress: Progress | None) -> None:
+    def accumulate(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
+        """Add the embeddings of good images to the running statistics ``stats_`` (no factorisation yet);
+        unreadable images are listed in ``skipped_``."""
         # Embeddings gather in one preallocated buffer of bounded size and are merged in one update when
         # it is full: each update touches the whole (P, D, D) state, so fewer, larger updates are faster,
         # and memory stays the same whatever the number of images.
@@ -276,28 +304,39 @@ class Padim(ScoringMixin):
             if progress:
                 progress(len(batch))
         flush()
-        del buffer
-        count = self.stats_.count if self.stats_ is not None else 0
+        return self
+
+    def finish(self, stats: GaussianStats | None = None) -> Padim:
+        """Factor the statistics (``stats``, e.g. merged from Ray shards, else ``stats_``) and install them: one
+        Cholesky per position, at fit time; scoring only multiplies. Without ``keep_stats`` the factor takes the
+        statistics' memory (lower peak memory; no partial_fit afterwards)."""
+        stats = self.stats_ if stats is None else stats
+        count = stats.count if stats is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
             raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+        mean = stats.mean.float()
+        whitener = stats.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype], consume=not self.keep_stats)
+        return self.install(mean, whitener, count, stats if self.keep_stats else None)
 
-    def _factor(self) -> None:
-        """One Cholesky per position, at fit time; scoring only multiplies. Without ``keep_stats`` the factor
-        takes the statistics' memory (lower peak memory; no partial_fit afterwards)."""
-        self.n_samples_seen_ = self.stats_.count
-        self.mean_ = self.stats_.mean.float()
-        self.whitener_ = self.stats_.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype], consume=not self.keep_stats)
-        if not self.keep_stats:
-            self.stats_ = None
-        self._prepare_scoring()
-
-    def _prepare_scoring(self) -> None:
+    def install(self, mean: torch.Tensor, whitener: torch.Tensor, n_samples_seen: int,
+                stats: GaussianStats | None = None) -> Padim:
+        """The one way fitted state enters a built model (``finish``, loading a file, the Ray driver and workers):
+        per-position means (P, D), factors (P, D, D), the training count, and optionally the statistics."""
+        positions, dim = self.grid_[0] * self.grid_[1], mean.shape[-1]
+        if mean.shape[0] != positions or tuple(whitener.shape) != (positions, dim, dim):
+            raise FastpadimError(f"fitted state of shapes {tuple(mean.shape)} and {tuple(whitener.shape)} does not fit "
+                                 f"this model's {positions} positions")
+        self.n_samples_seen_ = int(n_samples_seen)
+        self.mean_ = mean.float().to(self.device_)
+        self.whitener_ = whitener.to(self.device_)
+        self.stats_ = stats
         # Half-precision factors are stored small but multiplied in float32 on the CPU (no fast fp16 GEMM there).
         if self.whitener_.dtype != torch.float32 and self.device_.type == "cpu":
             self._whitener_compute = self.whitener_.float()
         else:
             self._whitener_compute = self.whitener_
+        return self
 
     # -------------------------------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -309,13 +348,14 @@ class Padim(ScoringMixin):
         return image_scores(maps), maps
 
     def iter_scored(
-        self, images: Iterable[ImageInput], keep_view: bool = False, progress: Progress | None = None
+        self, images: Iterable[ImageInput], keep_view: bool = False, progress: Progress | None = None,
+        batch_size: int | None = None,
     ) -> Iterator[list[ScoredImage]]:
         """Score in batches, yielding each batch's results (unreadable inputs carry their error)."""
         self._require_fitted()
         images, unusable = expand(images)
         self.skipped_ += unusable
-        for batch in self._batches(images, keep_view):
+        for batch in self._batches(images, keep_view, batch_size):
             good = [item for item in batch if item.tensor is not None]
             results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
             if good:
@@ -330,19 +370,97 @@ class Padim(ScoringMixin):
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:
         """Write one safetensors file atomically; ``keep_stats`` also stores what ``partial_fit`` needs."""
-        from .modelfile import save_model
+        from .modelfile import write_model_file
 
         self._require_fitted()
-        save_model(self, path, keep_stats=keep_stats)
+        if keep_stats and self.stats_ is None:
+            raise FastpadimError("this model holds no training statistics to keep (it was fitted with keep_stats=False)")
+        write_model_file(path, self.to_metadata(), self._tensors(keep_stats))
+
+    def to_metadata(self) -> dict:
+        """What a model file records besides the tensors (the schema of ``fastpadim.metadata``)."""
+        from . import __version__
+        from .modelfile import FORMAT_NAME, FORMAT_VERSION
+
+        preset: BackbonePreset = self.preset_
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "fastpadim_version": __version__,
+            "backbone": {
+                "name": preset.name,
+                "timm_name": preset.timm_name,
+                "layers": list(preset.layers),
+                "extra_blocks": preset.extra_blocks,
+                "n_features": int(self.channel_indices_.numel()),
+                # an id checked against the weights found at load time; never a path (a model file must not
+                # decide which local files are read)
+                "weights_id": self.weights_id_,
+            },
+            "preprocessing": self.preprocessing_.to_dict(),
+            "grid": list(self.grid_),
+            "epsilon": self.epsilon,
+            "blur_sigma": self.blur_sigma,
+            "seed": self.seed,
+            "factor_dtype": self.factor_dtype,
+            "n_train_images": int(self.n_samples_seen_),
+            "threshold": {
+                "image": self.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, refused on use
+                "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
+                "n_good_images": getattr(self, "threshold_count_", None),
+                "n_train_images": self.__dict__.get("_threshold_for"),
+            },
+        }
+
+    def _tensors(self, keep_stats: bool) -> dict[str, torch.Tensor]:
+        tensors = {
+            "mean": self.mean_.detach().cpu().contiguous(),
+            "whitener": self.whitener_.detach().cpu().contiguous(),
+            "channel_indices": self.channel_indices_.detach().cpu().long().contiguous(),
+        }
+        if keep_stats:
+            tensors["stats.mean"] = self.stats_.mean.cpu().contiguous()
+            tensors["stats.scatter"] = self.stats_.scatter.cpu().contiguous()
+        return tensors
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
              allow_download: bool = False) -> Padim:
         """Read a model file. Backbone weights: the offline package or timm's cache as recorded at fit time, or the
         ``weights`` file the user gives (checked by its SHA-256); the network only with ``allow_download``."""
-        from .modelfile import load_model
+        from .modelfile import read_model_file, weights_source
 
-        return load_model(path, device=device, weights=weights, allow_download=allow_download)
+        path = Path(path)
+        meta, tensors = read_model_file(path)
+        bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
+        weights, preset = weights_source(path, meta, weights)
+        model = cls(
+            backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
+            epsilon=meta["epsilon"], image_size=pre["image_size"], crop_size=pre["crop_size"],
+            blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device,
+            false_alarm_rate=th["false_alarm_rate"], factor_dtype=meta["factor_dtype"], allow_download=allow_download,
+        )
+        model._check_params()
+        model._build(preset, tensors["channel_indices"].long())
+        if not same_weights(model.weights_id_, bb["weights_id"]):
+            raise FastpadimError(
+                f"{path}: the model was fitted with weights {bb['weights_id']}, but {model.weights_id_} were found; "
+                "scores would be meaningless"
+            )
+        if list(model.grid_) != meta["grid"]:
+            raise FastpadimError(f"{path}: model metadata field 'grid' is {meta['grid']}, but the network gives "
+                                 f"{list(model.grid_)} at {model.preprocessing_.output_size} px")
+        stats = None
+        if "stats.scatter" in tensors:
+            stats = GaussianStats(meta["n_train_images"], tensors["stats.mean"].to(model.device_),
+                                  tensors["stats.scatter"].to(model.device_))
+        model.skipped_ = []
+        model.install(tensors["mean"], tensors["whitener"], meta["n_train_images"], stats)
+        model._install_threshold(th["image"], th.get("n_train_images"))
+        model.threshold_rate_ = th["false_alarm_rate"]
+        model.threshold_count_ = th.get("n_good_images")
+        model.metadata_ = meta
+        return model
 
     def __repr__(self) -> str:
         state = f"fitted on {self.n_samples_seen_} images" if self._is_fitted() else "not fitted"

