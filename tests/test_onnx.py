@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,9 @@ from fastpadim.cli import app  # noqa: E402
 from fastpadim.errors import FastpadimError  # noqa: E402
 from fastpadim.export import export_onnx  # noqa: E402
 from fastpadim.model import Padim  # noqa: E402
-from fastpadim.onnx_runtime import OnnxPadim, read_metadata  # noqa: E402
+from fastpadim.onnx_runtime import (  # noqa: E402
+    OnnxPadim, openvino_capabilities, openvino_reason, read_metadata, write_metadata, write_threshold,
+)
 from conftest import bottle_root, with_spot  # noqa: E402
 from conftest import make_surfaces as surfaces  # noqa: E402
 
@@ -87,7 +90,7 @@ def test_onnx_runtime_gives_the_torch_outputs(small_model, small_onnx, test_imag
     if engine == "openvino":
         pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'fastpadim[openvino]')")
     model = load(small_onnx, engine=engine)
-    assert isinstance(model, OnnxPadim) and model.engine == engine
+    assert isinstance(model, OnnxPadim) and model.engine == engine and model.precision == "f32"
     expected, got = small_model.predict(test_images), model.predict(test_images)
     assert_same_outputs(expected, got, rtol=1e-4)
     assert got.maps.shape == (4, 64, 64) and got.maps.dtype == np.float32
@@ -195,6 +198,282 @@ def test_bad_onnx_files_get_one_clear_line(tmp_path, small_onnx, test_images):
         if "data" not in kind:  # info reads only the graph file
             assert EXPECTED_REASON[kind] in one_line_error(runner.invoke(app, ["info", str(path)]))
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- precision (OpenVINO)
+def openvino():
+    return pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'fastpadim[openvino]')")
+
+
+def compile_configs(monkeypatch, force: dict | None = None) -> list[dict]:
+    """Record the config of every OpenVINO compile (and with ``force``, override some of its keys)."""
+    ov = openvino()
+    seen, original = [], ov.Core.compile_model
+
+    def spy(self, model, device=None, config=None, *args, **kwargs):
+        config = {**(config or {}), **(force or {})}
+        seen.append(config)
+        return original(self, model, device, config, *args, **kwargs)
+
+    monkeypatch.setattr(ov.Core, "compile_model", spy)
+    return seen
+
+
+def test_openvino_compiles_in_f32_by_default(small_onnx, monkeypatch):
+    ov = openvino()
+    import openvino.properties.hint as hints
+
+    configs = compile_configs(monkeypatch)
+    model = load(small_onnx, engine="openvino")
+    # read back from the compiled model: on a CPU with native bf16 the plugin's own default would say bf16 here
+    assert model._runner.compiled.get_property(hints.inference_precision()) == ov.Type.f32
+    assert model.precision == "f32"
+    # and asked for explicitly, so it cannot depend on the CPU (on an AVX2 CPU f32 is also the plugin's default)
+    assert configs[-1]["INFERENCE_PRECISION_HINT"] == "f32" and configs[-1]["EXECUTION_MODE_HINT"] == "ACCURACY"
+    assert load(small_onnx, engine="openvino", precision="f32").precision == "f32"
+
+
+def test_bf16_is_refused_on_a_cpu_without_it_and_compiled_as_bf16_where_it_exists(small_onnx, tmp_path, test_images):
+    ov = openvino()
+    import openvino.properties.hint as hints
+
+    if "BF16" in openvino_capabilities():
+        model = load(small_onnx, engine="openvino", precision="bf16")  # this CPU has native bf16
+        assert model.precision == "bf16"
+        assert model._runner.compiled.get_property(hints.inference_precision()) == ov.Type.bf16
+        assert np.isfinite(model.predict(test_images).scores).all()
+        return
+    with pytest.raises(FastpadimError, match="precision bf16 needs a CPU with native bf16") as caught:
+        load(small_onnx, engine="openvino", precision="bf16")
+    assert "\n" not in str(caught.value) and "f32" in str(caught.value)
+    # the command line says the same in one line
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(test_images[0]).save(good / "0.png")
+    line = one_line_error(runner.invoke(app, ["set-threshold", str(small_onnx), "--good", str(good), "--engine",
+                                              "openvino", "--precision", "bf16"]))
+    assert "native bf16" in line
+
+
+def test_precision_options_are_checked(small_onnx, small_model, tmp_path):
+    with pytest.raises(FastpadimError, match="OpenVINO engine only"):
+        load(small_onnx, precision="bf16")  # onnxruntime computes in f32 only
+    with pytest.raises(FastpadimError, match="unknown precision 'fp8'"):
+        load(small_onnx, engine="openvino", precision="fp8")
+    model_file = tmp_path / "m.padim"
+    small_model.save(model_file)
+    with pytest.raises(FastpadimError, match="PyTorch engine computes in f32"):
+        load(model_file, precision="bf16")
+    assert "--good only" in one_line_error(runner.invoke(app, ["set-threshold", str(small_onnx), "3", "--precision", "f32"]))
+
+
+def test_openvino_never_runs_one_precision_under_another_name(small_onnx, monkeypatch):
+    # A CPU that reports bf16, and a plugin that still compiles f32 (what OpenVINO does silently when the CPU
+    # lacks it): the compiled model's precision is read back, and the mismatch refused.
+    ov = openvino()
+    original = ov.Core.get_property
+
+    def with_bf16(self, *args):
+        value = original(self, *args)
+        return list(value) + ["BF16"] if args[-1] == "OPTIMIZATION_CAPABILITIES" else value
+
+    monkeypatch.setattr(ov.Core, "get_property", with_bf16)
+    compile_configs(monkeypatch, force={"INFERENCE_PRECISION_HINT": "f32"})
+    with pytest.raises(FastpadimError, match="compiled it in f32, not the bf16 asked for") as caught:
+        load(small_onnx, engine="openvino", precision="bf16")
+    assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------------------- hostile or damaged files
+def copy_export(small_onnx: Path, folder: Path, edit_meta=None, edit_tensor=None, name: str = "m.onnx") -> Path:
+    """A copy of the small export in ``folder`` (its data file copied beside it under the name the graph
+    gives), with its metadata and external tensors' entries edited by the given functions."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(small_onnx), load_external_data=False)
+    for entry in proto.metadata_props:
+        if entry.key == "fastpadim" and edit_meta:
+            meta = json.loads(entry.value)
+            edit_meta(meta)
+            entry.value = json.dumps(meta)
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and edit_tensor:
+            info = {e.key: e for e in tensor.external_data}
+            edit_tensor(tensor.name, info)
+    path = folder / name
+    onnx.save_model(proto, str(path))
+    data = folder / small_onnx.with_name("small.onnx.data").name
+    if not data.exists():
+        data.write_bytes(small_onnx.with_name("small.onnx.data").read_bytes())
+    return path
+
+
+def setter(*keys, value):
+    def edit(meta):
+        section = meta
+        for key in keys[:-1]:
+            section = section[key]
+        section[keys[-1]] = value
+    return edit
+
+
+HOSTILE_METADATA = {
+    "threshold.image": setter("threshold", "image", value=float("nan")),
+    "preprocessing.std[0]": setter("preprocessing", "std", value=[0.0, 0.2, 0.2]),
+    "preprocessing.image_size": setter("preprocessing", "image_size", value=100000),
+    "export.opset": setter("export", "opset", value=99),
+    "export.weights_dtype": setter("export", "weights_dtype", value="int8"),
+    "export.input.shape": setter("export", "input", "shape", value=["batch", 3, 100000, 100000]),
+    "export.outputs": setter("export", "outputs", value={"anomaly_map": ["batch", 9, 9], "score": ["batch"]}),
+    "export.data_file": setter("export", "data_file", value="../../etc/passwd"),
+}
+
+
+@pytest.mark.parametrize("field", HOSTILE_METADATA)
+def test_hostile_metadata_is_refused_naming_the_field(small_onnx, tmp_path, field):
+    path = copy_export(small_onnx, tmp_path, edit_meta=HOSTILE_METADATA[field])
+    with pytest.raises(FastpadimError, match=f"field '{re.escape(field)}'") as caught:
+        load(path)
+    assert "\n" not in str(caught.value)
+    assert f"'{field}'" in one_line_error(runner.invoke(app, ["info", str(path)]))
+
+
+def test_info_never_looks_outside_the_model_folder(small_onnx, tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 12345)
+    for name in [str(secret), "../secret.bin", "sub/../../secret.bin"]:
+        path = copy_export(small_onnx, tmp_path / "models", edit_meta=setter("export", "data_file", value=name))
+        line = one_line_error(runner.invoke(app, ["info", str(path)]))
+        assert "'export.data_file'" in line and "0.0 MB" not in line
+    # a plain name that is a link out of the folder is refused too
+    (tmp_path / "models/link.data").symlink_to(secret)
+    path = copy_export(small_onnx, tmp_path / "models", edit_meta=setter("export", "data_file", value="link.data"))
+    assert "link out of the model's folder" in one_line_error(runner.invoke(app, ["info", str(path)]))
+
+
+def test_external_data_only_beside_the_model(small_onnx, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "small.onnx.data").write_bytes(small_onnx.with_name("small.onnx.data").read_bytes())
+
+    def location(value):
+        return lambda name, info: setattr(info["location"], "value", value)
+
+    for i, value in enumerate(["../outside/small.onnx.data", str(outside / "small.onnx.data"), "outside/small.onnx.data",
+                               "..", "C:small.onnx.data"]):
+        path = copy_export(small_onnx, tmp_path / f"case{i}", edit_tensor=location(value))
+        with pytest.raises(FastpadimError, match="is not a plain file name") as caught:
+            load(path)
+        assert "\n" not in str(caught.value)
+    # a link to a data file in another folder is refused; a link within the folder is fine
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "small.onnx.data").symlink_to(outside / "small.onnx.data")
+    with pytest.raises(FastpadimError, match="link out of the model's folder"):
+        load(copy_export(small_onnx, linked))
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "real.data").write_bytes(small_onnx.with_name("small.onnx.data").read_bytes())
+    (inside / "small.onnx.data").symlink_to("real.data")
+    assert load(copy_export(small_onnx, inside)).threshold_ == read_metadata(small_onnx)["threshold"]["image"]
+
+
+def test_a_wrong_length_entry_is_refused(small_onnx, tmp_path):
+    def shorter(name, info):
+        if name == "padim/mean":
+            info["length"].value = str(int(info["length"].value) - 4)
+
+    with pytest.raises(FastpadimError, match="'padim/mean' of shape .* needs .* bytes"):
+        load(copy_export(small_onnx, tmp_path, edit_tensor=shorter))
+
+
+def external_entry(path: Path, tensor_name: str) -> tuple[int, int]:
+    import onnx
+
+    for tensor in onnx.load(str(path), load_external_data=False).graph.initializer:
+        if tensor.name == tensor_name:
+            info = {e.key: e.value for e in tensor.external_data}
+            return int(info["offset"]), int(info["length"])
+    raise KeyError(tensor_name)
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+def test_nan_or_inf_in_the_factor_is_refused_at_load(small_model, small_onnx, tmp_path, monkeypatch, fp16):
+    import fastpadim.onnx_runtime as runtime
+
+    path = export_onnx(small_model, tmp_path / "m.onnx", fp16=fp16).onnx_path if fp16 else copy_export(small_onnx, tmp_path)
+    data = path.with_name("m.onnx.data") if fp16 else tmp_path / "small.onnx.data"
+    offset, length = external_entry(path, "padim/factor_packed")
+    dtype = np.float16 if fp16 else np.float32
+    monkeypatch.setattr(runtime, "SCAN_BLOCK_BYTES", 1002)  # many blocks and a short last one, on a small file
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(surfaces(1)[0]).save(images / "0.png")
+    assert load(path).threshold_ is not None  # untouched: loads
+    for position, value in [(length // 2, np.nan), (length - np.dtype(dtype).itemsize, np.inf)]:  # middle, last element
+        original = data.read_bytes()
+        with open(data, "r+b") as handle:
+            handle.seek(offset + position - position % np.dtype(dtype).itemsize)
+            handle.write(np.array([value], dtype).tobytes())
+        with pytest.raises(FastpadimError, match="tensor 'padim/factor_packed' .*NaN or infinite") as caught:
+            load(path)
+        assert "\n" not in str(caught.value)
+        line = one_line_error(runner.invoke(app, ["predict", str(path), str(images), "-o", str(tmp_path / "out")]))
+        assert "padim/factor_packed" in line
+        data.write_bytes(original)
+
+
+def test_metadata_edits_are_validated(small_onnx, tmp_path):
+    path = copy_export(small_onnx, tmp_path)
+    before = path.read_bytes()
+    meta = read_metadata(path)
+    meta["threshold"]["image"] = float("nan")
+    with pytest.raises(FastpadimError, match="'threshold.image' must be a finite number"):
+        write_metadata(path, meta)
+    with pytest.raises(FastpadimError, match="'threshold.image' must be a finite number"):
+        write_threshold(path, float("inf"))
+    meta = read_metadata(path)
+    meta["preprocessing"]["std"] = [0.0, 0.0, 0.0]
+    with pytest.raises(FastpadimError, match="'preprocessing.std"):
+        write_metadata(path, meta)
+    meta = read_metadata(path)
+    meta["export"]["data_file"] = "/etc/passwd"
+    with pytest.raises(FastpadimError, match="'export' section describes the graph"):
+        write_metadata(path, meta)
+    assert path.read_bytes() == before  # nothing was written
+    write_threshold(path, 2.5)
+    assert read_metadata(path)["threshold"]["image"] == 2.5
+
+
+def test_openvino_load_failure_says_why(small_onnx, tmp_path):
+    openvino()
+    import onnx
+    from onnx import helper
+
+    path = copy_export(small_onnx, tmp_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    last = proto.graph.node[-1]
+    proto.graph.node.pop()
+    proto.graph.node.append(helper.make_node("NoSuchOp", list(last.input)[:1], list(last.output)))
+    onnx.save_model(proto, str(path))
+    with pytest.raises(FastpadimError, match="OpenVINO cannot load it") as caught:
+        load(path, engine="openvino")
+    message = str(caught.value)
+    assert "NoSuchOp" in message and "\n" not in message and "core.cpp" not in message, message
+    with pytest.raises(FastpadimError, match="onnxruntime cannot load it .*NoSuchOp"):
+        load(path)
+    # the same reason extraction on OpenVINO's text as this version writes it
+    text = ("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at src/frontends/common_translators/"
+            "src/unconverted_ops_report.cpp:151:\nFrontEnd API failed with OpConversionFailure:\nModel wasn't fully "
+            "converted.\nSummary:\n-- No conversion rule found for operations: NoSuchOp-17\n\n")
+    assert openvino_reason(RuntimeError(text)) == ("Model wasn't fully converted. "
+                                                   "(No conversion rule found for operations: NoSuchOp-17)")
+    text = ("Exception from src/inference/src/cpp/core.cpp:84:\nCheck 'false' failed at src/frontends/common/src/"
+            "frontend.cpp:47:\nLoading input model\nInput tensor isn't found for node \"x\"\n\n")
+    assert openvino_reason(RuntimeError(text)) == "Input tensor isn't found for node \"x\""
+    assert openvino_reason(RuntimeError("Exception from src/core.cpp:84: Something broke\n")) == "Something broke"
+
 
 
 # ----------------------------------------------------------------------------------- no torch

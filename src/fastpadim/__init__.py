@@ -33,17 +33,23 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: str | None = None) -> Padim | OnnxPadim:
+def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: str | None = None,
+         precision: str | None = None) -> Padim | OnnxPadim:
     """Load a fitted model: a ``.padim`` file gives a ``Padim`` (PyTorch), an ``.onnx`` export an ``OnnxPadim``
-    (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way."""
+    (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way.
+    ``precision``: None or "f32" (float32, the default everywhere); "bf16"/"f16" only with ``engine="openvino"``
+    on a CPU that has them natively (refused otherwise)."""
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_runtime import OnnxPadim
 
         if weights is not None:
             raise FastpadimError(f"{path}: an ONNX export carries its backbone weights; --weights does not apply")
-        return OnnxPadim(path, engine=engine or "onnxruntime", device=device)
+        return OnnxPadim(path, engine=engine or "onnxruntime", device=device, precision=precision)
     if engine not in (None, "torch"):
         raise FastpadimError(f"{path}: engine {engine!r} runs ONNX exports only; export the model first (fastpadim export)")
+    if precision not in (None, "f32"):
+        raise FastpadimError(f"{path}: precision {precision!r} applies to ONNX exports run by OpenVINO "
+                             "(--engine openvino); the PyTorch engine computes in f32")
     from .model import Padim
 
     return Padim.load(path, device=device, weights=weights)

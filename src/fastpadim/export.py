@@ -26,7 +26,8 @@ import typer
 from .cli import WeightsOpt, app, check_writable_file, console, progress_bar, user_errors
 from .errors import FastpadimError
 from .onnx_runtime import (
-    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, SCORE_OUTPUT, read_metadata, write_threshold,
+    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, PRECISIONS, SCORE_OUTPUT, check_metadata,
+    read_metadata, write_threshold,
 )
 
 if TYPE_CHECKING:
@@ -34,8 +35,7 @@ if TYPE_CHECKING:
 
     from .model import Padim
 
-DEFAULT_OPSET = 17
-OPSETS = range(17, 21)  # PyTorch's TorchScript-based ONNX exporter goes up to opset 20
+DEFAULT_OPSET = 17  # OPSETS (17 to 20: PyTorch's TorchScript-based ONNX exporter goes up to 20) is in onnx_runtime
 FP16_MIN_ELEMENTS = 1024  # smaller tensors (biases, shapes) stay as they are
 ALIGN_BYTES = 64 * 1024  # large tensors start on a page boundary, so the runtime can map them
 FACTOR_BLOCK_BYTES = 64 * 1024 * 1024  # positions unpacked at a time while writing the factor
@@ -309,8 +309,9 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
         proto.producer_name, proto.producer_version = "fastpadim", __version__
         proto.doc_string = "PaDiM anomaly maps and image scores; see metadata_props['fastpadim']"
         del proto.metadata_props[:]
+        meta = check_metadata(export_metadata(model, opset, fp16, data_name), path)  # what the runtime will accept
         entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(export_metadata(model, opset, fp16, data_name))
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         onnx.save_model(proto, str(work / path.name))
         onnx.checker.check_model(str(work / path.name))
         # data first: the old .onnx never points at a missing file, and a failure leaves the old pair whole
@@ -366,6 +367,7 @@ def set_threshold(
     false_alarm_rate: Annotated[Optional[float], typer.Option(help="With --good: share of good images flagged (default: the model's).")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the threshold (verdicts become 'unknown').")] = False,
     engine: Annotated[str, typer.Option(help="With --good: onnxruntime or openvino.")] = "onnxruntime",
+    precision: Annotated[Optional[str], typer.Option(help=f"With --good: arithmetic, {' / '.join(PRECISIONS)} (default f32; bf16 and f16 with --engine openvino on a CPU that has them).")] = None,
 ) -> None:
     """Change an ONNX export's threshold in its metadata, without re-exporting (the graph does not hold it)."""
     from .onnx_runtime import OnnxPadim
@@ -375,11 +377,13 @@ def set_threshold(
             raise FastpadimError("give exactly one of: a VALUE, --good FOLDER, or --clear")
         if model_path.suffix.lower() != ".onnx":
             raise FastpadimError(f"{model_path}: set-threshold edits ONNX exports; for a .padim model use predict --threshold")
+        if precision is not None and good is None:
+            raise FastpadimError("--precision applies with --good only (it sets how the good images are scored)")
         if good is not None:
             from .images import list_images
 
             files = list_images(good)
-            model = OnnxPadim(model_path, engine=engine)
+            model = OnnxPadim(model_path, engine=engine, precision=precision)
             if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
                 raise FastpadimError(f"false alarm rate must be in (0, 1), got {false_alarm_rate}")
             with progress_bar("scoring", len(files)) as advance:
