@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import warnings
+import zlib
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
+from fastpadim import images
 from fastpadim.errors import FastpadimError, ImageError
-from fastpadim.images import Preprocessing, iter_batches, list_images, load_one, open_image
+from fastpadim.images import (ImageTooLarge, Preprocessing, iter_batches, list_images, load_one, open_image, read_size,
+                              set_max_image_pixels)
 
 COLOUR = (200, 40, 90)
 
@@ -270,3 +277,145 @@ def test_batches_keep_order_and_carry_errors(tmp_path):
     assert all(item.error is None and item.tensor is not None for i, item in enumerate(flat) if i != 2)
     with pytest.raises(FastpadimError, match="batch size"):
         list(iter_batches(items, Preprocessing(40, None), batch_size=0))
+
+
+# ------------------------------------------------------------------------------- decoder failures of any kind
+def dds_garbage() -> bytes:
+    """A DDS header with a pixel format Pillow does not know, then garbage: Pillow raises NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + bytes(44) + struct.pack("<4I", 32, 0x40000000, 0, 0)
+    return b"DDS " + header + bytes(128 - 4 - len(header)) + b"\xde\xad\xbe\xef" * 64
+
+
+def test_any_decoder_exception_is_one_image_error(tmp_path):
+    with pytest.raises(NotImplementedError):  # what Pillow itself does with these bytes
+        Image.open(io.BytesIO(dds_garbage()))
+    (tmp_path / "x.png").write_bytes(dds_garbage())
+    with pytest.raises(ImageError) as info:
+        open_image(tmp_path / "x.png")
+    assert_one_line(info, "x.png", "cannot decode", "NotImplementedError")
+    items = [np.full((40, 40, 3), 9, np.uint8), tmp_path / "x.png", np.full((40, 40, 3), 7, np.uint8)]
+    (batch,) = list(iter_batches(items, Preprocessing(40, None), batch_size=3))
+    assert [item.error is None for item in batch] == [True, False, True]
+    assert "x.png" in batch[1].error and "NotImplementedError" in batch[1].error
+
+
+def test_memory_error_is_not_an_image_error(monkeypatch):
+    def no_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_memory)
+    with pytest.raises(MemoryError):
+        open_image(png_bytes(np.zeros((40, 40, 3), np.uint8)))
+
+
+def test_empty_bytes_are_an_image_error():
+    with pytest.raises(ImageError, match="e.png: empty file"):
+        open_image(b"", name="e.png")
+
+
+# ------------------------------------------------------------------------------------------ pixel limit
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height, with no pixel data behind it: only a header check can refuse
+    it with the size; decoding would fail as truncated."""
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", zlib.compress(b"\0" * 100)))
+
+
+def png_bytes(array: np.ndarray, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch, tmp_path):
+    loads = []
+    original = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or original(self))
+    assert images.MAX_IMAGE_PIXELS == 40_000_000
+    with pytest.raises(ImageTooLarge) as info:
+        open_image(png_header_only(9000, 9000), name="huge.png")
+    assert str(info.value) == ("huge.png: 9000x9000 = 81.0 MP is above the limit of 40 MP; downscale the image or "
+                               "raise the pixel limit (--max-pixels)")
+    (tmp_path / "huge.png").write_bytes(png_header_only(9000, 9000))
+    with pytest.raises(ImageTooLarge, match="81.0 MP"):
+        read_size(tmp_path / "huge.png")
+    item = load_one(tmp_path / "huge.png", 0, Preprocessing(64, None), keep_view=False)
+    assert item.array is None and "above the limit of 40 MP" in item.error
+    assert loads == []  # refused from the header: nothing was decoded
+    # Just below the limit the header passes and the (missing) pixel data is what fails.
+    with pytest.raises(ImageError, match="truncated"):
+        open_image(png_header_only(8000, 5000))
+    assert loads == [(8000, 5000)]
+
+
+def test_pixel_limit_can_be_changed(tmp_path):
+    data = png_bytes(np.zeros((100, 100, 3), np.uint8))
+    with pytest.raises(ImageTooLarge, match="100x100 = 0.01 MP is above the limit of 0.005 MP"):
+        open_image(data, name="a.png", max_pixels=5000)
+    assert read_size(data, max_pixels=10_000) == (100, 100)
+    previous = set_max_image_pixels(9999)
+    try:
+        assert previous == 40_000_000
+        with pytest.raises(ImageTooLarge):
+            open_image(data)
+        (tmp_path / "a.png").write_bytes(data)
+        (batch,) = list(iter_batches([tmp_path / "a.png"], Preprocessing(64, None), batch_size=1))
+        assert "above the limit" in batch[0].error
+        (batch,) = list(iter_batches([tmp_path / "a.png"], Preprocessing(64, None), batch_size=1, max_pixels=10_000))
+        assert batch[0].error is None
+    finally:
+        set_max_image_pixels(previous)
+    assert open_image(data).size == (100, 100)
+    for bad in (0, 1000, 10**12, 4.5e7, "40", True):
+        with pytest.raises(FastpadimError, match="--max-pixels"):
+            set_max_image_pixels(bad)
+    assert images.MAX_IMAGE_PIXELS == 40_000_000
+
+
+def test_pillow_warnings_and_limits_do_not_leak():
+    # Above Pillow's warning threshold (89 MP) and above its hard limit (179 MP): one refusal in our words, no warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # as a user's script: shown once; fastpadim's filter goes in front of it
+        for width, height, words in ((10_000, 9_500, "10000x9500 = 95.0 MP"), (20_000, 20_000, "400.0 MP")):
+            with pytest.raises(ImageTooLarge) as info:
+                open_image(png_header_only(width, height), name="big.png")
+            assert_one_line(info, "big.png", words, "above the limit of 40 MP")
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+# ------------------------------------------------------------------------------- reduced decoding (JPEG)
+def test_large_jpeg_is_decoded_at_reduced_scale_png_in_full(tmp_path):
+    rng = np.random.default_rng(5)
+    small = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    array = np.asarray(Image.fromarray(small).resize((1600, 1200), Image.Resampling.BICUBIC))  # smooth, 1600x1200
+    jpeg = png_bytes(array, "JPEG", quality=95)
+    full = open_image(jpeg)
+    reduced = open_image(jpeg, reduce_to=256)
+    assert full.size == (1600, 1200)
+    assert reduced.size == (400, 300)  # 1/4: the largest power of two that stays at least 256 on both sides
+    assert open_image(jpeg, reduce_to=700).size == (1600, 1200)  # less than twice the target: decoded in full
+    pre = Preprocessing(256, 224)
+    item = load_one(jpeg, 0, pre, keep_view=True)
+    assert item.view.shape == (224, 224, 3)
+    difference = np.abs(item.view.astype(int) - np.asarray(pre.geometry(full)).astype(int))
+    assert difference.mean() < 2.0 and difference.max() < 40  # the same picture as the full decode
+    # PNG has no reduced decoding: the result is bit-identical to decoding it in full.
+    png = png_bytes(array)
+    assert open_image(png, reduce_to=256).size == (1600, 1200)
+    item = load_one(png, 0, pre, keep_view=True)
+    expected = np.asarray(pre.geometry(Image.open(io.BytesIO(png)).convert("RGB")))
+    np.testing.assert_array_equal(item.view, expected)
+
+
+def test_exif_rotated_large_jpeg_at_reduced_scale_is_upright():
+    stored = np.asarray(Image.fromarray(halves((64, 48))).resize((1024, 768), Image.Resampling.NEAREST))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = png_bytes(stored, "JPEG", exif=exif, quality=95)
+    out = rgb_of(open_image(jpeg, reduce_to=128))
+    assert out.shape == (256, 192, 3)  # 1/4 scale, width and height swapped
+    assert (out[:100, :, 0] > 200).all() and (out[-100:, :, 2] > 200).all()  # red on top, blue below

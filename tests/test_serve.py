@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
+import json
+import socket
+import struct
 import threading
 import time
+import zlib
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
+import psutil
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastpadim.batcher import MicroBatcher
+from fastpadim import serve as serve_module
+from fastpadim.batcher import MicroBatcher, PixelBudget
 from fastpadim.model import Padim
-from fastpadim.serve import create_app, decode_upload
+from fastpadim.results import ScoredImage
+from fastpadim.serve import check_port, create_app, decode_upload, release_memory
 from fastpadim.synthetic import add_spot, surface
 
 SIZE = 64
@@ -59,6 +69,35 @@ def good_png() -> bytes:
 def defect_png() -> bytes:
     rng = np.random.default_rng(8)
     return png_bytes(add_spot(rng, surface(rng, SIZE))[0])
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def constant_png(width: int, height: int, colour=(10, 200, 30)) -> bytes:
+    """A complete, valid RGB PNG of one colour, compressed row by row (the test never holds width x height x 3
+    bytes): 9000x9000 is about 250 KB, and decoding it would cost 243 MB and more."""
+    row = b"\0" + bytes(colour) * width
+    compressor = zlib.compressobj(6)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b""))
+
+
+def dds_garbage() -> bytes:
+    """A DDS header with a pixel format Pillow does not know, then garbage: Pillow raises NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 64, 64, 0, 0, 0) + bytes(44) + struct.pack("<4I", 32, 0x40000000, 0, 0)
+    return b"DDS " + header + bytes(128 - 4 - len(header)) + b"\xde\xad\xbe\xef" * 64
+
+
+@pytest.fixture(scope="module")
+def huge_png() -> bytes:
+    return constant_png(9000, 9000)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def expected_score(model: Padim, data: bytes) -> float:
@@ -111,6 +150,15 @@ def test_score_multipart_matches_the_model(client, model, good_png, defect_png):
         assert set(body["timings_ms"]) >= {"decode", "queue", "model", "total"}
         assert body["timings_ms"]["total"] >= body["timings_ms"]["model"] > 0
         assert "heatmap_png_base64" not in body or body["heatmap_png_base64"] is None
+
+
+def test_larger_upload_is_resized_at_decode_with_the_same_score(client, model):
+    rng = np.random.default_rng(11)
+    array = np.asarray(Image.fromarray(surface(rng, SIZE)).resize((200, 150), Image.Resampling.BICUBIC))
+    data = png_bytes(array)
+    assert decode_upload(data, "l.png", model.preprocessing_).size == (SIZE, SIZE)  # no full-size image is held
+    body = client.post("/v1/score", files={"file": ("l.png", data, "image/png")}).json()
+    assert body["score"] == pytest.approx(float(model.score([array])[0][0]), rel=1e-6)
 
 
 def test_score_raw_body_gives_the_same_score(client, good_png):
@@ -176,7 +224,8 @@ def truncated_png(good_png: bytes) -> bytes:
         ("truncated", 422, "truncated"),
         ("tiny", 422, "at least"),
         ("empty body", 400, "empty body"),
-        ("empty file", 400, "empty file"),
+        ("empty file", 422, "empty file"),
+        ("too many pixels", 413, "huge.png: 9000x9000 = 81.0 MP is above the limit of 40 MP"),
         ("too large raw", 413, "limit"),
         ("too large part", 413, "limit"),
         ("wrong content type", 415, "text/plain"),
@@ -185,7 +234,7 @@ def truncated_png(good_png: bytes) -> bytes:
         ("text field", 400, "file upload"),
     ],
 )
-def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(client, good_png, case, status, phrase):
+def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(client, good_png, huge_png, case, status, phrase):
     big = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)  # ~1 MB PNG, limit 0.5 MiB
     requests = {
         "non-image": dict(files={"file": ("a.png", b"hello, this is text", "image/png")}),
@@ -193,6 +242,7 @@ def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(client, good_png
         "tiny": dict(files={"file": ("s.png", png_bytes(np.zeros((8, 8, 3), np.uint8)), "image/png")}),
         "empty body": dict(content=b"", headers={"content-type": "image/png"}),
         "empty file": dict(files={"file": ("e.png", b"", "image/png")}),
+        "too many pixels": dict(files={"file": ("huge.png", huge_png, "image/png")}),
         "too large raw": dict(content=png_bytes(big), headers={"content-type": "image/png"}),
         "too large part": dict(files={"file": ("big.png", png_bytes(big), "image/png")}),
         "wrong content type": dict(content=good_png, headers={"content-type": "text/plain"}),
@@ -308,6 +358,31 @@ def test_batcher_survives_a_failing_batch():
     assert asyncio.run(scenario())[0] == ["fine"]
 
 
+def test_batcher_runs_on_idle_only_when_nothing_waits():
+    calls: list = []
+
+    def on_idle():
+        calls.append("idle")
+        raise RuntimeError("ignored")
+
+    async def scenario():
+        batcher = MicroBatcher(lambda items: calls.append(list(items)) or items, max_batch=1, max_wait_s=0,
+                               on_idle=on_idle)
+        await batcher.start()
+        try:
+            first = await asyncio.gather(*(batcher.submit([i]) for i in range(3)))
+            await asyncio.sleep(0.05)
+            second = await batcher.submit([3])
+            await asyncio.sleep(0.05)
+            return first, second
+        finally:
+            await batcher.stop()
+
+    first, second = asyncio.run(scenario())
+    assert [r for r, _ in first] == [[0], [1], [2]] and second[0] == [3]
+    assert calls == [[0], [1], [2], "idle", [3], "idle"]
+
+
 def test_model_failure_is_a_json_500_and_the_service_recovers(images, good_png, monkeypatch):
     model = small_model(images, holdout=0.25)
     original = model.iter_scored
@@ -334,7 +409,7 @@ def test_serve_refuses_a_missing_or_corrupt_model_in_one_line(tmp_path):
     corrupt = tmp_path / "corrupt.padim"
     corrupt.write_bytes(b"\x00" * 100)
     for path, phrase in ((tmp_path / "missing.padim", "no such model file"), (corrupt, "not a fastpadim model")):
-        result = CliRunner().invoke(app, ["serve", str(path), "--port", "1"])
+        result = CliRunner().invoke(app, ["serve", str(path), "--port", str(free_port())])
         assert result.exit_code == 1
         output = result.output.strip()
         assert phrase in output and len(output.splitlines()) == 1 and "Traceback" not in output
@@ -346,3 +421,282 @@ def test_serve_rejects_bad_options(model, tmp_path):
     for kwargs in ({"max_batch": 0}, {"max_wait_ms": -1}, {"max_upload_mb": 0}):
         with pytest.raises(FastpadimError):
             create_app(model, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Records model loads by the serve command (and makes them fail fast if one happens)."""
+    import fastpadim
+
+    calls = []
+
+    def fake_load(path, **kwargs):
+        calls.append(path)
+        raise fastpadim.FastpadimError(f"{path}: loaded (the test expected no load)")
+
+    monkeypatch.setattr(fastpadim, "load", fake_load)
+    return calls
+
+
+@pytest.mark.parametrize("option, value, phrase", [
+    ("--max-batch", "0", "--max-batch must be at least 1"),
+    ("--max-wait-ms", "-1", "--max-wait-ms must be >= 0"),
+    ("--max-upload-mb", "0", "--max-upload-mb must be > 0"),
+    ("--max-pixels", "100", "--max-pixels must lie between 1024"),
+    ("--max-decoding-pixels", "0", "--max-decoding-pixels must be"),
+    ("--port", "70000", "--port must be between 1 and 65535"),
+])
+def test_serve_checks_options_before_loading_the_model(tmp_path, load_calls, option, value, phrase):
+    from fastpadim import commands  # noqa: F401 - registers serve
+    from fastpadim.cli import app
+
+    args = ["serve", str(tmp_path / "m.padim"), option, value]
+    if option != "--port":
+        args += ["--port", str(free_port())]
+    result = CliRunner().invoke(app, args)
+    output = result.output.strip()
+    assert result.exit_code == 1 and output.startswith("error: ") and phrase in output, output
+    assert len(output.splitlines()) == 1 and load_calls == []
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path, load_calls):
+    from fastpadim import commands  # noqa: F401 - registers serve
+    from fastpadim.cli import app
+
+    with socket.socket() as other:  # another server on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(tmp_path / "m.padim"), "--port", str(port)])
+    output = result.output.strip()
+    assert result.exit_code == 1, output
+    assert output.startswith(f"error: cannot listen on 127.0.0.1:{port}: address already in use; ")
+    assert len(output.splitlines()) == 1 and "serving" not in output and load_calls == []
+    check_port("127.0.0.1", port)  # free again: no error
+    with pytest.raises(Exception, match="cannot listen on 203.0.113.7:"):
+        check_port("203.0.113.7", port)  # not an address of this machine
+
+
+# ------------------------------------------------------------------------------- memory and pixel limits
+def test_huge_image_is_refused_from_its_header_quickly_and_cheaply(client, huge_png, good_png, monkeypatch):
+    decoded = []
+    original = serve_module.decode_upload
+    monkeypatch.setattr(serve_module, "decode_upload",
+                        lambda data, name, *a: decoded.append(name) or original(data, name, *a))
+    before = rss_mb()
+    start = time.perf_counter()
+    reply = client.post("/v1/score", content=huge_png, headers={"content-type": "image/png"})
+    took = time.perf_counter() - start
+    grew = rss_mb() - before
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["detail"] == ("<body>: 9000x9000 = 81.0 MP is above the limit of 40 MP; downscale the image or "
+                                      "raise the pixel limit (--max-pixels)")
+    assert took < 1.0 and grew < 200, (took, grew)  # decoding it took 5 s and 0.9 GB before the header check
+    files = [("file", ("g.png", good_png, "image/png")), ("file", ("huge.png", huge_png, "image/png"))]
+    body = client.post("/v1/score/batch", files=files).json()
+    assert body["scored"] == 1 and body["failed"] == 1 and body["results"][0]["score"] is not None
+    assert body["results"][1]["error"].startswith("huge.png: 9000x9000 = 81.0 MP is above the limit of 40 MP")
+    assert decoded == ["g.png"]  # the huge image never reached the decoder
+    assert rss_mb() - before < 200
+
+
+def test_too_many_files_is_a_413_in_our_words(client, good_png):
+    reply = client.post("/v1/score/batch", files=[("file", (f"{i}.png", good_png, "image/png")) for i in range(65)])
+    assert reply.status_code == 413 and reply.json()["detail"] == "more than 64 files in one request; send at most 64"
+    reply = client.post("/v1/score", files=[("file", (f"{i}.png", good_png, "image/png")) for i in range(2)])
+    assert reply.status_code == 413
+    assert reply.json()["detail"] == "more than one file sent to /v1/score; use /v1/score/batch for several"
+
+
+def test_pixel_limit_is_an_option(model, good_png):
+    with TestClient(create_app(model, max_pixels=SIZE * SIZE - 1)) as c:
+        reply = c.post("/v1/score", files={"file": ("g.png", good_png, "image/png")})
+    assert reply.status_code == 413
+    assert "64x64 = 0.004096 MP is above the limit of 0.004095 MP" in reply.json()["detail"]
+    for kwargs in ({"max_pixels": 10}, {"max_pixels": 10**12}, {"max_decoding_pixels": 0}):
+        with pytest.raises(Exception, match="--max"):
+            create_app(model, **kwargs)
+
+
+@pytest.mark.skipif(not release_memory(), reason="no glibc malloc_trim here")
+def test_memory_returns_to_idle_after_a_burst_of_large_images(client):
+    large = constant_png(6000, 6000)  # 36 MP: allowed
+    assert client.post("/v1/score", files={"file": ("w.png", large, "image/png")}).status_code == 200
+    release_memory()
+    idle = rss_mb()
+    reply = client.post("/v1/score/batch", files=[("file", (f"{i}.png", large, "image/png")) for i in range(4)])
+    assert reply.status_code == 200 and reply.json()["scored"] == 4
+    budget = client.app.state.budget
+    assert budget.in_use == 0 and 36_000_000 <= budget.most_in_use <= budget.capacity
+    assert rss_mb() - idle < 100  # without handing freed memory back: +290 MB, for good
+
+
+def test_pixel_budget_bounds_what_is_decoded_at_once():
+    events = []
+
+    async def scenario():
+        budget = PixelBudget(100)
+        budget.open()
+
+        async def job(i, pixels):
+            async with budget.reserve(pixels):
+                events.append((i, budget.in_use))
+                await asyncio.sleep(0.02)
+
+        async def leaver():
+            async with budget.reserve(50):
+                pass
+
+        first = asyncio.create_task(job(0, 60))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(leaver())  # waits behind job 0, then its client goes away
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.gather(first, job(1, 60), job(2, 30), job(3, 500), return_exceptions=True)
+        return budget
+
+    budget = asyncio.run(scenario())
+    assert [i for i, _ in events] == [0, 1, 2, 3]  # first come, first served (2 fits beside 1 but waits its turn)
+    assert max(used for _, used in events) <= 100 == budget.most_in_use
+    assert dict(events)[3] == 100  # above the capacity: clipped, runs alone
+    assert budget.in_use == 0
+    with pytest.raises(ValueError):
+        PixelBudget(0)
+
+
+@pytest.mark.parametrize("images_at_once", [1, 4])
+def test_service_decodes_within_its_pixel_budget(model, good_png, monkeypatch, images_at_once):
+    active, most = [0], [0]
+    lock = threading.Lock()
+    original = serve_module.decode_upload
+
+    def slow_decode(*args):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return original(*args)
+
+    monkeypatch.setattr(serve_module, "decode_upload", slow_decode)
+    with TestClient(create_app(model, max_decoding_pixels=images_at_once * SIZE * SIZE)) as c:
+        reply = c.post("/v1/score/batch", files=[("file", (f"{i}.png", good_png, "image/png")) for i in range(4)])
+        assert reply.status_code == 200 and reply.json()["scored"] == 4
+        assert c.app.state.budget.most_in_use <= images_at_once * SIZE * SIZE
+    assert most[0] == images_at_once
+
+
+# ------------------------------------------------------------------------------- per-image failures
+def test_decoder_exception_and_empty_file_fail_only_their_entries(client, model, good_png, defect_png):
+    files = [("file", ("g.png", good_png, "image/png")), ("file", ("x.png", dds_garbage(), "image/png")),
+             ("file", ("e.png", b"", "image/png")), ("file", ("d.png", defect_png, "image/png"))]
+    reply = client.post("/v1/score/batch", files=files)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["scored"] == 2 and body["failed"] == 2
+    good, dds, empty, defect = body["results"]
+    assert good["score"] == pytest.approx(expected_score(model, good_png), rel=1e-4)
+    assert defect["score"] == pytest.approx(expected_score(model, defect_png), rel=1e-4)
+    assert dds.get("score") is None and dds["error"].startswith("x.png: cannot decode")
+    assert "NotImplementedError" in dds["error"]
+    assert empty.get("score") is None and empty["error"] == "e.png: empty file (0 bytes)"
+    single = client.post("/v1/score", files={"file": ("x.png", dds_garbage(), "image/png")})
+    assert single.status_code == 422 and "NotImplementedError" in single.json()["detail"]
+    assert client.post("/v1/score", files={"file": ("g.png", good_png, "image/png")}).status_code == 200
+
+
+@contextmanager
+def real_server(app):
+    """The app under uvicorn on a free port of 127.0.0.1, in a thread (TestClient has no real connections)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_failures_keep_the_connection_usable(images, good_png, monkeypatch):
+    """One keep-alive connection: a batch with a decoder failure, then a request whose model run fails (500), then
+    good requests. Before, both failures were 500s after which uvicorn closed the connection under the client."""
+    model = small_model(images, holdout=0.25)
+    original = model.iter_scored
+    fail = {}
+
+    def flaky(images, **kwargs):
+        if fail.pop("now", False):
+            raise RuntimeError("simulated failure")
+        return original(images, **kwargs)
+
+    monkeypatch.setattr(model, "iter_scored", flaky)
+    batch = httpx.Request("POST", "http://test/v1/score/batch", files=[
+        ("file", ("g.png", good_png, "image/png")), ("file", ("x.png", dds_garbage(), "image/png"))])
+    with real_server(create_app(model)) as port:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+        def post(path, body, content_type):
+            connection.request("POST", path, body=body, headers={"content-type": content_type})
+            reply = connection.getresponse()
+            return reply.status, json.loads(reply.read())
+
+        status, body = post("/v1/score/batch", batch.read(), batch.headers["content-type"])
+        assert status == 200 and body["scored"] == 1 and "NotImplementedError" in body["results"][1]["error"]
+        first_socket = connection.sock
+        fail["now"] = True
+        status, body = post("/v1/score", good_png, "image/png")
+        assert status == 500 and body["detail"] == "internal error: RuntimeError: simulated failure"
+        status, body = post("/v1/score", good_png, "image/png")
+        assert status == 200 and body["score"] > 0
+        assert connection.sock is first_socket  # the same connection all along
+        connection.close()
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+def test_non_finite_score_never_becomes_a_verdict(images, good_png, defect_png):
+    broken = small_model(images, holdout=0.25)
+    broken.whitener_[0, 0, 0] = float("nan")
+    assert torch.isnan(broken._whitener_compute).any()  # the factor the model scores with
+    with TestClient(create_app(broken)) as c:
+        one = c.post("/v1/score", files={"file": ("g.png", good_png, "image/png")})
+        assert one.status_code == 422, one.text
+        assert one.json()["detail"].startswith("g.png: the model produced a non-finite score")
+        files = [("file", ("g.png", good_png, "image/png")), ("file", ("d.png", defect_png, "image/png"))]
+        body = c.post("/v1/score/batch", files=files).json()
+    assert body["scored"] == 0 and body["failed"] == 2
+    for entry in body["results"]:
+        assert entry.get("verdict") is None and entry.get("score") is None
+        assert entry["error"].startswith(f"{entry['name']}: the model produced a non-finite score")
+
+
+def test_non_finite_score_of_one_image_fails_only_its_entry(images, good_png, defect_png, monkeypatch):
+    model = small_model(images, holdout=0.25)
+    original = model.iter_scored
+
+    def second_is_nan(images, **kwargs):
+        for batch in original(images, **kwargs):
+            yield [ScoredImage(r.index, r.name, float("nan"), r.anomaly_map, r.view) if r.index == 1 else r
+                   for r in batch]
+
+    monkeypatch.setattr(model, "iter_scored", second_is_nan)
+    files = [("file", (f"{i}.png", data, "image/png")) for i, data in enumerate((good_png, defect_png, good_png))]
+    with TestClient(create_app(model)) as c:
+        body = c.post("/v1/score/batch", files=files).json()
+    first, nan, third = body["results"]
+    assert body["scored"] == 2 and body["failed"] == 1
+    assert first["verdict"] in ("good", "anomalous") and third["verdict"] in ("good", "anomalous")
+    assert nan.get("verdict") is None and nan["error"].startswith("1.png: the model produced a non-finite score")

@@ -5,13 +5,17 @@ waits for the first group, then keeps collecting groups until ``max_batch`` item
 has passed since the first one, and hands the batch to a single worker thread. While that thread works, new
 requests queue up and form the next batch, so under load batches fill without waiting. Groups are never split,
 so a batch request is scored as one batch (a group larger than ``max_batch`` runs on its own).
+
+``PixelBudget`` bounds the pixels that the service decodes at once (memory, not batching).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -43,16 +47,19 @@ class _Group(Generic[Item]):
 class MicroBatcher(Generic[Item, Result]):
     """Groups concurrent submissions into batches for ``run_batch(items) -> results`` (same length, same order).
 
-    ``run_batch`` is only ever called from one dedicated thread, one batch at a time.
+    ``run_batch`` is only ever called from one dedicated thread, one batch at a time. ``on_idle`` (optional) runs
+    on that thread after a batch when nothing else is waiting (its answers are already out), e.g. to hand memory
+    back to the OS once a burst is over; its failures are ignored.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], list[Result]], max_batch: int = 8,
-                 max_wait_s: float = 0.005, max_queue: int = 256):
+                 max_wait_s: float = 0.005, max_queue: int = 256, on_idle: Callable[[], Any] | None = None):
         if max_batch < 1:
             raise ValueError(f"max batch must be at least 1, got {max_batch}")
         if max_wait_s < 0:
             raise ValueError(f"max wait must be >= 0, got {max_wait_s}")
         self.run_batch = run_batch
+        self.on_idle = on_idle
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -136,6 +143,11 @@ class MicroBatcher(Generic[Item, Result]):
                 start += len(g.items)
                 if not g.future.done():
                     g.future.set_result((part, BatchTiming(started - g.enqueued, model_s, len(items))))
+            if self.on_idle is not None and self._carry is None and self._queue.empty():
+                try:
+                    await loop.run_in_executor(self._executor, self.on_idle)
+                except Exception:  # noqa: BLE001 - housekeeping must not stop the service
+                    pass
 
     async def _collect(self, first: _Group) -> list[_Group]:
         """From the first group on, gather more until ``max_batch`` items or ``max_wait_s`` after the first."""
@@ -161,3 +173,51 @@ class MicroBatcher(Generic[Item, Result]):
             groups.append(group)
             count += len(group.items)
         return groups
+
+
+class PixelBudget:
+    """At most ``capacity`` decoded pixels in flight at once: each decode reserves its image's pixel count (read
+    from the header) and waits, first come first served, until that much is free. A reservation above the whole
+    capacity is clipped to it (that image decodes alone), so every image that passed the pixel limit gets its turn.
+
+    Create it outside a loop; ``open()`` binds it to the running loop (the app's lifespan)."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"pixel budget must be at least 1, got {capacity}")
+        self.capacity = capacity
+        self.in_use = 0
+        self.most_in_use = 0
+        self._waiting: deque[object] = deque()
+        self._changed: asyncio.Condition | None = None
+
+    def open(self) -> None:
+        self.in_use = 0
+        self._waiting.clear()
+        self._changed = asyncio.Condition()
+
+    @asynccontextmanager
+    async def reserve(self, pixels: int) -> AsyncIterator[None]:
+        if self._changed is None:
+            raise RuntimeError("the pixel budget is not open")
+        amount = max(0, min(int(pixels), self.capacity))
+        ticket = object()
+        async with self._changed:
+            self._waiting.append(ticket)
+            try:
+                await self._changed.wait_for(
+                    lambda: self._waiting[0] is ticket and self.in_use + amount <= self.capacity)
+            except BaseException:  # cancelled (the client went away): leave the line, let the next one go
+                self._waiting.remove(ticket)
+                self._changed.notify_all()
+                raise
+            self._waiting.popleft()
+            self.in_use += amount
+            self.most_in_use = max(self.most_in_use, self.in_use)
+            self._changed.notify_all()  # the next in line may fit too
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_use -= amount
+                self._changed.notify_all()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -26,8 +29,55 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 MIN_IMAGE_SIDE = 32  # below this an image carries too little detail for stride-16 features to mean anything
+# Most decoded pixels in one image, checked from the header before anything is decoded: an RGB image costs 3 bytes
+# a pixel (and copies while it is converted), so a 255 KB PNG of 9000x9000 would cost gigabytes. Change it with
+# set_max_image_pixels() or per call (open_image's max_pixels); Pillow's own hard limit, 2 * PIL.Image.MAX_IMAGE_PIXELS
+# (179 MP), stays the ceiling.
+MAX_IMAGE_PIXELS = 40_000_000
+# fastpadim checks the pixel count itself (above), so Pillow's DecompressionBombWarning (above 89 MP) would only
+# repeat it on stderr, from a worker thread, for an image that is refused anyway or that the user allowed.
+_QUIET_BOMB = ("ignore", None, Image.DecompressionBombWarning, None, 0)
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, "torch.Tensor"]
+
+
+class ImageTooLarge(ImageError):
+    """An image whose header declares more pixels than the limit: refused before it is decoded."""
+
+
+def megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.4g} MP"
+
+
+def check_max_pixels(value, what: str = "--max-pixels") -> int:
+    """A pixel limit is a whole number from 32x32 up to Pillow's own hard limit; anything else is refused."""
+    ceiling = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise FastpadimError(f"{what} must be a whole number of pixels, got {value!r}")
+    if value < MIN_IMAGE_SIDE * MIN_IMAGE_SIDE or (ceiling is not None and value > ceiling):
+        top = f" and {ceiling} (Pillow's own limit)" if ceiling is not None else ""
+        raise FastpadimError(f"{what} must lie between {MIN_IMAGE_SIDE * MIN_IMAGE_SIDE}{top}, got {value}")
+    return int(value)
+
+
+def set_max_image_pixels(value: int) -> int:
+    """Change the default pixel limit (``MAX_IMAGE_PIXELS``) for this process; returns the previous one.
+    Threads started later see it; processes started elsewhere (Ray workers) keep their own."""
+    global MAX_IMAGE_PIXELS
+    previous, MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS, check_max_pixels(value)
+    return previous
+
+
+def check_pixels(size: tuple[int, int], label: str, max_pixels: int | None = None) -> int:
+    """The pixel count of an image of ``size`` (width, height), or ImageTooLarge if above the limit."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    width, height = size
+    pixels = width * height
+    if pixels > limit:
+        size = f"{pixels / 1e6:.1f} MP" if pixels >= 1_000_000 else megapixels(pixels)
+        raise ImageTooLarge(f"{label}: {width}x{height} = {size} is above the limit of "
+                            f"{megapixels(limit)}; downscale the image or raise the pixel limit (--max-pixels)")
+    return pixels
 
 
 def is_tensor(item) -> bool:
@@ -57,9 +107,14 @@ class Preprocessing:
                 f"crop size {self.crop_size} must lie between {MIN_IMAGE_SIDE} and the image size {self.image_size}"
             )
 
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The first step of ``geometry``: bicubic to ``image_size`` x ``image_size`` (``geometry`` of the result is
+        the same as ``geometry`` of the original: PIL's resize to the same size is a copy)."""
+        return image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and crop a PIL image (any mode that PIL can resize) to the network's view."""
-        image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        image = self.resize(image)
         if self.crop_size is not None and self.crop_size != self.image_size:
             left = (self.image_size - self.crop_size) // 2
             image = image.crop((left, left, left + self.crop_size, left + self.crop_size))
@@ -95,9 +150,13 @@ class Preprocessing:
         return cls(d["image_size"], d["crop_size"], tuple(d["mean"]), tuple(d["std"]))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (grayscale, 16-bit, float, RGBA, palette, CMYK) → 8-bit RGB, EXIF orientation applied."""
-    image = ImageOps.exif_transpose(image)
+def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
+    """Any PIL mode (grayscale, 16-bit, float, RGBA, palette, CMYK) → 8-bit RGB, EXIF orientation applied.
+    ``owned``: the image was just decoded here and may be changed and returned (no copy of a large RGB image)."""
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16"):
@@ -112,6 +171,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
+    if owned and image.mode == "RGB":
+        return image
     return image.convert("RGB")
 
 
@@ -139,12 +200,29 @@ def image_name(item: ImageInput, index: int) -> str:
     return f"<image {index}>"
 
 
-def _decode(source, label: str) -> Image.Image:
-    """Open and fully decode a path or a binary stream; every failure becomes one ImageError line."""
+def _bomb_message(label: str, exc: Exception, limit: int) -> str:
+    """Pillow's own refusal (above 179 MP, raised while reading the header) in the words of check_pixels."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)) / 1e6:.1f} MP" if found else "the image"
+    return (f"{label}: {size} is above the limit of {megapixels(limit)}; downscale the image or raise the pixel "
+            "limit (--max-pixels)")
+
+
+def _quiet_pillow_bomb_warning() -> None:
+    """Put the filter for Pillow's DecompressionBombWarning in place if it is not (checked at each decode, not set
+    once at import: a ``warnings.catch_warnings`` block around the import, as pytest's, would take it away again)."""
+    if _QUIET_BOMB not in warnings.filters:
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+@contextmanager
+def _image_errors(label: str, limit: int) -> Iterator[None]:
+    """Every failure of reading this one image becomes one ImageError line; a MemoryError is the machine's
+    problem, not the image's, and propagates (as do KeyboardInterrupt and SystemExit, which are no Exception)."""
     try:
-        with Image.open(source) as handle:
-            handle.load()  # decode now so truncated files fail here, not later
-            return to_rgb(handle)
+        yield
+    except (ImageError, MemoryError):
+        raise
     except FileNotFoundError:
         raise ImageError(f"{label}: no such file") from None
     except IsADirectoryError:
@@ -154,23 +232,67 @@ def _decode(source, label: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (or a format PIL cannot read)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label}: too many pixels ({exc})") from None
+        raise ImageTooLarge(_bomb_message(label, exc, limit)) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+        raise ImageError(f"{label}: corrupt or truncated image ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure (NotImplementedError, struct.error, ...)
+        raise ImageError(f"{label}: cannot decode this image ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None) -> Image.Image:
+def _decode(source, label: str, max_pixels: int | None = None, reduce_to: int | None = None) -> Image.Image:
+    """Open a path or a binary stream, check its size from the header, then decode it (errors: _image_errors).
+
+    ``reduce_to``: the network's input side; a JPEG at least twice as large on both sides is decoded at 1/2, 1/4
+    or 1/8 scale (draft mode) to no less than that side, so the usual bicubic resize still makes the final size.
+    Other formats are decoded in full, exactly as before."""
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    _quiet_pillow_bomb_warning()
+    with _image_errors(label, limit), Image.open(source) as handle:  # Image.open reads the header only
+        check_pixels(handle.size, label, limit)
+        if reduce_to and handle.format == "JPEG" and min(handle.size) >= 2 * reduce_to:
+            handle.draft("RGB", (reduce_to, reduce_to))
+        handle.load()  # decode now so truncated files fail here, not later
+        return to_rgb(handle, owned=True)
+
+
+def read_size(item: str | os.PathLike | bytes, name: str | None = None,
+              max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone, nothing decoded; ImageError when it cannot be
+    read, ImageTooLarge when above ``max_pixels`` (default ``MAX_IMAGE_PIXELS``)."""
+    label = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
+            raise ImageError(f"{label}: empty file (0 bytes)")
+        item = io.BytesIO(item)
+    _quiet_pillow_bomb_warning()
+    with _image_errors(label, limit), Image.open(item) as handle:
+        check_pixels(handle.size, label, limit)
+        return handle.size
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None, max_pixels: int | None = None,
+               reduce_to: int | None = None) -> Image.Image:
     """Decode one input (path, bytes, binary stream, PIL image, array, tensor) to an RGB PIL image,
-    or raise ImageError with a one-line reason that starts with ``name`` (default: the path)."""
+    or raise ImageError with a one-line reason that starts with ``name`` (default: the path).
+
+    Encoded inputs (paths, bytes, streams) above ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) are refused from
+    their header (ImageTooLarge) before decoding; ``reduce_to`` (the network's input side) lets a large JPEG be
+    decoded at a reduced scale (see ``_decode``). Images already in memory are not limited."""
     label = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
     if isinstance(item, (str, os.PathLike)):
-        image = _decode(Path(item), label)
+        image = _decode(Path(item), label, max_pixels, reduce_to)
     elif isinstance(item, (bytes, bytearray, memoryview)):
         if not len(item):
-            raise ImageError(f"{label}: empty (0 bytes)")
-        image = _decode(io.BytesIO(item), label)
+            raise ImageError(f"{label}: empty file (0 bytes)")
+        image = _decode(io.BytesIO(item), label, max_pixels, reduce_to)
     elif isinstance(item, io.IOBase):
-        image = _decode(item, label)
+        image = _decode(item, label, max_pixels, reduce_to)
     elif isinstance(item, Image.Image):
         image = to_rgb(item)
     elif is_tensor(item):
@@ -207,10 +329,12 @@ class LoadedImage:
         return torch.from_numpy(self.array)
 
 
-def load_one(item: ImageInput, index: int, preprocessing: Preprocessing, keep_view: bool) -> LoadedImage:
+def load_one(item: ImageInput, index: int, preprocessing: Preprocessing, keep_view: bool,
+             max_pixels: int | None = None) -> LoadedImage:
     name = image_name(item, index)
     try:
-        view = np.array(preprocessing.geometry(open_image(item)))  # writable copy for torch
+        image = open_image(item, max_pixels=max_pixels, reduce_to=preprocessing.image_size)
+        view = np.array(preprocessing.geometry(image))  # writable copy for torch
     except ImageError as exc:
         return LoadedImage(index, name, error=str(exc))
     return LoadedImage(index, name, preprocessing.normalize_array(view), view if keep_view else None)
@@ -231,8 +355,10 @@ def iter_batches(
     batch_size: int,
     workers: int = 2,
     keep_view: bool = False,
+    max_pixels: int | None = None,
 ) -> Iterator[list[LoadedImage]]:
-    """Decode and preprocess in a thread pool (PIL releases the GIL), one batch ahead of the consumer."""
+    """Decode and preprocess in a thread pool (PIL releases the GIL), one batch ahead of the consumer.
+    ``max_pixels``: the per-image pixel limit for encoded inputs (default ``MAX_IMAGE_PIXELS``)."""
     if batch_size < 1:
         raise FastpadimError(f"batch size must be at least 1, got {batch_size}")
     iterator = iter(items)
@@ -246,7 +372,8 @@ def iter_batches(
                 chunk.append(item)
                 if len(chunk) == batch_size:
                     break
-            futures = [pool.submit(load_one, item, start + i, preprocessing, keep_view) for i, item in enumerate(chunk)]
+            futures = [pool.submit(load_one, item, start + i, preprocessing, keep_view, max_pixels)
+                       for i, item in enumerate(chunk)]
             start += len(chunk)
             return futures
 

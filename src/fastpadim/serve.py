@@ -1,12 +1,18 @@
 """``fastpadim serve``: an HTTP inspection service (FastAPI) around one loaded model, plus a web page at ``/``.
 
 Requests are decoded in threads, then grouped into network batches by ``MicroBatcher`` (one thread owns the
-model), so the event loop keeps answering (``/health`` included) while images are scored.
+model), so the event loop keeps answering (``/health`` included) while images are scored. Memory is bounded per
+image (the pixel limit, checked from the header), across requests (``PixelBudget``: pixels decoded at once), and
+is given back to the OS after large decodes (glibc's ``malloc_trim``).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must resolve the route signatures' types at run time.
 import base64
+import ctypes
+import errno
+import functools
 import io
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -15,11 +21,13 @@ import typer
 
 from .cli import app, console, user_errors
 from .errors import FastpadimError, ImageError
+from .images import MAX_IMAGE_PIXELS, ImageTooLarge, check_max_pixels, megapixels, read_size
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
     from PIL import Image
 
+    from .images import Preprocessing
     from .model import Padim
     from .onnx_runtime import OnnxPadim
     from .results import ScoredImage
@@ -28,13 +36,82 @@ MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and headers around 
 MAX_BATCH_FILES = 64  # images in one /v1/score/batch request
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 UPLOAD_HINT = "send an image as the multipart field 'file' (curl -F file=@image.png) or as the raw request body"
+MAX_DECODING_PIXELS = 2 * MAX_IMAGE_PIXELS  # pixels being decoded at once, all requests together
+TRIM_AFTER_PIXELS = 4_000_000  # decodes this large leave freed heap that glibc keeps: give it back once idle
 
 
-def decode_upload(data: bytes, name: str) -> "Image.Image":
-    """Uploaded bytes → RGB PIL image, or ImageError with a one-line reason (same checks as files on disk)."""
+def decode_upload(data: bytes, name: str, preprocessing: "Preprocessing | None" = None,
+                  max_pixels: int | None = None) -> "Image.Image":
+    """Uploaded bytes → RGB PIL image, or ImageError with a one-line reason (same checks as files on disk; above
+    ``max_pixels``, default ``images.MAX_IMAGE_PIXELS``: ImageTooLarge, from the header). With ``preprocessing``
+    the image comes back resized to the network's input side (a large JPEG decoded at reduced scale), so a request
+    waiting for its batch holds a small image, not the full-resolution one; the scores are the same (the model's
+    own resize of it is then a copy)."""
     from .images import open_image
 
-    return open_image(data, name=name)
+    reduce_to = preprocessing.image_size if preprocessing is not None else None
+    image = open_image(data, name=name, max_pixels=max_pixels, reduce_to=reduce_to)
+    return preprocessing.resize(image) if preprocessing is not None else image
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim, freed memory is handled there
+        return None
+
+
+def release_memory() -> bool:
+    """Hand freed heap memory back to the OS. glibc keeps what a large decode freed (Pillow's 16 MB blocks fall
+    under its raised mmap threshold), so without this the service stays at its peak after a burst of large
+    images. False where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def check_options(max_batch: int, max_wait_ms: float, max_upload_mb: float, max_pixels: int,
+                  max_decoding_pixels: int) -> None:
+    """The service's limits, checked before anything slow (loading the model) happens."""
+    if max_batch < 1:
+        raise FastpadimError(f"--max-batch must be at least 1, got {max_batch}")
+    if not max_wait_ms >= 0:  # NaN too
+        raise FastpadimError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+    if not 0 < max_upload_mb < float("inf"):
+        raise FastpadimError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
+    check_max_pixels(max_pixels, "--max-pixels")
+    if isinstance(max_decoding_pixels, bool) or not isinstance(max_decoding_pixels, int) or max_decoding_pixels < 1:
+        raise FastpadimError(f"--max-decoding-pixels must be a whole number of pixels >= 1, "
+                             f"got {max_decoding_pixels!r}")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in one line, before the model is loaded, when ``host:port`` cannot be listened on (in use, not an
+    address of this machine, a privileged port). Binds the way uvicorn does (SO_REUSEADDR), then lets go."""
+    if not 0 < port < 65536:
+        raise FastpadimError(f"--port must be between 1 and 65535, got {port}")
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise FastpadimError(f"cannot listen on {where}: unknown host ({exc.strerror}); use an address of this "
+                             "machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server
+                sock.bind(address)
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            hint = {errno.EADDRINUSE: "stop the other server or choose another --port",
+                    errno.EACCES: "ports below 1024 need privileges; choose a --port above 1023",
+                    errno.EADDRNOTAVAIL: "use an address of this machine, e.g. 127.0.0.1 or 0.0.0.0"}.get(exc.errno)
+            raise FastpadimError(f"cannot listen on {where}: {reason}" + (f"; {hint}" if hint else "")) from None
 
 
 def score_batch(model: "Padim", images: list) -> "list[ScoredImage]":
@@ -88,8 +165,12 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
 
 
 def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
-               max_upload_mb: float = 20.0, max_queue: int = 256) -> "FastAPI":
-    """The FastAPI application serving ``model``; the batcher starts and stops with the app's lifespan."""
+               max_upload_mb: float = 20.0, max_queue: int = 256, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_decoding_pixels: int = MAX_DECODING_PIXELS) -> "FastAPI":
+    """The FastAPI application serving ``model``; the batcher starts and stops with the app's lifespan.
+
+    ``max_pixels``: the most pixels in one image (checked from its header, before decoding; above: HTTP 413);
+    ``max_decoding_pixels``: the most pixels decoded at once by all requests together (others wait their turn)."""
     import asyncio
     from contextlib import asynccontextmanager
     from importlib.resources import files
@@ -99,22 +180,24 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
     from pydantic import BaseModel
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from .batcher import MicroBatcher, QueueFull
+    from .batcher import MicroBatcher, PixelBudget, QueueFull
+    from .results import VERDICT_LABELS, verdict
 
-    if max_batch < 1:
-        raise FastpadimError(f"--max-batch must be at least 1, got {max_batch}")
-    if max_wait_ms < 0:
-        raise FastpadimError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
-    if max_upload_mb <= 0:
-        raise FastpadimError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
+    check_options(max_batch, max_wait_ms, max_upload_mb, max_pixels, max_decoding_pixels)
     max_bytes = int(max_upload_mb * 1024 * 1024)
-    batcher = MicroBatcher(lambda images: score_batch(model, images), max_batch, max_wait_ms / 1000.0, max_queue)
+    batcher = MicroBatcher(lambda images: score_batch(model, images), max_batch, max_wait_ms / 1000.0, max_queue,
+                           on_idle=release_memory)  # after a burst, the network's freed memory goes back to the OS
+    budget = PixelBudget(max_decoding_pixels)
+    preprocessing = model.preprocessing_
+    large_decodes = {"pixels": 0}  # pixels of large images decoded since memory was last handed back
     page = (files("fastpadim") / "static" / "index.html").read_text(encoding="utf-8")
     summary = model_summary(model, model_path)
 
     @asynccontextmanager
     async def lifespan(_app):
+        budget.open()
         await batcher.start()
         try:
             yield
@@ -124,6 +207,7 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
     api = FastAPI(title="fastpadim inspection service", version=summary["fastpadim_version"], lifespan=lifespan,
                   description="PaDiM anomaly scores, verdicts and heatmaps for images posted by a line PC.")
     api.state.batcher = batcher
+    api.state.budget = budget
 
     # ------------------------------------------------------------------------------ response models
     class Timings(BaseModel):
@@ -160,11 +244,10 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
         timings_ms: Timings
 
     # ----------------------------------------------------------------------------------- helpers
-    def verdict(score: float) -> tuple[str, bool | None]:
-        if model.threshold_ is None:
-            return "unknown", None
-        flagged = bool(score > model.threshold_)
-        return ("anomalous" if flagged else "good"), flagged
+    def judge(score: float) -> tuple[str, bool | None]:
+        """results.verdict, the one place a verdict is made: a non-finite score raises FastpadimError (no verdict)."""
+        flagged = verdict(score, model.threshold_)
+        return VERDICT_LABELS[flagged], flagged
 
     async def read_body(request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -187,12 +270,19 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
             async def replay():  # the form parser reads the body we already hold
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 16)
+            too_many = ("more than one file sent to /v1/score; use /v1/score/batch for several" if max_files == 1
+                        else f"more than {max_files} files in one request; send at most {max_files}")
+            try:
+                form = await Request(request.scope, replay).form(max_files=max_files, max_fields=max_files + 16)
+            except StarletteHTTPException as exc:  # Starlette's parser stops at max_files with its own wording (400)
+                if "too many files" in str(exc.detail).lower():
+                    raise HTTPException(413, too_many) from None
+                raise
             parts = form.getlist("file")
             if not parts:
                 raise HTTPException(400, f"no 'file' field in the form; {UPLOAD_HINT}")
             if len(parts) > max_files:
-                raise HTTPException(413, f"{len(parts)} files in one request; at most {max_files}")
+                raise HTTPException(413, too_many)
             uploads = []
             for i, part in enumerate(parts):
                 if not isinstance(part, UploadFile):
@@ -204,9 +294,7 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
                 data = await part.read()
                 if len(data) > max_bytes:
                     raise HTTPException(413, f"{name}: {len(data)} bytes is above the limit of {max_bytes} bytes")
-                if not data:
-                    raise HTTPException(400, f"{name}: empty file")
-                uploads.append((name, data))
+                uploads.append((name, data))  # an empty file fails on its own when decoded (one entry of a batch)
             return uploads
         if content_type and not (content_type.startswith("image/") or content_type in RAW_TYPES):
             raise HTTPException(415, f"content type {content_type} is not accepted; {UPLOAD_HINT}")
@@ -215,24 +303,39 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
             raise HTTPException(400, f"empty body; {UPLOAD_HINT}")
         return [("<body>", data)]
 
+    async def decode_one(name: str, data: bytes) -> tuple[str, object, float]:
+        """Header first (refused above the pixel limit before anything is decoded), then a turn in the pixel budget,
+        then the decode in a worker thread, to an image already resized to the network's input."""
+        start = time.perf_counter()
+        try:
+            width, height = await run_in_threadpool(read_size, data, name, max_pixels)
+            async with budget.reserve(width * height):
+                image = await run_in_threadpool(decode_upload, data, name, preprocessing, max_pixels)
+            if width * height >= TRIM_AFTER_PIXELS:
+                large_decodes["pixels"] += width * height
+        except ImageError as exc:
+            image = exc
+        return name, image, time.perf_counter() - start
+
     async def decode_all(uploads: list[tuple[str, bytes]]) -> list[tuple[str, object, float]]:
-        """(name, PIL image or ImageError, seconds), decoded in worker threads off the event loop."""
-
-        def decode(name: str, data: bytes):
-            start = time.perf_counter()
-            try:
-                image = decode_upload(data, name)
-            except ImageError as exc:
-                image = exc
-            return name, image, time.perf_counter() - start
-
-        return list(await asyncio.gather(*(run_in_threadpool(decode, n, d) for n, d in uploads)))
+        """(name, PIL image or ImageError, seconds) for each upload, decoded in worker threads off the event loop;
+        once no decode is left in flight after large ones, the freed memory goes back to the OS."""
+        decoded = list(await asyncio.gather(*(decode_one(n, d) for n, d in uploads)))
+        if large_decodes["pixels"] and budget.in_use == 0:
+            large_decodes["pixels"] = 0
+            await run_in_threadpool(release_memory)
+        return decoded
 
     async def score(images: list) -> tuple[list, object]:
         try:
             return await batcher.submit(images)
         except QueueFull as exc:
             raise HTTPException(503, str(exc)) from None
+
+    def named(result, name: str) -> str:
+        """The model's error for an image, under the upload's name (the model only knows "<image 0>")."""
+        prefix = f"{result.name}: "
+        return f"{name}: {result.error[len(prefix):]}" if result.error.startswith(prefix) else result.error
 
     def ms(seconds: float) -> float:
         return round(seconds * 1000.0, 2)
@@ -274,11 +377,11 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
             raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
         name, image, decode_s = (await decode_all(uploads))[0]
         if isinstance(image, ImageError):
-            raise HTTPException(422, str(image))
+            raise HTTPException(413 if isinstance(image, ImageTooLarge) else 422, str(image))
         (result,), timing = await score([image])
-        if result.error:
-            raise HTTPException(422, result.error)
-        label, flagged = verdict(result.score)
+        if result.error:  # unreadable, or a non-finite score (results.ScoredImage turns it into an error)
+            raise HTTPException(422, named(result, name))
+        label, flagged = judge(result.score)
         timings = {"decode": ms(decode_s), "queue": ms(timing.queue_s), "model": ms(timing.model_s)}
         response = {"name": name, "score": result.score, "verdict": label, "is_anomalous": flagged,
                     "threshold": model.threshold_, "batch_size": timing.batch_size}
@@ -305,9 +408,13 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
         drawn = time.perf_counter()
         for (i, _), result in zip(readable, results):
             if result.error:
-                items[i]["error"] = result.error
+                items[i]["error"] = named(result, items[i]["name"])
                 continue
-            label, flagged = verdict(result.score)
+            try:
+                label, flagged = judge(result.score)
+            except FastpadimError as exc:  # no verdict for this image; the others keep theirs
+                items[i]["error"] = f"{items[i]['name']}: {exc}"
+                continue
             items[i].update(score=result.score, verdict=label, is_anomalous=flagged)
             if heatmap:
                 items[i]["heatmap_png_base64"] = await run_in_threadpool(overlay_png_base64, result, model.threshold_)
@@ -324,12 +431,42 @@ def create_app(model: "Padim | OnnxPadim", model_path: str | None = None, max_ba
     async def fastpadim_error(_request: Request, exc: FastpadimError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
-    @api.exception_handler(Exception)
-    async def unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
-        first_line = str(exc).splitlines()[0] if str(exc) else ""
-        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {first_line}"}, status_code=500)
-
+    api.add_middleware(UnexpectedErrors)
     return api
+
+
+class UnexpectedErrors:
+    """Any other exception in a request becomes a JSON 500 with one line, logged with its traceback. Unlike an
+    exception handler for ``Exception`` (Starlette re-raises after answering, and uvicorn then closes the
+    connection, so a keep-alive client's next request is reset), the connection stays usable."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:  # noqa: BLE001 - one failed request must not cost the connection
+            if started:
+                raise  # half a response is out: nothing better than closing the connection
+            import logging
+
+            from fastapi.responses import JSONResponse
+
+            logging.getLogger("fastpadim.serve").error("internal error in %s %s", scope.get("method"),
+                                                       scope.get("path"), exc_info=exc)
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            response = JSONResponse({"detail": f"internal error: {type(exc).__name__}: {first_line}"}, status_code=500)
+            await response(scope, receive, send)
 
 
 # ------------------------------------------------------------------------------------------ command
@@ -343,6 +480,10 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most images in one network batch.")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more requests to join a batch.")] = 5.0,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image upload, in MiB (larger: HTTP 413).")] = 20.0,
+    max_pixels: Annotated[int, typer.Option(help="Most pixels in one image, read from its header before decoding "
+                                                 "(larger: HTTP 413).")] = MAX_IMAGE_PIXELS,
+    max_decoding_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once by all requests together "
+                                                          "(the rest wait their turn).")] = MAX_DECODING_PIXELS,
     engine: Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")] = None,
 ) -> None:
     """Serve a model over HTTP: POST /v1/score, /v1/score/batch, GET /health, /v1/model, and a web page at /."""
@@ -351,16 +492,18 @@ def serve(
     from . import load
 
     with user_errors():
-        if not 0 < port < 65536:
-            raise FastpadimError(f"--port must be between 1 and 65535, got {port}")
+        # Everything that can be wrong with the options is found before the model load (seconds).
+        check_options(max_batch, max_wait_ms, max_upload_mb, max_pixels, max_decoding_pixels)
+        check_port(host, port)
         model = load(model_path, device=device, weights=weights, engine=engine)
         api = create_app(model, str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_upload_mb=max_upload_mb)
+                         max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_decoding_pixels=max_decoding_pixels)
         warm_up(model)
         summary = model_summary(model, str(model_path))
     threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
     console.print(f"serving {model_path} ({summary['backbone']}, {summary['engine']} on {summary['device']}, threshold {threshold}) "
-                  f"on http://{host}:{port}/  (API docs at /docs; Ctrl+C stops)", highlight=False, soft_wrap=True)
+                  f"on http://{host}:{port}/  (API docs at /docs; Ctrl+C stops; images up to {megapixels(max_pixels)})",
+                  highlight=False, soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach it can use the service "
                       "(there is no authentication)", highlight=False)
