@@ -278,7 +278,7 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
 
     from . import __version__
 
-    model._require_fitted()
+    model.check_fitted()
     path = Path(path)
     check_export_target(path, opset)
     folder = path.parent if str(path.parent) else Path(".")

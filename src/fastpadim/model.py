@@ -184,7 +184,7 @@ class Padim(ScoringMixin):
     def _is_fitted(self) -> bool:
         return hasattr(self, "whitener_")
 
-    def _require_fitted(self) -> None:
+    def check_fitted(self) -> None:
         if not self._is_fitted():
             raise FastpadimError("this Padim model is not fitted yet: call fit() first or load a model file")
 
@@ -203,10 +203,8 @@ class Padim(ScoringMixin):
     def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return batch.split(CPU_FORWARD_IMAGES) if self.device_.type == "cpu" else (batch,)
 
-    def _batches(self, images: Iterable[ImageInput], keep_view: bool = False,
-                 batch_size: int | None = None) -> Iterator[list[LoadedImage]]:
-        return iter_batches(single_or_many(images), self.preprocessing_, batch_size or self.batch_size, self.workers,
-                            keep_view)
+    def _batches(self, images: Iterable[ImageInput]) -> Iterator[list[LoadedImage]]:
+        return iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers)
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(
@@ -347,32 +345,17 @@ class Padim(ScoringMixin):
         maps = self.map_generator_(distances.view(-1, h, w))
         return image_scores(maps), maps
 
-    def iter_scored(
-        self, images: Iterable[ImageInput], keep_view: bool = False, progress: Progress | None = None,
-        batch_size: int | None = None,
-    ) -> Iterator[list[ScoredImage]]:
-        """Score in batches, yielding each batch's results (unreadable inputs carry their error)."""
-        self._require_fitted()
-        images, unusable = expand(images)
-        self.skipped_ += unusable
-        for batch in self._batches(images, keep_view, batch_size):
-            good = [item for item in batch if item.tensor is not None]
-            results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
-            if good:
-                scores, maps = self._score_tensor(stack(good))
-                scores, maps = scores.cpu().numpy(), maps.cpu().numpy()
-                for item, score, amap in zip(good, scores, maps):
-                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view)
-            if progress:
-                progress(len(batch))
-            yield [results[item.index] for item in batch]
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images (B, 3, S, S) → image scores (B,) and anomaly maps (B, S, S), as NumPy."""
+        scores, maps = self._score_tensor(torch.from_numpy(batch))
+        return scores.cpu().numpy(), maps.cpu().numpy()
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:
         """Write one safetensors file atomically; ``keep_stats`` also stores what ``partial_fit`` needs."""
         from .modelfile import write_model_file
 
-        self._require_fitted()
+        self.check_fitted()
         if keep_stats and self.stats_ is None:
             raise FastpadimError("this model holds no training statistics to keep (it was fitted with keep_stats=False)")
         write_model_file(path, self.to_metadata(), self._tensors(keep_stats))

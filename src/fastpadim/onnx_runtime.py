@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import FastpadimError
-from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
+from .images import Preprocessing
 from .metadata import validate
-from .results import Progress, ScoredImage, ScoringMixin
+from .results import ScoringMixin
 
 METADATA_KEY = "fastpadim"
 EXPORT_FORMAT_VERSION = 1
@@ -441,20 +440,9 @@ class OnnxPadim(ScoringMixin):
         self.device = self._runner.device
         self.precision = self._runner.precision
 
-    def iter_scored(self, images: Iterable[ImageInput], keep_view: bool = False,
-                    progress: Progress | None = None) -> Iterator[list[ScoredImage]]:
-        """Score in batches, yielding each batch's results (unreadable inputs carry their error)."""
-        batches = iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers, keep_view)
-        for batch in batches:
-            good = [item for item in batch if item.array is not None]
-            results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
-            if good:
-                scores, maps = self._runner.run(stack_arrays(good))
-                for item, score, amap in zip(good, scores, maps):
-                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view)
-            if progress:
-                progress(len(batch))
-            yield [results[item.index] for item in batch]
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed images (B, 3, S, S) → image scores (B,) and anomaly maps (B, S, S)."""
+        return self._runner.run(batch)
 
     def save_metadata(self) -> None:
         """Write the current threshold (e.g. after ``set_threshold``) into the file's metadata."""

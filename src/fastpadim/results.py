@@ -84,12 +84,39 @@ class Predictions:
 
 
 class ScoringMixin:
-    """``score``, ``score_samples``, ``predict`` and ``set_threshold`` for a class that provides
-    ``iter_scored(images, keep_view, progress)``, ``preprocessing_``, ``threshold_``, ``false_alarm_rate``
-    and ``skipped_``."""
+    """The scoring API (``iter_scored``, ``predict``, ``set_threshold``, ...) for a class that provides ``run_batch``,
+    ``check_fitted``, ``preprocessing_``, ``batch_size``, ``workers``, ``false_alarm_rate`` and ``skipped_``."""
 
-    def iter_scored(self, images, keep_view: bool = False, progress: Progress | None = None) -> Iterator[list[ScoredImage]]:
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The engine seam: preprocessed images (B, 3, S, S) float32 → image scores (B,) and anomaly maps (B, S, S).
+        The PyTorch model, onnxruntime and OpenVINO each implement only this; the loop below is shared."""
         raise NotImplementedError
+
+    def check_fitted(self) -> None:
+        """Raise a one-line error if the model cannot score yet."""
+
+    def iter_scored(self, images, keep_view: bool = False, progress: Progress | None = None,
+                    batch_size: int | None = None) -> Iterator[list[ScoredImage]]:
+        """Score in batches, yielding each batch's results in input order (unreadable inputs carry their error).
+        ``images`` may be a folder, a glob or a list file, as on the command line."""
+        from .images import iter_batches, single_or_many, stack_arrays
+        from .sources import expand
+
+        self.check_fitted()
+        images, unusable = expand(images)
+        self.skipped_ += unusable
+        batches = iter_batches(single_or_many(images), self.preprocessing_, batch_size or self.batch_size,
+                               self.workers, keep_view)
+        for batch in batches:
+            good = [item for item in batch if item.array is not None]
+            results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
+            if good:
+                scores, maps = self.run_batch(stack_arrays(good))
+                for item, score, amap in zip(good, scores, maps):
+                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view)
+            if progress:
+                progress(len(batch))
+            yield [results[item.index] for item in batch]
 
     @property
     def threshold_(self) -> float | None:
