@@ -116,8 +116,8 @@ def check_port(host: str, port: int) -> None:
 
 def score_batch(model: "Padim", images: list) -> "list[ScoredImage]":
     """The batcher's work, always on the model thread: one network batch for all ``images``."""
-    model.batch_size = max(1, len(images))
-    return [result for batch in model.iter_scored(images, keep_view=True) for result in batch]
+    return [result for batch in model.iter_scored(images, keep_view=True, batch_size=max(1, len(images)))
+            for result in batch]
 
 
 def warm_up(model: "Padim") -> None:
