@@ -80,7 +80,7 @@ def test_fit_predict_info(model_file, test_folder, tmp_path):
     for row in rows:
         assert Path(row["overlay"]).is_file() and Path(row["mask"]).is_file()
         assert Image.open(row["overlay"]).size == (64, 64) and Image.open(row["mask"]).mode == "L"
-    assert files_in(out / "overlays") == ["good", "good/0.png", "good/1.png", "spot", "spot/0.png", "spot/1.png"]
+    assert files_in(out / "overlays") == ["good", "good/0.png.png", "good/1.png.png", "spot", "spot/0.png.png", "spot/1.png.png"]
     score = {r["image"].split("test/")[1]: float(r["score"]) for r in rows}
     assert min(score["spot/0.png"], score["spot/1.png"]) > max(score["good/0.png"], score["good/1.png"])
 
@@ -109,8 +109,8 @@ def test_symlinked_images_with_equal_names_keep_their_folders(model_file, test_f
     assert_ok(run("predict", model_file, linked, "-o", out))
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(Path(r["overlay"]).relative_to(out).as_posix() for r in rows) == [
-        "overlays/good/0.png", "overlays/spot/0.png"]
-    assert files_in(out / "masks") == ["good", "good/0.png", "spot", "spot/0.png"]
+        "overlays/good/0.png.png", "overlays/spot/0.png.png"]
+    assert files_in(out / "masks") == ["good", "good/0.png.png", "spot", "spot/0.png.png"]
 
 
 def test_corrupt_image_in_a_folder_is_reported_and_skipped(model_file, test_folder, image_folder, tmp_path):
@@ -122,7 +122,7 @@ def test_corrupt_image_in_a_folder_is_reported_and_skipped(model_file, test_fold
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 4
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["skipped"]) == 1 and "broken.png" in summary["skipped"][0]["image"]
-    assert not (out / "overlays/good/broken.png").exists()
+    assert not (out / "overlays/good/broken.png.png").exists() and files_in(out / "overlays/good") == ["0.png.png", "1.png.png"]
     # Fitting on a folder with a corrupt file also reports it and goes on.
     train = tmp_path / "train"
     train.mkdir()
@@ -193,7 +193,7 @@ def test_predict_bad_inputs(model_file, tmp_path):
     (["--layers", "one,two"], ["--layers"]),
     (["--factor-dtype", "int8"], ["factor dtype"]),
     (["--epsilon", "-1"], ["epsilon"]),
-    (["--crop-size", "100"], ["crop size"]),
+    (["--crop-size", "100"], ["crop", "100"]),
     (["--weights", "absent.safetensors"], ["absent.safetensors"]),
 ])
 def test_fit_bad_options(options, words, image_folder, tmp_path):
@@ -308,3 +308,297 @@ def test_without_torch_fit_says_which_extra_to_install(tmp_path):
     assert run.returncode == 1
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "fastpadim[full]" in lines[0] and "Traceback" not in run.stderr
+
+
+# ------------------------------------------------------------------ never a silent wrong verdict (CLI)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_predict_refuses_a_non_finite_threshold(value, model_file, test_folder, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(run("predict", model_file, test_folder, "-o", out, "--threshold", value), "--threshold", "finite")
+    assert not out.exists()
+
+
+def many_inputs(root: Path) -> list[Path]:
+    """27 different images: a.png/a.jpg/a.bmp/a.tif/a.webp and 0..7.png in good/ and spot/, and a top-level a.png;
+    half of them with a bright square, every one with its own texture."""
+    from conftest import make_surfaces
+
+    arrays = iter(make_surfaces(27, seed=5))
+    paths = []
+    for kind in ("good", "spot"):
+        (root / kind).mkdir(parents=True)
+        for name in [f"a.{ext}" for ext in ("png", "jpg", "bmp", "tif", "webp")] + [f"{i}.png" for i in range(8)]:
+            array = next(arrays)
+            Image.fromarray(with_spot(array) if kind == "spot" else array).save(root / kind / name)
+            paths.append(root / kind / name)
+    Image.fromarray(with_spot(next(arrays))).save(root / "a.png")
+    return [*paths, root / "a.png"]
+
+
+def expected_outputs(model_file: Path, paths: list[Path]) -> tuple[dict, float]:
+    """Per image, the overlay and mask the model gives it (one image per batch, as the CLI is run below), and a
+    threshold in the middle of the scores, so that both verdicts occur and masks differ."""
+    from fastpadim import Padim
+    from fastpadim.visualize import defect_mask, overlay
+
+    model = Padim.load(model_file, device="cpu")
+    model.batch_size = 1
+    scored = [r for batch in model.iter_scored([str(p) for p in paths], keep_view=True) for r in batch]
+    threshold = float(np.median([r.score for r in scored]))
+    expected = {str(p): (np.asarray(overlay(r.view, r.anomaly_map, threshold)), np.asarray(defect_mask(r.anomaly_map, threshold)))
+                for p, r in zip(paths, scored)}
+    return expected, threshold
+
+
+def assert_rows_own_their_outputs(out: Path, expected: dict, n_rows: int) -> list[dict]:
+    """One overlay and one mask per row, all different paths, every file in overlays/ and masks/ a row's, and
+    each made from that row's image (pixel for pixel)."""
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == n_rows
+    assert len({r["overlay"] for r in rows}) == len({r["mask"] for r in rows}) == n_rows
+    assert sorted(str(p) for p in (out / "overlays").rglob("*") if p.is_file()) == sorted(r["overlay"] for r in rows)
+    assert sorted(str(p) for p in (out / "masks").rglob("*") if p.is_file()) == sorted(r["mask"] for r in rows)
+    for row in rows:
+        want_overlay, want_mask = expected[row["image"]]
+        mask = np.asarray(Image.open(row["mask"]))
+        np.testing.assert_array_equal(mask, want_mask, err_msg=row["image"])
+        np.testing.assert_array_equal(np.asarray(Image.open(row["overlay"])), want_overlay, err_msg=row["image"])
+        assert (mask.max() > 0) == (row["verdict"] == "anomalous"), row
+    return rows
+
+
+def test_every_input_gets_its_own_overlay_and_mask(model_file, tmp_path):
+    """a.png, a.jpg, a.bmp, a.tif, a.webp and same-named files in two folders (a folder, a glob, a list with the
+    same file twice): as many overlays as rows, each row's files made from its image."""
+    paths = many_inputs(tmp_path / "imgs")
+    expected, threshold = expected_outputs(model_file, paths)
+    options = ["--threshold", repr(threshold), "--batch-size", "1", "--device", "cpu"]
+
+    out = tmp_path / "folder"
+    assert_ok(run("predict", model_file, tmp_path / "imgs", "-o", out, *options))
+    rows = assert_rows_own_their_outputs(out, expected, 27)
+    assert {r["verdict"] for r in rows} == {"good", "anomalous"}
+    names = {Path(r["overlay"]).relative_to(out / "overlays").as_posix() for r in rows}
+    assert {"a.png.png", "good/a.png.png", "good/a.jpg.png", "good/a.bmp.png", "good/a.tif.png", "good/a.webp.png",
+            "spot/a.png.png", "spot/0.png.png"} <= names
+
+    out = tmp_path / "glob"  # same-named files of two folders: named from their common folder
+    assert_ok(run("predict", model_file, tmp_path / "imgs/*/a.*", "-o", out, *options))
+    rows = assert_rows_own_their_outputs(out, expected, 10)
+    assert sorted(Path(r["mask"]).relative_to(out / "masks").as_posix() for r in rows)[:2] == ["good/a.bmp.png", "good/a.jpg.png"]
+
+    listing = tmp_path / "list.txt"  # the same image twice: two rows, two outputs
+    listing.write_text("imgs/good/0.png\nimgs/spot/0.png\nimgs/good/0.png\nimgs/a.png\n")
+    out = tmp_path / "list"
+    assert_ok(run("predict", model_file, listing, "-o", out, *options))
+    rows = assert_rows_own_their_outputs(out, expected, 4)
+    assert [Path(r["overlay"]).relative_to(out / "overlays").as_posix() for r in rows] == [
+        "good/0.png.png", "spot/0.png.png", "good/0.png~2.png", "a.png.png"]
+
+
+def test_output_names_are_stable_and_collision_free():
+    from fastpadim.cli import OutputNames
+    from fastpadim.sources import Item, output_name
+
+    assert output_name("good/a.jpg", ".png") == Path("good/a.jpg.png")
+    assert output_name("v.mp4#frame=3", ".npy") == Path("v.mp4#frame=3.npy")
+    items = [Item("/d/x/a.png"), Item("/d/y/a.png"), Item("/d/x/A.PNG"), Item("/d/v.mkv", 4)]
+    names = OutputNames(Path("/d"), items)
+    assert [names(i.name).as_posix() for i in items] == ["x/a.png.png", "y/a.png.png", "x/A.PNG~2.png", "v.mkv#frame=4.png"]
+    assert OutputNames(Path("/d"), items)("/d/x/a.png").as_posix() == "x/a.png.png"  # the same in every run
+
+
+def test_a_second_run_into_the_same_output_needs_overwrite(model_file, test_folder, tmp_path):
+    out = tmp_path / "out"
+    assert_ok(run("predict", model_file, test_folder, "-o", out))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = assert_one_line_error(run("predict", model_file, test_folder / "good", "-o", out), str(out), "--overwrite")
+    assert "previous run" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # --overwrite replaces them: only this run's overlays and masks remain (none of spot/), nothing hidden left.
+    assert_ok(run("predict", model_file, test_folder / "good", "-o", out, "--overwrite"))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 2 and files_in(out / "overlays") == ["0.png.png", "1.png.png"] == files_in(out / "masks")
+    assert sorted(os.listdir(out)) == ["masks", "overlays", "results.csv", "results.json"]
+    # --no-maps over a run with maps: the old overlays and masks go too.
+    assert_ok(run("predict", model_file, test_folder / "good", "-o", out, "--overwrite", "--no-maps"))
+    assert sorted(os.listdir(out)) == ["results.csv", "results.json"]
+
+
+def failing_save(monkeypatch, after: int, failure):
+    """PIL's Image.save fails (calls ``failure``) from the (after+1)-th image on."""
+    calls = []
+    save = Image.Image.save
+
+    def patched(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            failure()
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", patched)
+    return calls
+
+
+def disk_full():
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_midway_leaves_nothing_partial(model_file, test_folder, tmp_path, monkeypatch):
+    out = tmp_path / "new"
+    failing_save(monkeypatch, 3, disk_full)
+    line = assert_one_line_error(run("predict", model_file, test_folder, "-o", out), "cannot write",
+                                 "no space left on the device", str(out / "masks") + "/")
+    assert ".fastpadim-partial" not in line
+    assert not out.exists()  # it was made for this run: gone, with the overlays written before the failure
+
+    # Over a previous run (--overwrite): that run's results stay as they were; no hidden folder is left.
+    monkeypatch.undo()
+    old = tmp_path / "old"
+    assert_ok(run("predict", model_file, test_folder, "-o", old))
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    failing_save(monkeypatch, 2, disk_full)  # good/ has 2 images: the second one's overlay fails
+    assert_one_line_error(run("predict", model_file, test_folder / "good", "-o", old, "--overwrite"), "no space left")
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(old)) == ["masks", "overlays", "results.csv", "results.json"]
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_an_interrupted_run_leaves_nothing_partial(how, model_file, test_folder, tmp_path, monkeypatch):
+    """Stopped while scoring the third image (after two overlays and masks were written, outside any file write)."""
+    import signal
+
+    from fastpadim import visualize
+
+    calls = []
+    make_overlay = visualize.overlay
+
+    def overlay(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            if how == "sigterm":
+                # predict turns SIGTERM into SystemExit for the whole run; the default action would kill pytest
+                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, "SIGTERM would end the run uncleanly"
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        return make_overlay(*args, **kwargs)
+
+    monkeypatch.setattr(visualize, "overlay", overlay)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/notes.txt").write_text("mine")
+    result = run("predict", model_file, test_folder, "-o", tmp_path / "out")
+    assert len(calls) == 3
+    assert result.exit_code == (128 + signal.SIGTERM if how == "sigterm" else 130), result.output
+    assert os.listdir(tmp_path / "out") == ["notes.txt"]  # no overlays, masks, results or staging folder
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_failed_move_into_place_restores_the_previous_results(model_file, test_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert_ok(run("predict", model_file, test_folder, "-o", out))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    replace = os.replace
+
+    def failing_replace(src, dst):  # the last step: the new results.csv into OUTPUT
+        if Path(dst) == out / "results.csv" and ".fastpadim-partial" in str(src) and "previous" not in str(src):
+            raise OSError(5, "Input/output error")
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    assert_one_line_error(run("predict", model_file, test_folder / "good", "-o", out, "--overwrite"),
+                          "cannot move the results", "Input/output error")
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(out)) == ["masks", "overlays", "results.csv", "results.json"]
+
+
+@pytest.mark.parametrize("options,words", [
+    (["--n-features", "0"], ["--n-features must be at least 1", "omit it"]),
+    (["--seed", "-1"], ["--seed", "-1"]),
+    (["--holdout", "1"], ["--holdout must be in [0, 1)"]),
+    (["--holdout", "nan"], ["--holdout must be in [0, 1)"]),
+    (["--false-alarm-rate", "0"], ["--false-alarm-rate"]),
+])
+def test_fit_refuses_options_before_any_work(options, words, tmp_path):
+    """Checked first: the source does not even exist, and the option is what the one line is about."""
+    assert_one_line_error(run("fit", tmp_path / "absent", "-o", tmp_path / "m.padim", *FAST, *options), *words)
+    assert_one_line_error(run("demo", "-o", tmp_path / "demo", "--seed", "-1"), "--seed")
+    assert os.listdir(tmp_path) == []
+
+
+def test_threshold_from_too_few_good_images_is_flagged(image_folder, tmp_path):
+    """4 held-out images cannot show a 1 % false-alarm rate: fit warns, info says so instead of claiming it."""
+    few = tmp_path / "few.padim"
+    result = assert_ok(run("fit", image_folder, "-o", few, *FAST, "--holdout", "0.25"))
+    warnings_ = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings_) == 1 and "0.01 cannot be estimated from 4 good images" in warnings_[0], result.stderr
+    info = assert_ok(run("info", few)).stdout
+    line = next(line for line in info.splitlines() if line.startswith("threshold"))
+    assert "warning: a false-alarm rate of 0.01 cannot be estimated from 4 good images" in line
+    assert "on 4 good images)" not in line
+
+    enough = tmp_path / "enough.padim"  # a rate of 0.3 on 4 images: supported, no warning
+    result = assert_ok(run("fit", image_folder, "-o", enough, *FAST, "--holdout", "0.25", "--false-alarm-rate", "0.3"))
+    assert "warning:" not in result.stderr
+    line = next(line for line in assert_ok(run("info", enough)).stdout.splitlines() if line.startswith("threshold"))
+    assert "(false-alarm rate 0.3 on 4 good images)" in line and "warning" not in line
+
+
+# ------------------------------------------------------------------------ one clear line (subprocess)
+def fastpadim(*args, code: str = "", timeout: int = 180) -> subprocess.CompletedProcess:
+    """The real entry point (fastpadim.cli.main) in a fresh process, output to pipes (not a terminal)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "", "TERM": "dumb"}
+    script = f"import sys; {code}\nsys.argv = ['fastpadim', *{[str(a) for a in args]!r}]\nfrom fastpadim.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["fit"], ["missing argument 'source'", "fastpadim fit -h"]),
+    (["fit", "x", "--bogus"], ["no such option: --bogus"]),
+    (["predict", "m.padim", "x", "--threshold", "abc"], ["'--threshold'", "fastpadim predict -h"]),
+    (["fitt"], ["no such command 'fitt'"]),
+])
+def test_usage_errors_are_one_line(args, words):
+    proc = fastpadim(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and proc.stdout == "", proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_version_help_alias_and_long_lines(image_folder, tmp_path):
+    proc = fastpadim("--version")
+    assert proc.returncode == 0 and proc.stdout == "fastpadim 0.1.0\n"
+    for command in (["-h"], ["fit", "-h"], ["predict", "-h"], ["info", "-h"], ["demo", "-h"]):
+        result = assert_ok(run(*command))
+        assert "Usage:" in result.stdout and "--help" in result.stdout
+    # Output to a pipe is not wrapped at 80 columns: the 'fitted …; wrote PATH' line stays one line.
+    target = tmp_path / ("a-rather-long-folder-name-" * 4) / "model.padim"
+    target.parent.mkdir()
+    proc = fastpadim("fit", image_folder, "-o", target, *FAST, "--holdout", "0")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fitted 16 images") and lines[0].endswith(f"wrote {target}"), lines
+
+
+def test_python_warnings_are_not_shown_unless_debug(tmp_path):
+    """A warning raised while a command runs (here planted in the option check) never reaches the user."""
+    plant = ("import warnings, fastpadim.cli as c; check = c.check_options\n"
+             "def noisy(**kw):\n    warnings.warn('planted warning', RuntimeWarning); return check(**kw)\n"
+             "c.check_options = noisy")
+    quiet = fastpadim("fit", tmp_path / "absent", "-o", tmp_path / "m.padim", code=plant)
+    assert quiet.returncode == 1 and quiet.stderr.splitlines() == [f"error: {tmp_path / 'absent'}: no such file or folder"]
+    loud = fastpadim("--debug", "fit", tmp_path / "absent", "-o", tmp_path / "m.padim", code=plant)
+    assert "planted warning" in loud.stderr
+
+
+def test_without_torch_predict_says_which_extra_to_install(model_file, test_folder, tmp_path):
+    proc = fastpadim("predict", model_file, test_folder, "-o", tmp_path / "out", code="sys.modules['torch'] = None")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: this needs the Python package 'torch', which is not installed: "
+                                        "pip install 'fastpadim[full]'"]
+    assert not (tmp_path / "out").exists()

@@ -193,5 +193,5 @@ def test_cli_predict_on_a_video_names_rows_and_overlays_by_frame(tmp_path, bottl
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["images"]
     assert [r["image"] for r in rows] == [f"{tmp_path / 'cam.mkv'}#frame={k}" for k in (0, 3)]
     assert sorted(p.name for p in (tmp_path / "out" / "overlays").iterdir()) == ["cam.mkv#frame=0.png", "cam.mkv#frame=3.png"]
-    expected = model.score([bottle_frames[0], bottle_frames[3]])[0]
+    expected = model.score_images([bottle_frames[0], bottle_frames[3]])[0]
     assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), rel=1e-5)

@@ -6,33 +6,119 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 bundles click
+from typer.core import TyperGroup
 
 from .errors import FastpadimError
+from .files import check_writable_file  # noqa: F401 - export.py imports it from here
+from .files import write_text as _write_file
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="PaDiM anomaly detection: fit on good images, score new ones.")
-console = Console(stderr=True)
-out = Console()
+
+class OneLineConsole(Console):
+    """Output to a file or pipe is not wrapped at 80 columns (a line stays one line for grep and logs); a terminal
+    keeps rich's wrapping at its width."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = OneLineConsole(stderr=True)
+out = OneLineConsole()
 _state = {"debug": False}
+# The extra that provides a module the light install (fastpadim[runtime]) lacks; anything else: the PyTorch engine.
+EXTRAS = {"ray": "ray", "pyarrow": "ray", "av": "video", "onnxruntime": "runtime", "openvino": "openvino"}
+
+
+def print_error(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def missing_module(exc: ModuleNotFoundError) -> str:
+    module = (exc.name or "").split(".")[0]
+    return (f"this needs the Python package {module!r}, which is not installed: "
+            f"pip install 'fastpadim[{EXTRAS.get(module, 'full')}]'")
+
+
+def usage_message(exc: Exception) -> str:
+    """typer's usage error (a box with the usage text) as one line that says what to do."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "fastpadim"
+    return f"{message} (see '{command} -h')"
+
+
+class OneLineErrors(TyperGroup):
+    """The ``fastpadim`` group: every error is one line on stderr. typer prints usage errors as a box with the
+    usage text (several lines); here they become ``error: …`` with exit code 2. Python warnings are not shown
+    (``--debug`` shows them)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # --debug turns them back on (see _main)
+            try:
+                code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                                    **extra)
+            except NoArgsIsHelpError:
+                sys.exit(2)  # the help text is already printed
+            except ClickException as exc:
+                print_error(usage_message(exc))
+                sys.exit(exc.exit_code)
+            except typer.Abort:
+                print_error("aborted")
+                sys.exit(1)
+            except ModuleNotFoundError as exc:
+                # The light install (fastpadim[runtime]) has no PyTorch engine: say which extra a command needs.
+                if "--debug" in args:
+                    raise
+                print_error(missing_module(exc))
+                sys.exit(1)
+        # Without standalone mode, click returns the command's value or the code of a typer.Exit.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"fastpadim {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="PaDiM anomaly detection: fit on good images, score new ones.")
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors, and Python warnings.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     _state["debug"] = debug
+    if debug:
+        warnings.simplefilter("default")
 
 
 def fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -47,8 +133,8 @@ def user_errors():
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted", 130)
-    except (typer.Exit, typer.Abort):
-        raise
+    except (typer.Exit, typer.Abort, ModuleNotFoundError):
+        raise  # a missing module: OneLineErrors.main names the extra to install
     except Exception as exc:  # noqa: BLE001
         if _state["debug"]:
             raise
@@ -73,14 +159,26 @@ def parse_layers(layers: str | None) -> tuple[int, ...] | None:
         raise FastpadimError(f"--layers takes comma-separated integers, e.g. 1,2,3; got {layers!r}") from None
 
 
-def check_writable_file(path: Path) -> None:
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise FastpadimError(f"cannot write {path}: it is a folder")
-    if not folder.is_dir():
-        raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise FastpadimError(f"cannot write {path}: permission denied")
+def check_options(*, n_features: int | None = None, seed: int | None = None, holdout: float | None = None,
+                  false_alarm_rate: float | None = None) -> None:
+    """Options that would otherwise mean something else (0 channels = all) or fail deep inside, refused up front."""
+    if n_features is not None and n_features < 1:
+        raise FastpadimError(f"--n-features must be at least 1, got {n_features}; omit it for the preset's")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise FastpadimError(f"--seed must be a whole number from 0 to 2**64 - 1, got {seed}")
+    if holdout is not None and not 0 <= holdout < 1:
+        raise FastpadimError(f"--holdout must be in [0, 1), got {holdout}; 0 sets no threshold")
+    if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
+        raise FastpadimError(f"--false-alarm-rate must be between 0 and 1 (exclusive), e.g. 0.01; got {false_alarm_rate}")
+
+
+def write_text(text: str, path: Path) -> None:
+    """Kept for evaluate.py (text first); new code calls files.write_text(path, text)."""
+    _write_file(path, text)
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def report_skipped(skipped: list[tuple[str, str]]) -> None:
@@ -125,9 +223,11 @@ def fit(
 
     from .distributed import connect, fit_items, per_video_jobs, rate_progress
     from .model import Padim
+    from .results import threshold_caveat
     from .sources import resolve
 
     with user_errors():
+        check_options(n_features=n_features, seed=seed, holdout=holdout, false_alarm_rate=false_alarm_rate)
         if ray_target is not None:
             console.print(f"Ray: {connect(ray_target)} CPUs", highlight=False)  # start-up is not fit time
         if not per_video:
@@ -154,45 +254,124 @@ def fit(
                 f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
                 f"{model.preset_.name}, {model.device_.type}); threshold {threshold}; wrote {target}", highlight=False,
             )
+            if model.threshold_ is not None:
+                rate = getattr(model, "threshold_rate_", None) or model.false_alarm_rate  # the rate the threshold was set for
+                caveat = threshold_caveat(rate, getattr(model, "threshold_count_", None))
+                if caveat:
+                    warn(caveat)
 
 
 # ------------------------------------------------------------------------------------------- predict
-def relative_name(path: str, root: Path) -> Path:
-    # abspath, not resolve: a symlinked image must keep its place under root, or names from different
-    # sub-folders (good/000.png, broken/000.png) would collide and overwrite each other's overlays.
-    base = Path(os.path.abspath(root if root.is_dir() else root.parent))
-    try:
-        return Path(os.path.abspath(path)).relative_to(base)
-    except ValueError:
-        return Path(Path(path).name)
+# What a predict run writes into OUTPUT, in the order it is moved into place (results.csv last: once it is
+# there, everything it points at is too).
+RESULT_ENTRIES = ("overlays", "masks", "results.json", "results.csv")
+STAGING_PREFIX = ".fastpadim-partial-"
+
+
+def common_root(source: Path, items) -> Path:
+    """The folder output names are relative to: SOURCE when it is a folder, else the deepest folder holding every
+    input. Absolute paths, symlinks not resolved: a linked image keeps the place it was given, so good/000.png
+    and broken/000.png (or the same name in two folders of a glob or list) never share an output."""
+    if source.is_dir():
+        return Path(os.path.abspath(source))
+    return Path(os.path.commonpath(sorted({os.path.dirname(os.path.abspath(item.path)) for item in items})))
+
+
+class OutputNames:
+    """One output name per input, unique within the run and stable across runs: the input's path relative to the
+    common root, with its full file name kept (``good/a.jpg`` → ``good/a.jpg.png``, so a.png and a.jpg differ;
+    a frame: ``cam.mkv#frame=3.png``). Should two inputs still meet (the same file listed twice, or names that
+    differ only in case), the later one gets ``~2``, ``~3``, … before the suffix."""
+
+    def __init__(self, root: Path, items) -> None:
+        from .sources import FRAME_MARK
+
+        self.relative = {
+            item.name: os.path.relpath(os.path.abspath(item.path), root) + ("" if item.frame is None else f"{FRAME_MARK}{item.frame}")
+            for item in items
+        }
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, suffix: str = ".png") -> Path:
+        from .sources import output_name
+
+        first = output_name(self.relative.get(name, os.path.basename(name)), suffix)
+        candidate, n = first, 2
+        while candidate.as_posix().casefold() in self.used:  # casefold: a case-insensitive disk would merge them
+            candidate, n = first.with_name(f"{first.name.removesuffix(suffix)}~{n}{suffix}"), n + 1
+        self.used.add(candidate.as_posix().casefold())
+        return candidate
 
 
 def write_png(image, path: Path) -> None:
-    from .modelfile import atomic_write
+    from .files import atomic_write, os_reason
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastpadimError(f"cannot write {path}: {os_reason(exc)}") from None
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def write_text(text: str, path: Path) -> None:
-    from .modelfile import atomic_write
+def previous_results(output: Path) -> list[str]:
+    return [name for name in RESULT_ENTRIES if os.path.lexists(output / name)] if output.is_dir() else []
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
 
-    atomic_write(path, write)
+def move_into_place(staging: Path, output: Path) -> None:
+    """Replace a previous run's results in OUTPUT with the staged ones. The previous ones are moved aside into the
+    staging folder (removed with it), so no old overlay or mask stays mixed with the new results; if a move fails,
+    what was moved is moved back."""
+    from .files import os_reason
+
+    aside = staging / "previous"
+    aside.mkdir()
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in RESULT_ENTRIES:
+            if os.path.lexists(output / name):
+                os.replace(output / name, aside / name)
+                moved_out.append(name)
+        for name in RESULT_ENTRIES:
+            if os.path.lexists(staging / name):
+                os.replace(staging / name, output / name)
+                moved_in.append(name)
+    except OSError as exc:
+        for name in reversed(moved_in):
+            with _suppress_os_errors():
+                os.replace(output / name, staging / name)
+        for name in moved_out:
+            with _suppress_os_errors():
+                os.replace(aside / name, output / name)
+        raise FastpadimError(f"cannot move the results into {output}: {os_reason(exc)}") from None
+
+
+@contextmanager
+def _suppress_os_errors():
+    try:
+        yield
+    except OSError:
+        pass
+
+
+def results_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "verdict", "overlay", "mask"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 @app.command()
 def predict(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim), or its ONNX export (.onnx).")],
-    source: Annotated[Path, typer.Argument(help="An image or a folder of images (searched recursively).")],
+    source: Annotated[Path, typer.Argument(help="Images: a folder (searched recursively), an image or video, a glob, or a .txt list of paths.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv/json, overlays/ and masks/.")] = Path("out"),
     device: DeviceOpt = "auto",
     weights: WeightsOpt = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
     maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of a previous run in OUTPUT (else such an OUTPUT is refused).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
     ray_target: Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Score on Ray Data into OUTPUT/scores/part-*.parquet (resumable; SOURCE may be a glob, list or videos; --maps writes OUTPUT/maps/*.npy).")] = None,
     frame_stride: Annotated[int, typer.Option(help="Videos: score every K-th frame.")] = 1,
@@ -201,63 +380,77 @@ def predict(
 ) -> None:
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
     from . import load
-    from .sources import inputs, output_name, resolve
+    from .files import _terminate_unwinds, make_output_folder, os_reason
+    from .files import write_text as write_file
+    from .results import check_threshold, verdict_label
+    from .sources import inputs, resolve
     from .visualize import defect_mask, overlay
 
-    if ray_target is not None:
-        from .distributed import predict_command
-
-        return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
-    maps = True if maps is None else maps
     with user_errors():
+        threshold = check_threshold(threshold, "--threshold")
+        if ray_target is not None:
+            if overwrite:
+                raise FastpadimError("--overwrite does not apply with --ray (a Ray run resumes what OUTPUT holds); "
+                                     "give a new -o to start over")
+            from .distributed import predict_command
+
+            return predict_command(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
+        maps = True if maps is None else maps
+        previous = previous_results(output)
+        if previous and not overwrite:
+            raise FastpadimError(f"{output} already holds the results of a previous run ({', '.join(previous)}): "
+                                 "give another -o, or --overwrite to replace them")
         files, skipped = resolve(source, frame_stride)
         names: list[str] = []
+        unique_name = OutputNames(common_root(source, files), files)
         model = load(model_path, device=device, weights=weights, engine=engine)
         model.batch_size = batch_size
         if threshold is not None:
             model.threshold_ = threshold
-        created = not output.exists()
+        created = make_output_folder(output)
         try:
-            output.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output))
         except OSError as exc:
-            raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
-        if not os.access(output, os.W_OK):
-            raise FastpadimError(f"cannot write to {output}: permission denied")
-        rows = []
-        with progress_bar("scoring", len(files)) as advance:
-            for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance):
-                for result in batch:
-                    name = names[result.index]  # the path, or video.mp4#frame=N
-                    if result.error:
-                        skipped.append((name, result.error))
-                        continue
-                    rel = relative_name(name, source)
-                    verdict = None if model.threshold_ is None else bool(result.score > model.threshold_)
-                    row = {"image": name, "score": round(result.score, 6),
-                           "verdict": {None: "unknown", True: "anomalous", False: "good"}[verdict]}
-                    if maps:
-                        overlay_path = output / "overlays" / output_name(rel, ".png")
-                        write_png(overlay(result.view, result.anomaly_map, model.threshold_), overlay_path)
-                        row["overlay"] = str(overlay_path)
-                        if model.threshold_ is not None:
-                            mask_path = output / "masks" / output_name(rel, ".png")
-                            write_png(defect_mask(result.anomaly_map, model.threshold_), mask_path)
-                            row["mask"] = str(mask_path)
-                    rows.append(row)
-        report_skipped(skipped)
-        if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
-            if created and not any(output.iterdir()):
-                output.rmdir()
-            raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
-        fields = ["image", "score", "verdict", "overlay", "mask"]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(buffer.getvalue(), output / "results.csv")
-        summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
-                   "skipped": [{"image": n, "error": e} for n, e in skipped]}
-        write_text(json.dumps(summary, indent=2), output / "results.json")
+            raise FastpadimError(f"cannot write to {output}: {os_reason(exc)}") from None
+        # Everything is written into the hidden staging folder and moved into OUTPUT only once the run has
+        # succeeded: a failure, Ctrl+C or SIGTERM leaves OUTPUT as it was (only SIGKILL can leave the staging folder).
+        done = False
+        with _terminate_unwinds():
+            try:
+                rows = []
+                with progress_bar("scoring", len(files)) as advance:
+                    for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance):
+                        for result in batch:
+                            name = names[result.index]  # the path, or video.mp4#frame=N
+                            if result.error:
+                                skipped.append((name, result.error))
+                                continue
+                            row = {"image": name, "score": round(result.score, 6),
+                                   "verdict": verdict_label(result.score, model.threshold_)}
+                            if maps:
+                                stem = unique_name(name)
+                                write_png(overlay(result.view, result.anomaly_map, model.threshold_), staging / "overlays" / stem)
+                                row["overlay"] = str(output / "overlays" / stem)
+                                if model.threshold_ is not None:
+                                    write_png(defect_mask(result.anomaly_map, model.threshold_), staging / "masks" / stem)
+                                    row["mask"] = str(output / "masks" / stem)
+                            rows.append(row)
+                report_skipped(skipped)
+                if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
+                    raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
+                write_file(staging / "results.csv", results_csv(rows))
+                summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
+                           "skipped": [{"image": n, "error": e} for n, e in skipped]}
+                write_file(staging / "results.json", json.dumps(summary, indent=2))
+                move_into_place(staging, output)
+                done = True
+            except FastpadimError as exc:  # name the file in OUTPUT, not its staged copy
+                raise FastpadimError(str(exc).replace(str(staging), str(output))) from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if created and not done:
+                    with _suppress_os_errors():
+                        output.rmdir()  # only if empty
         flagged = sum(r["verdict"] == "anomalous" for r in rows)
         console.print(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped); wrote {output}/results.csv",
                       highlight=False, soft_wrap=True)
@@ -289,8 +482,7 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             f"preprocessing   resize {pre['image_size']}, crop {pre['crop_size'] or 'none'}; grid {meta['grid'][0]}x{meta['grid'][1]}",
             f"gaussian        epsilon {meta['epsilon']}, factor {meta['factor_dtype']}, blur sigma {meta['blur_sigma']}",
             f"training        {meta['n_train_images']} images" + (" (statistics kept)" if "stats.scatter" in tensors else ""),
-            f"threshold       {th['image'] if th['image'] is not None else 'none'}"
-            + (f" (false-alarm rate {th['false_alarm_rate']} on {th['n_good_images']} good images)" if th["image"] is not None else ""),
+            f"threshold       {threshold_line(th)}",
         ]
         if "export" in meta:
             ex = meta["export"]
@@ -301,25 +493,30 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
         out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
+def threshold_line(th: dict) -> str:
+    """The threshold and what it rests on; when its good images are too few for the rate, that instead of the rate."""
+    from .results import threshold_caveat
+
+    if th["image"] is None:
+        return "none"
+    caveat = threshold_caveat(th["false_alarm_rate"], th.get("n_good_images"))
+    if caveat:
+        return f"{th['image']} (warning: {caveat})"
+    return f"{th['image']} (false-alarm rate {th['false_alarm_rate']} on {th['n_good_images']} good images)"
+
+
 def main() -> None:
     from . import commands  # noqa: F401 - registers the commands defined in other modules
 
     args = sys.argv[1:]
-    try:
-        if "--ray" in args:  # distributed imports torch: only Ray runs load it (the ONNX runtime has no torch)
+    if "--ray" in args:  # distributed imports torch: only Ray runs load it (the ONNX runtime has no torch)
+        try:
             from .distributed import expand_bare_ray
-
-            args = expand_bare_ray(args)
-        app(args=args)
-    except ModuleNotFoundError as exc:
-        # The light install (fastpadim[runtime]) has no PyTorch engine: say which extra a command needs.
-        if "--debug" in args:
-            raise
-        module = (exc.name or "").split(".")[0]
-        extra = {"ray": "ray", "pyarrow": "ray", "av": "video", "onnxruntime": "runtime", "openvino": "openvino"}.get(module, "full")
-        console.print(f"[red]error:[/red] this needs the Python package {module!r}, which is not installed: "
-                      + escape(f"pip install 'fastpadim[{extra}]'"), highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
+        except ModuleNotFoundError as exc:
+            print_error(missing_module(exc))
+            raise SystemExit(1) from None
+        args = expand_bare_ray(args)
+    app(args=args)  # OneLineErrors.main: one line per error, the exit code
 
 
 if __name__ == "__main__":

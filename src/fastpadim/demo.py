@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import app, console, progress_bar, user_errors
+from .cli import app, check_options, console, progress_bar, user_errors
 
 
 @app.command()
@@ -24,11 +24,14 @@ def demo(
 
     from .datasets import load_category, load_mask
     from .metrics import image_auroc as image_auroc_of, pixel_auroc as pixel_auroc_of, pro_auc
+    from .errors import FastpadimError
     from .model import Padim
+    from .results import verdict
     from .synthetic import make_dataset
     from .visualize import defect_mask, overlay
 
     with user_errors():
+        check_options(seed=seed)
         data = make_dataset(output / "data", seed=seed)
         console.print(f"generated a data set of textured surfaces in {data}", highlight=False)
         category = load_category(data)  # MVTec AD layout: train/good, test/<type>, ground_truth/<type>
@@ -43,6 +46,8 @@ def demo(
         start = time.perf_counter()
         for batch in model.iter_scored([item.path for item in test], keep_view=True):
             for r in batch:
+                if r.error:  # generated images are always readable: this is a broken model, not a skip
+                    raise FastpadimError(r.error)
                 item = test[r.index]
                 path, kind = item.path, item.defect_type
                 labels.append(item.is_anomalous)
@@ -52,7 +57,7 @@ def demo(
                 (output / "heatmaps" / kind).mkdir(parents=True, exist_ok=True)
                 overlay(r.view, r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
                 defect_mask(r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}_mask.png")
-                rows.append((f"{kind}/{path.name}", r.score, r.score > model.threshold_))
+                rows.append((f"{kind}/{path.name}", r.score, verdict(r.score, model.threshold_)))
         score_s = time.perf_counter() - start
         image_auroc = image_auroc_of(labels, scores)
         pixel_auroc = pixel_auroc_of(pixel_labels, pixel_scores)
