@@ -39,7 +39,7 @@ def main() -> None:
     for name, dtype in FACTOR_DTYPES.items():
         model.factor_dtype = name
         model.install(model.mean_, model.stats_.whitener(model.epsilon, dtype), model.n_samples_seen_, model.stats_)
-        scores, maps = model.score(test)
+        scores, maps = model.score_images(test)
         reference = scores if reference is None else reference
         with tempfile.TemporaryDirectory() as tmp:
             model.save(Path(tmp) / "m.padim")

@@ -112,9 +112,9 @@ def end_to_end(size: int, data: Path, profile: bool) -> None:
         profiler.enable()
     model.fit(train_files(data))
     fit_s = time.perf_counter() - start
-    model.score(test_files(data)[:1])
+    model.score_images(test_files(data)[:1])
     start = time.perf_counter()
-    model.score(test_files(data))
+    model.score_images(test_files(data))
     score_s = time.perf_counter() - start
     if profiler:
         profiler.disable()

@@ -42,13 +42,13 @@ def compare(args) -> dict:
     model_path = args.out / "model.padim"
     model.save(model_path)
 
-    model.score(tests[:1])  # warm-up
+    model.score_images(tests[:1])  # warm-up
     with Timer() as t_infer:
-        scores, maps = model.score(tests)
+        scores, maps = model.score_images(tests)
     latencies = []
     for path in tests[:LATENCY_IMAGES]:
         with Timer() as t_one:
-            model.score([path])
+            model.score_images([path])
         latencies.append(t_one.seconds)
     np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
     return compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,

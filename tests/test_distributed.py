@@ -186,7 +186,7 @@ def test_predict_on_ray_writes_parquet_and_resumes(ray_session, tmp_path):
     by_name = {r["name"]: r for r in table}
     bad = by_name[str(tmp_path / "test" / "bad.png")]
     assert bad["score"] is None and "bad.png" in bad["error"] and bad["verdict"] == "error"
-    expected = dict(zip(map(str, test), model.score(test)[0]))
+    expected = dict(zip(map(str, test), model.score_images(test)[0]))
     loaded = Padim.load(tmp_path / "m.padim", device="cpu")
     for name, score in expected.items():
         row = by_name[name]
@@ -219,4 +219,4 @@ def test_ray_fit_on_bottle_equals_the_single_process_fit(ray_session, tmp_path):
     assert rel(tensors_a["stats.scatter"], tensors_b["stats.scatter"]) < COV_RTOL
     # The factor is the inverse Cholesky factor: conditioning amplifies float32 feature rounding a little.
     assert rel(tensors_a["whitener"], tensors_b["whitener"]) < 1e-3
-    np.testing.assert_allclose(on_ray.score(test)[0], single.score(test)[0], rtol=1e-4)
+    np.testing.assert_allclose(on_ray.score_images(test)[0], single.score_images(test)[0], rtol=1e-4)

@@ -88,7 +88,7 @@ def test_pca_reduction_projects_onto_orthonormal_components(data_root):
     assert model.components_.shape[1] == 12 and model.mean_.shape[1] == 12
     gram = model.components_.T @ model.components_
     assert torch.allclose(gram, torch.eye(12), atol=1e-4)
-    scores, maps = model.score(train[:2])
+    scores, maps = model.score_images(train[:2])
     assert maps.shape == (2, 64, 64) and np.all(np.isfinite(scores))
 
 
@@ -97,7 +97,7 @@ def test_summed_model_sums_the_single_layer_maps(data_root):
     common = dict(weights="random", image_size=64, crop_size=None, device="cpu", holdout=0)
     summed = SummedPadim((1, 2), n_features=8, **common).fit(images)
     maps = [Padim(layers=(layer,), n_features=summed.members_[i].n_features, **common)
-            .fit(images).score(images[:2])[1] for i, layer in enumerate((1, 2))]
+            .fit(images).score_images(images[:2])[1] for i, layer in enumerate((1, 2))]
     got = [r for batch in summed.iter_scored(images[:2]) for r in batch]
     assert np.allclose(got[0].anomaly_map, maps[0][0] + maps[1][0], atol=1e-4)
     assert got[1].score == pytest.approx(float((maps[0][1] + maps[1][1]).max()), rel=1e-5)

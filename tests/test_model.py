@@ -25,7 +25,7 @@ def assert_same_model(a: Padim, b: Padim, images) -> None:
     assert torch.equal(a.channel_indices_, b.channel_indices_)
     torch.testing.assert_close(a.mean_, b.mean_, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(a.whitener_, b.whitener_, rtol=RTOL, atol=ATOL * float(b.whitener_.abs().max()))
-    np.testing.assert_allclose(a.score(images)[0], b.score(images)[0], rtol=RTOL)
+    np.testing.assert_allclose(a.score_images(images)[0], b.score_images(images)[0], rtol=RTOL)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
@@ -99,10 +99,10 @@ def test_bad_parameters_are_one_line_naming_the_parameter(train_arrays, params, 
 def test_fit_takes_a_generator_and_single_images(train_arrays):
     model = Padim(**SMALL, batch_size=4).fit(a for a in train_arrays[:6])
     assert model.n_samples_seen_ == 6
-    scores, maps = model.score(train_arrays[0])  # one array on its own
+    scores, maps = model.score_images(train_arrays[0])  # one array on its own
     assert scores.shape == (1,) and maps.shape == (1, 64, 64)
     batch = torch.from_numpy(np.stack(train_arrays[:3])).permute(0, 3, 1, 2)  # a (N, 3, H, W) uint8 tensor
-    assert model.score(batch)[0].shape == (3,)
+    assert model.score_images(batch)[0].shape == (3,)
 
 
 def test_fewer_than_two_images_is_a_clear_error(train_arrays, tmp_path):
@@ -125,8 +125,8 @@ def test_same_seed_same_model_and_scores(train_arrays, test_arrays):
     b = Padim(**SMALL, seed=3).fit(train_arrays)
     assert torch.equal(a.channel_indices_, b.channel_indices_)
     assert torch.equal(a.mean_, b.mean_) and torch.equal(a.whitener_, b.whitener_)
-    sa, ma = a.score(test_arrays)
-    sb, mb = b.score(test_arrays)
+    sa, ma = a.score_images(test_arrays)
+    sb, mb = b.score_images(test_arrays)
     np.testing.assert_array_equal(sa, sb)
     np.testing.assert_array_equal(ma, mb)
 
@@ -143,7 +143,7 @@ def test_scores_follow_the_reference_distances(one_shot, test_arrays):
     """The model's maps are the per-position distances (upsampled and blurred); their max is the score."""
     from fastpadim.images import iter_batches, stack
 
-    scores, maps = one_shot.score(test_arrays)
+    scores, maps = one_shot.score_images(test_arrays)
     assert maps.shape == (4, 64, 64) and (maps >= 0).all()
     np.testing.assert_allclose(scores, maps.reshape(4, -1).max(axis=1))
     batch = stack(next(iter_batches(test_arrays, one_shot.preprocessing_, 8)))
@@ -161,8 +161,8 @@ def test_scores_follow_the_reference_distances(one_shot, test_arrays):
 
 
 def test_an_obvious_defect_scores_higher_and_is_located(one_shot, test_arrays):
-    good = one_shot.score(test_arrays)[0]
-    defective, maps = one_shot.score([with_spot(a) for a in test_arrays])
+    good = one_shot.score_images(test_arrays)[0]
+    defective, maps = one_shot.score_images([with_spot(a) for a in test_arrays])
     assert (defective > good).all()
     # The hottest point lies in or near the painted square (rows/cols 21..32 of 64).
     for amap in maps:
@@ -182,7 +182,7 @@ def test_holdout_sets_a_threshold_used_by_predict(fitted, test_arrays, tmp_path)
     assert result.is_anomalous[1]  # the white square
     assert result.threshold == fitted.threshold_
     with pytest.raises(FastpadimError, match="broken.png"):
-        fitted.score(items)  # score() is strict: it does not skip silently
+        fitted.score_images(items)  # score_images() is strict: it does not skip silently
 
 
 def test_threshold_from_separate_images_and_none_without_holdout(train_arrays, test_arrays):
@@ -190,13 +190,13 @@ def test_threshold_from_separate_images_and_none_without_holdout(train_arrays, t
     assert no_threshold.threshold_ is None and no_threshold.predict(test_arrays[:1]).is_anomalous is None
     model = Padim(**SMALL, false_alarm_rate=0.01).fit(train_arrays, threshold_images=test_arrays)
     assert model.n_samples_seen_ == len(train_arrays)
-    scores = model.score(test_arrays)[0]
+    scores = model.score_images(test_arrays)[0]
     assert model.threshold_ == pytest.approx(float(scores.max()), rel=1e-6)  # 99 % quantile of 4 = the highest
 
 
 def test_unfitted_model_and_bad_parameters(train_arrays):
     with pytest.raises(FastpadimError, match="not fitted"):
-        Padim(**SMALL).score(train_arrays[:1])
+        Padim(**SMALL).score_images(train_arrays[:1])
     for bad in ({"epsilon": -1}, {"holdout": 1.0}, {"false_alarm_rate": 0.0}, {"factor_dtype": "int8"},
                 {"n_features": 5000}, {"backbone": "no_such_preset"}):
         with pytest.raises(FastpadimError):
@@ -206,7 +206,7 @@ def test_unfitted_model_and_bad_parameters(train_arrays):
 def test_half_precision_factor_scores_close(train_arrays, test_arrays, one_shot):
     half = Padim(**SMALL, factor_dtype="bfloat16").fit(train_arrays)
     assert half.whitener_.dtype == torch.bfloat16
-    np.testing.assert_allclose(half.score(test_arrays)[0], one_shot.score(test_arrays)[0], rtol=0.05)
+    np.testing.assert_allclose(half.score_images(test_arrays)[0], one_shot.score_images(test_arrays)[0], rtol=0.05)
 
 
 def test_iter_scored_keeps_the_view(one_shot, test_arrays):
@@ -220,15 +220,15 @@ def test_iter_scored_keeps_the_view(one_shot, test_arrays):
 
 def test_works_on_images_of_any_size(one_shot):
     big = make_surfaces(2, size=150, seed=7)
-    assert one_shot.score(big)[1].shape == (2, 64, 64)
+    assert one_shot.score_images(big)[1].shape == (2, 64, 64)
 
 
 def test_a_single_pil_image_on_its_own(one_shot, test_arrays):
     from PIL import Image
 
-    scores, maps = one_shot.score(Image.fromarray(test_arrays[0]))
+    scores, maps = one_shot.score_images(Image.fromarray(test_arrays[0]))
     assert scores.shape == (1,)
-    np.testing.assert_allclose(scores, one_shot.score([Image.fromarray(test_arrays[0])])[0])
+    np.testing.assert_allclose(scores, one_shot.score_images([Image.fromarray(test_arrays[0])])[0])
 
 
 def test_without_kept_statistics_the_model_is_the_same(train_arrays, test_arrays, one_shot, tmp_path):
@@ -236,22 +236,22 @@ def test_without_kept_statistics_the_model_is_the_same(train_arrays, test_arrays
     lean = Padim(**SMALL, batch_size=64, keep_stats=False).fit(train_arrays)
     assert lean.stats_ is None
     torch.testing.assert_close(lean.whitener_, one_shot.whitener_, rtol=0, atol=0)
-    np.testing.assert_array_equal(lean.score_samples(test_arrays), one_shot.score_samples(test_arrays))
+    np.testing.assert_array_equal(lean.anomaly_scores(test_arrays), one_shot.anomaly_scores(test_arrays))
     with pytest.raises(FastpadimError, match="keep_stats"):
         lean.partial_fit(train_arrays[:2])
     with pytest.raises(FastpadimError, match="no training statistics"):
         lean.save(tmp_path / "lean.padim", keep_stats=True)
     lean.save(tmp_path / "lean.padim")
-    np.testing.assert_array_equal(Padim.load(tmp_path / "lean.padim", device="cpu").score_samples(test_arrays),
-                                  lean.score_samples(test_arrays))
+    np.testing.assert_array_equal(Padim.load(tmp_path / "lean.padim", device="cpu").anomaly_scores(test_arrays),
+                                  lean.anomaly_scores(test_arrays))
 
 
 def test_fit_inside_inference_mode(train_arrays, test_arrays, one_shot):
     """The factorisation runs in a thread pool; it must follow the caller's (thread-local) inference mode."""
     with torch.inference_mode():
         model = Padim(**SMALL, batch_size=64).fit(train_arrays)
-        scores = model.score_samples(test_arrays)
-    np.testing.assert_allclose(scores, one_shot.score_samples(test_arrays), rtol=1e-6)
+        scores = model.anomaly_scores(test_arrays)
+    np.testing.assert_allclose(scores, one_shot.anomaly_scores(test_arrays), rtol=1e-6)
 
 
 def test_other_layers_keep_at_most_their_channels(train_arrays):

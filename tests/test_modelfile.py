@@ -35,8 +35,8 @@ def rewrite_metadata(source, target, change) -> None:
 
 def test_round_trip_gives_identical_scores(fitted, saved, test_arrays):
     loaded = Padim.load(saved, device="cpu")
-    expected_scores, expected_maps = fitted.score(test_arrays)
-    scores, maps = loaded.score(test_arrays)
+    expected_scores, expected_maps = fitted.score_images(test_arrays)
+    scores, maps = loaded.score_images(test_arrays)
     np.testing.assert_array_equal(scores, expected_scores)
     np.testing.assert_array_equal(maps, expected_maps)
     assert loaded.threshold_ == fitted.threshold_
@@ -63,7 +63,7 @@ def test_keep_stats_allows_partial_fit_after_load(train_arrays, test_arrays, sav
     model.save(tmp_path / "stats.padim", keep_stats=True)
     loaded = Padim.load(tmp_path / "stats.padim", device="cpu").partial_fit(train_arrays[8:])
     whole = Padim(**SMALL).fit(train_arrays)
-    np.testing.assert_allclose(loaded.score(test_arrays)[0], whole.score(test_arrays)[0], rtol=1e-4)
+    np.testing.assert_allclose(loaded.score_images(test_arrays)[0], whole.score_images(test_arrays)[0], rtol=1e-4)
     without = Padim.load(saved, device="cpu")
     with pytest.raises(FastpadimError, match="keep_stats"):
         without.partial_fit(train_arrays[:2])

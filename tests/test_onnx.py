@@ -96,8 +96,8 @@ def test_onnx_runtime_gives_the_torch_outputs(small_model, small_onnx, test_imag
     assert got.maps.shape == (4, 64, 64) and got.maps.dtype == np.float32
     np.testing.assert_array_equal(got.is_anomalous, expected.is_anomalous)
     assert got.threshold == pytest.approx(expected.threshold)
-    # the rest of the shared API: one image on its own, score_samples, unreadable inputs skipped
-    np.testing.assert_allclose(model.score_samples(test_images[0]), expected.scores[:1], rtol=1e-4)
+    # the rest of the shared API: one image on its own, anomaly_scores, unreadable inputs skipped
+    np.testing.assert_allclose(model.anomaly_scores(test_images[0]), expected.scores[:1], rtol=1e-4)
     mixed = model.predict([test_images[1], "no/such/image.png"])
     assert len(mixed.scores) == 1 and "no such file" in mixed.skipped[0][1]
 

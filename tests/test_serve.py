@@ -101,7 +101,7 @@ def rss_mb() -> float:
 
 
 def expected_score(model: Padim, data: bytes) -> float:
-    return float(model.score([Image.open(io.BytesIO(data))])[0][0])
+    return float(model.score_images([Image.open(io.BytesIO(data))])[0][0])
 
 
 # ------------------------------------------------------------------------------------- endpoints
@@ -158,7 +158,7 @@ def test_larger_upload_is_resized_at_decode_with_the_same_score(client, model):
     data = png_bytes(array)
     assert decode_upload(data, "l.png", model.preprocessing_).size == (SIZE, SIZE)  # no full-size image is held
     body = client.post("/v1/score", files={"file": ("l.png", data, "image/png")}).json()
-    assert body["score"] == pytest.approx(float(model.score([array])[0][0]), rel=1e-6)
+    assert body["score"] == pytest.approx(float(model.score_images([array])[0][0]), rel=1e-6)
 
 
 def test_score_raw_body_gives_the_same_score(client, good_png):

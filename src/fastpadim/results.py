@@ -84,7 +84,7 @@ class Predictions:
 
 
 class ScoringMixin:
-    """The scoring API (``iter_scored``, ``predict``, ``set_threshold``, ...) for a class that provides ``run_batch``,
+    """The scoring API (``iter_scored``, ``predict``, ``score_images``, ``anomaly_scores``, ``set_threshold``) for a class that provides ``run_batch``,
     ``check_fitted``, ``preprocessing_``, ``batch_size``, ``workers``, ``false_alarm_rate`` and ``skipped_``."""
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,12 +141,13 @@ class ScoringMixin:
         self.__dict__["_threshold"] = check_threshold(value)
         self.__dict__["_threshold_for"] = set_for
 
-    def score_samples(self, images) -> np.ndarray:
-        """Image scores (higher = more anomalous); unreadable images raise."""
-        return self.score(images)[0]
+    def anomaly_scores(self, images) -> np.ndarray:
+        """Image anomaly scores (N,), higher = more anomalous (the reverse of scikit-learn's ``score_samples``,
+        hence another name); unreadable images raise."""
+        return self.score_images(images)[0]
 
-    def score(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (N,) and anomaly maps (N, S, S); unreadable images raise."""
+    def score_images(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Image anomaly scores (N,) and anomaly maps (N, S, S); unreadable images raise."""
         results = [r for batch in self.iter_scored(images) for r in batch]
         for r in results:
             if r.error:
