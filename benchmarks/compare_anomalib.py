@@ -4,7 +4,7 @@ channels; prints one table per input size.
 Each implementation runs in its own fresh subprocess (fastpadim with this interpreter, anomalib with the
 interpreter of .venv-anomalib made by benchmarks/setup_anomalib.sh), so peak RSS is that implementation's
 alone. Runs alternate between the two and are repeated; the table gives the median and [min-max].
-Metrics for both come from the same code here: scikit-learn's roc_auc_score and fastpadim.metrics.pro_auc.
+Metrics for both come from the same code here: scikit-learn's roc_auc_score and fastpadim.evaluation.metrics.pro_auc.
 
     python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3 [--engine]
 
@@ -84,9 +84,9 @@ def metrics(labels: np.ndarray, masks: np.ndarray, scores: np.ndarray, maps: np.
         "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
     }
     try:
-        from fastpadim.metrics import pro_auc
+        from fastpadim.evaluation.metrics import pro_auc
     except ImportError:
-        result["pro"] = None  # fastpadim.metrics not merged yet
+        result["pro"] = None  # fastpadim.evaluation.metrics not merged yet
     else:
         result["pro"] = float(pro_auc(masks, maps, fpr_limit=0.3))
     return result

@@ -15,7 +15,7 @@ storage: ``factor_dtype="float16"`` for PyTorch, ``export --fp16`` for ONNX (bot
 exports each in fp32 and fp16: the default model and PaDiM-WR50-Rd550, both 224 px inputs.
 
 ``accuracy`` exports a fitted model in fp32 and fp16 and scores the whole test set with PyTorch and both
-exports (onnxruntime): image AUROC, pixel AUROC, PRO (when ``fastpadim.metrics`` is there) and the largest
+exports (onnxruntime): image AUROC, pixel AUROC, PRO (when ``fastpadim.evaluation.metrics`` is there) and the largest
 score difference.
 """
 
@@ -136,7 +136,7 @@ def sizes(args) -> None:
 
     from fastpadim import Padim
     from fastpadim.export import export_onnx
-    from fastpadim.synthetic import surface
+    from fastpadim.evaluation.synthetic import surface
 
     out = Path(args.out or tempfile.mkdtemp(prefix="fastpadim-sizes-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -167,9 +167,9 @@ def accuracy(args) -> None:
     import numpy as np
 
     from fastpadim import Padim, load
-    from fastpadim.datasets import load_category, load_mask
+    from fastpadim.evaluation.datasets import load_category, load_mask
     from fastpadim.export import export_onnx
-    from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
+    from fastpadim.evaluation.metrics import image_auroc, pixel_auroc, pro_auc
 
     category = load_category(Path(args.data))
     files = [item.path for item in category.test]

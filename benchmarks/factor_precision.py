@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from fastpadim import Padim
-from fastpadim.datasets import load_category, load_mask
-from fastpadim.metrics import image_auroc, pixel_auroc, pro_auc
+from fastpadim.evaluation.datasets import load_category, load_mask
+from fastpadim.evaluation.metrics import image_auroc, pixel_auroc, pro_auc
 from fastpadim.model import FACTOR_DTYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -43,8 +43,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from fastpadim import load
-    from fastpadim.datasets import load_category, load_mask
-    from fastpadim.metrics import image_auroc, pixel_auroc
+    from fastpadim.evaluation.datasets import load_category, load_mask
+    from fastpadim.evaluation.metrics import image_auroc, pixel_auroc
     from fastpadim.onnx_runtime import openvino_capabilities
 
     capabilities = openvino_capabilities()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from fastpadim.synthetic import surface
+from fastpadim.evaluation.synthetic import surface
 
 # The tests' tensors are small: one thread avoids OpenMP spin-waits that cost seconds per call when the
 # 2 cores are shared (measured: a small fit 1.4 s with 1 thread, 5 s with 2 under load).

@@ -29,7 +29,7 @@ def live_server():
 
     from fastpadim.model import Padim
     from fastpadim.serve import create_app
-    from fastpadim.synthetic import surface
+    from fastpadim.evaluation.synthetic import surface
 
     rng = np.random.default_rng(0)
     model = Padim(weights="random", image_size=128, crop_size=112, holdout=0.2, device="cpu", workers=1)

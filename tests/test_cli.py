@@ -15,7 +15,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import REPO, with_spot
-from fastpadim import commands  # noqa: F401 - registers demo and friends, as the entry point does
 from fastpadim.cli import app
 from fastpadim.modelfile import FORMAT_VERSION
 
@@ -397,8 +396,9 @@ def test_every_input_gets_its_own_overlay_and_mask(model_file, tmp_path):
 
 
 def test_output_names_are_stable_and_collision_free():
-    from fastpadim.cli import OutputNames
-    from fastpadim.sources import Item, output_name
+    from fastpadim.files import OutputNames
+    from fastpadim.files import output_name
+    from fastpadim.sources import Item
 
     assert output_name("good/a.jpg", ".png") == Path("good/a.jpg.png")
     assert output_name("v.mp4#frame=3", ".npy") == Path("v.mp4#frame=3.npy")
@@ -587,7 +587,7 @@ def test_version_help_alias_and_long_lines(image_folder, tmp_path):
 
 def test_python_warnings_are_not_shown_unless_debug(tmp_path):
     """A warning raised while a command runs (here planted in the option check) never reaches the user."""
-    plant = ("import warnings, fastpadim.cli as c; check = c.check_options\n"
+    plant = ("import warnings, fastpadim.cli.fit as c; check = c.check_options\n"
              "def noisy(**kw):\n    warnings.warn('planted warning', RuntimeWarning); return check(**kw)\n"
              "c.check_options = noisy")
     quiet = fastpadim("fit", tmp_path / "absent", "-o", tmp_path / "m.padim", code=plant)

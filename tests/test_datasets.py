@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastpadim.datasets import find_categories, load_category, load_mask
+from fastpadim.evaluation.datasets import find_categories, load_category, load_mask
 from fastpadim.errors import FastpadimError
 from fastpadim.images import Preprocessing
-from fastpadim.rd_mvtec import RD_CROP_SIZE, RdTransform
+from fastpadim.evaluation.rd_mvtec import RD_CROP_SIZE, RdTransform
 
 
 def save(path: Path, array: np.ndarray) -> Path:

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastpadim import Padim, commands  # noqa: F401 - commands registers demo on the app
+from fastpadim import Padim
 from fastpadim.cli import app
-from fastpadim.synthetic import make_dataset, surface
+from fastpadim.evaluation.synthetic import make_dataset, surface
 
 
 def test_generated_data_set_layout_and_masks(tmp_path):

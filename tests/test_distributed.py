@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fastpadim import Padim
-from fastpadim.distributed import (
-    FAULT_MARKER_ENV, expand_bare_ray, fit_items, predict_on_ray, scored_names, shard_bounds,
-)
+from fastpadim.cli.app import expand_bare_ray
+from fastpadim.cli.fit import fit_items
+from fastpadim.distributed import FAULT_MARKER_ENV, predict_on_ray, scored_names, shard_bounds
 from fastpadim.gaussian import GaussianStats, unpack
 from fastpadim.modelfile import read_model_file
 from fastpadim.sources import Item

@@ -7,14 +7,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fastpadim.ablation import PcaPadim, SummedPadim
+from fastpadim.evaluation.ablation import PcaPadim, SummedPadim
 from fastpadim.cli import app
-from fastpadim.datasets import load_category
-from fastpadim.evaluation import Settings, evaluate_category
+from fastpadim.evaluation.datasets import load_category
+from fastpadim.evaluation.protocol import Settings, evaluate_category
 from fastpadim.model import Padim
-from fastpadim.synthetic import make_dataset
+from fastpadim.evaluation.synthetic import make_dataset
 
-import fastpadim.evaluate  # noqa: F401  registers the command
 from conftest import bottle_root  # noqa: E402
 
 BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 
-from fastpadim import metrics
+from fastpadim.evaluation import metrics
 from fastpadim.errors import FastpadimError
 
 

@@ -28,7 +28,7 @@ from fastpadim.batcher import MicroBatcher, PixelBudget
 from fastpadim.model import Padim
 from fastpadim.results import ScoredImage
 from fastpadim.serve import check_port, create_app, decode_upload, release_memory
-from fastpadim.synthetic import add_spot, surface
+from fastpadim.evaluation.synthetic import add_spot, surface
 
 SIZE = 64
 
@@ -403,7 +403,6 @@ def test_model_failure_is_a_json_500_and_the_service_recovers(images, good_png, 
 
 # ------------------------------------------------------------------------------------------- CLI
 def test_serve_refuses_a_missing_or_corrupt_model_in_one_line(tmp_path):
-    from fastpadim import commands  # noqa: F401 - registers serve
     from fastpadim.cli import app
 
     corrupt = tmp_path / "corrupt.padim"
@@ -453,7 +452,6 @@ def load_calls(monkeypatch):
     ("--port", "70000", "--port must be between 1 and 65535"),
 ])
 def test_serve_checks_options_before_loading_the_model(tmp_path, load_calls, option, value, phrase):
-    from fastpadim import commands  # noqa: F401 - registers serve
     from fastpadim.cli import app
 
     args = ["serve", str(tmp_path / "m.padim"), option, value]
@@ -466,7 +464,6 @@ def test_serve_checks_options_before_loading_the_model(tmp_path, load_calls, opt
 
 
 def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path, load_calls):
-    from fastpadim import commands  # noqa: F401 - registers serve
     from fastpadim.cli import app
 
     with socket.socket() as other:  # another server on the port

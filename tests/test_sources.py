@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fastpadim import Padim
-from fastpadim.distributed import fit_items
+from fastpadim.cli.fit import fit_items
 from fastpadim.errors import FastpadimError
 from fastpadim.sources import Item, by_video, load, resolve
 from conftest import bottle_root  # noqa: E402

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .errors import FastpadimError, ImageError
 from .results import Predictions
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 if TYPE_CHECKING:
     from .backbone import PRESETS
@@ -34,11 +34,12 @@ def __getattr__(name: str):
 
 
 def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: str | None = None,
-         precision: str | None = None) -> Padim | OnnxPadim:
+         precision: str | None = None, allow_download: bool = False) -> Padim | OnnxPadim:
     """Load a fitted model: a ``.padim`` file gives a ``Padim`` (PyTorch), an ``.onnx`` export an ``OnnxPadim``
     (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way.
     ``precision``: None or "f32" (float32, the default everywhere); "bf16"/"f16" only with ``engine="openvino"``
-    on a CPU that has them natively (refused otherwise)."""
+    on a CPU that has them natively (refused otherwise). ``allow_download``: let timm fetch backbone weights that
+    are not on this machine (a .padim model only; never by default)."""
     if Path(path).suffix.lower() == ".onnx":
         from .onnx_runtime import OnnxPadim
 
@@ -52,7 +53,7 @@ def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: st
                              "(--engine openvino); the PyTorch engine computes in f32")
     from .model import Padim
 
-    return Padim.load(path, device=device, weights=weights)
+    return Padim.load(path, device=device, weights=weights, allow_download=allow_download)
 
 
 __all__ = ["Padim", "OnnxPadim", "Predictions", "PRESETS", "FastpadimError", "ImageError", "load", "__version__"]

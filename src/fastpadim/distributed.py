@@ -1,7 +1,7 @@
 """Fit and score on a Ray cluster (or an embedded local Ray).
 
 Fit: the items are cut into contiguous shards; one Ray task per shard builds the backbone once, streams its
-shard through ``Padim._accumulate`` and returns its ``GaussianStats``; the driver merges them in shard order
+shard through ``Padim.accumulate`` and returns its ``GaussianStats``; the driver merges them in shard order
 with ``GaussianStats.merge`` (fetching one at a time, so it never holds every worker's copy) and factors
 once. A shard is deterministic, so a task that Ray retries after its worker died returns the same
 statistics, and the model equals a fault-free run. The hold-out images that set the threshold are scored
@@ -18,16 +18,17 @@ import os
 import warnings
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import FastpadimError
+from .files import atomic_write, make_output_folder, output_name
 from .gaussian import GaussianStats
 from .model import Padim
+from .results import verdict_label
 from .sources import Item, Skipped
 from . import sources
 
@@ -46,16 +47,6 @@ def require_ray():
     except ImportError:
         raise FastpadimError(RAY_INSTALL_HINT) from None
     return ray
-
-
-def expand_bare_ray(argv: list[str]) -> list[str]:
-    """``--ray`` given without a value means ``--ray local`` (typer options cannot take an optional value)."""
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == "--ray" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append("local")
-    return out
 
 
 def connect(target: str = "local") -> int:
@@ -268,23 +259,6 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     return model
 
 
-def fit_items(model: Padim, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,
-              progress: Callable[[int], None] | None = None, ray_target: str | None = None, **ray_options) -> Padim:
-    """Fit from source items, in this process (``ray_target`` None; ``ray_options`` unused) or on Ray
-    (``ray_options`` go to ``fit_on_ray``); frames are decoded lazily."""
-    if ray_target is not None:
-        connect(ray_target)
-        return fit_on_ray(model, images, threshold_images, progress, **ray_options)
-    images = list(images)
-    if threshold_images is None and model.holdout > 0:
-        images, threshold_images = model.holdout_split(images)
-    skipped: Skipped = []
-    held = sources.inputs(threshold_images, skipped) if threshold_images is not None else None
-    model.fit(sources.inputs(images, skipped), threshold_images=held, progress=progress)
-    model.skipped_ = skipped + model.skipped_
-    return model
-
-
 # ------------------------------------------------------------------------------------------- predict
 class Scorer:
     """A Ray Data actor: loads the model once, scores chunks of items, writes maps if asked."""
@@ -302,7 +276,7 @@ class Scorer:
         self.root = root
 
     def __call__(self, batch: dict) -> dict:
-        from .modelfile import atomic_write
+
 
         items = [Item(str(p), None if f < 0 else int(f)) for p, f in zip(batch["path"], batch["frame"])]
         skipped: Skipped = []
@@ -320,10 +294,10 @@ class Scorer:
                 if r.error:
                     add(name, verdict="error", error=r.error)
                     continue
-                verdict = "unknown" if threshold is None else ("anomalous" if r.score > threshold else "good")
+                verdict = verdict_label(r.score, threshold)
                 map_path = ""
                 if self.maps_dir is not None:
-                    target = self.maps_dir / sources.output_name(_relative(name, self.root), ".npy")
+                    target = self.maps_dir / output_name(_relative(name, self.root), ".npy")
                     target.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(target, lambda tmp, m=r.anomaly_map: _save_npy(tmp, m))
                     map_path = str(target)
@@ -339,12 +313,10 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 
 
 def _relative(name: str, root: str) -> str:
+    """The input's place under ``root`` (the common folder of all inputs; links not resolved, so two inputs never
+    share a name), a frame keeping its mark."""
     path, mark, frame = name.partition(sources.FRAME_MARK)
-    try:
-        rel = Path(path).resolve().relative_to(Path(root).resolve())
-    except ValueError:
-        rel = Path(Path(path).name)
-    return str(rel) + (f"{mark}{frame}" if mark else "")
+    return os.path.relpath(os.path.abspath(path), root) + (f"{mark}{frame}" if mark else "")
 
 
 def scored_names(output: Path) -> set[str]:
@@ -366,14 +338,11 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .modelfile import atomic_write, read_model_file
+    from .modelfile import read_model_file
 
     ray = require_ray()
     read_model_file(model_path)  # one clear line for a bad model file, before anything starts
-    try:
-        (output / SCORES_DIR).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
+    make_output_folder(output / SCORES_DIR)
     done = scored_names(output)
     todo = [item for item in items if item.name not in done]
     counts = {"scored": 0, "anomalous": 0, "errors": 0, "already": len(items) - len(todo)}
@@ -412,68 +381,3 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
         if progress is not None:
             progress(len(batch["name"]))
     return counts
-
-
-# ------------------------------------------------------------------------------------------ progress
-@contextmanager
-def rate_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar that also shows images per second (over all workers)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
-    from .cli import console
-
-    class Rate(ProgressColumn):
-        def render(self, task):
-            return Text(f"{task.speed:.1f} images/s" if task.speed else "– images/s")
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-# ------------------------------------------------------------------------------------------- CLI glue
-def per_video_jobs(items: Sequence[Item], output: Path) -> list[tuple[Path, list[Item]]]:
-    """``fit --per-video``: (model file, frames) per video, models named after the videos in ``output``."""
-    groups = sources.by_video(items)
-    if not groups:
-        raise FastpadimError("--per-video needs video files in the source, found only images")
-    targets: dict[Path, str] = {}
-    for video in groups:
-        target = output / f"{Path(video).stem}.padim"
-        if target in targets:
-            raise FastpadimError(f"--per-video: {video} and {targets[target]} would both be written to {target}")
-        targets[target] = video
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
-    return [(target, groups[video]) for target, video in targets.items()]
-
-
-def predict_command(model_path: Path, source: Path, output: Path, ray_target: str, maps: bool,
-                    threshold: float | None, frame_stride: int, cpus_per_task: float = 1) -> None:
-    """``fastpadim predict --ray``: score into Parquet part files, skipping what ``output`` already holds."""
-    import time
-
-    from .cli import console, report_skipped, user_errors
-
-    with user_errors():
-        require_ray()
-        items, unusable = sources.resolve(source, frame_stride)
-        report_skipped(unusable)
-        start = time.perf_counter()
-        with rate_progress("scoring", len(items)) as advance:
-            counts = predict_on_ray(model_path, items, output, ray_target, maps=maps, threshold=threshold,
-                                    root=source if Path(source).is_dir() else Path(source).parent, progress=advance,
-                                    cpus_per_task=cpus_per_task)
-        elapsed = time.perf_counter() - start
-        new = counts["scored"] + counts["errors"]
-        console.print(
-            f"scored {counts['scored']} images ({counts['anomalous']} anomalous, {counts['errors']} unreadable) in "
-            f"{elapsed:.1f} s ({new / elapsed:.1f} images/s); {counts['already']} already in {output}; "
-            f"wrote {output / SCORES_DIR}/part-*.parquet", highlight=False,
-        )
-        if not counts["scored"] and not counts["already"]:
-            raise FastpadimError("no image could be scored")

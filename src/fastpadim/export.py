@@ -18,16 +18,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
-import typer
-
-from .cli import WeightsOpt, app, check_writable_file, console, progress_bar, user_errors
+from .files import check_writable_file
 from .errors import FastpadimError
 from .onnx_runtime import (
-    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, PRECISIONS, SCORE_OUTPUT, check_metadata,
-    read_metadata, write_threshold,
+    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
 )
 
 if TYPE_CHECKING:
@@ -322,78 +319,3 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(path, folder / data_name, path.stat().st_size, (folder / data_name).stat().st_size)
-
-
-# ------------------------------------------------------------------------------------------ commands
-@app.command()
-def export(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="ONNX file to write (default: MODEL with .onnx); its tensors go to OUTPUT.data beside it.")] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Store weights and the Gaussian factor in half precision (half the size; computed in float32).")] = False,
-    opset: Annotated[int, typer.Option(help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1}).")] = DEFAULT_OPSET,
-    image_size: Annotated[Optional[int], typer.Option(help="Expected network input side; the export fails if the model was fitted at another.")] = None,
-    weights: WeightsOpt = None,
-) -> None:
-    """Export a fitted model to ONNX: one graph from a preprocessed batch to anomaly maps and image scores."""
-    from .model import Padim
-
-    with user_errors():
-        output = output or model_path.with_suffix(".onnx")
-        if model_path.suffix.lower() == ".onnx":
-            raise FastpadimError(f"{model_path} is already an ONNX export; export takes a .padim model file")
-        check_export_target(output, opset)  # before the (slower) model load
-        model = Padim.load(model_path, device="cpu", weights=weights)
-        size = model.preprocessing_.output_size
-        if image_size is not None and image_size != size:
-            raise FastpadimError(
-                f"{model_path} takes {size} px inputs; its Gaussians are per position of that grid, so a {image_size} px "
-                f"export needs a model fitted at that size (fastpadim fit --image-size {image_size} --crop-size 0 ...)"
-            )
-        with progress_bar("exporting", None):
-            result = export_onnx(model, output, fp16=fp16, opset=opset)
-        threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
-        console.print(
-            f"wrote {result.onnx_path} ({result.onnx_bytes / 1e6:.1f} MB) and {result.data_path.name} "
-            f"({result.data_bytes / 1e6:.1f} MB): input {size} px, opset {opset}, "
-            f"{'float16' if fp16 else 'float32'} weights, threshold {threshold}", highlight=False, soft_wrap=True,
-        )
-
-
-@app.command("set-threshold")
-def set_threshold(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="An ONNX export (.onnx).")],
-    value: Annotated[Optional[float], typer.Argument(help="The new image threshold.")] = None,
-    good: Annotated[Optional[Path], typer.Option("--good", help="Set it from these good images instead (a folder or an image).")] = None,
-    false_alarm_rate: Annotated[Optional[float], typer.Option(help="With --good: share of good images flagged (default: the model's).")] = None,
-    clear: Annotated[bool, typer.Option("--clear", help="Remove the threshold (verdicts become 'unknown').")] = False,
-    engine: Annotated[str, typer.Option(help="With --good: onnxruntime or openvino.")] = "onnxruntime",
-    precision: Annotated[Optional[str], typer.Option(help=f"With --good: arithmetic, {' / '.join(PRECISIONS)} (default f32; bf16 and f16 with --engine openvino on a CPU that has them).")] = None,
-) -> None:
-    """Change an ONNX export's threshold in its metadata, without re-exporting (the graph does not hold it)."""
-    from .onnx_runtime import OnnxPadim
-
-    with user_errors():
-        if sum([value is not None, good is not None, clear]) != 1:
-            raise FastpadimError("give exactly one of: a VALUE, --good FOLDER, or --clear")
-        if model_path.suffix.lower() != ".onnx":
-            raise FastpadimError(f"{model_path}: set-threshold edits ONNX exports; for a .padim model use predict --threshold")
-        if precision is not None and good is None:
-            raise FastpadimError("--precision applies with --good only (it sets how the good images are scored)")
-        if good is not None:
-            from .images import list_images
-
-            files = list_images(good)
-            model = OnnxPadim(model_path, engine=engine, precision=precision)
-            if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
-                raise FastpadimError(f"false alarm rate must be in (0, 1), got {false_alarm_rate}")
-            with progress_bar("scoring", len(files)) as advance:
-                model.set_threshold(files, false_alarm_rate, progress=advance)
-            model.save_metadata()
-            meta = model.metadata_
-        else:
-            if value is not None and not np.isfinite(value):
-                raise FastpadimError(f"the threshold must be a finite number, got {value}")
-            write_threshold(model_path, value)
-            meta = read_metadata(model_path)
-        th = meta["threshold"]["image"]
-        console.print(f"{model_path}: threshold {'none' if th is None else f'{th:.6g}'}", highlight=False)

@@ -14,7 +14,7 @@ import signal
 import tempfile
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import FastpadimError
@@ -59,7 +59,7 @@ def make_output_folder(folder: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def _terminate_unwinds():
+def terminate_unwinds():
     """While active, SIGTERM raises SystemExit in the main thread, so ``finally`` blocks (which remove
     temporaries) run; a handler someone else installed (uvicorn, Ray) is left alone."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
@@ -89,7 +89,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         raise FastpadimError(f"cannot write {path}: folder {folder} does not exist")
     umask = os.umask(0)
     os.umask(umask)
-    with _terminate_unwinds():
+    with terminate_unwinds():
         try:
             work = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
         except OSError as exc:
@@ -117,3 +117,79 @@ def write_text(path: str | os.PathLike, text: str) -> None:
             handle.write(text)
 
     atomic_write(path, write)
+
+
+# ------------------------------------------------------------------------------ a run's output folder
+# What a predict run writes into OUTPUT, in the order it is moved into place (results.csv last: once it is
+# there, everything it points at is too).
+RESULT_ENTRIES = ("overlays", "masks", "results.json", "results.csv")
+STAGING_PREFIX = ".fastpadim-partial-"
+
+
+def common_root(source: Path, items) -> Path:
+    """The folder output names are relative to: SOURCE when it is a folder, else the deepest folder holding every
+    input. Absolute paths, symlinks not resolved: a linked image keeps the place it was given, so good/000.png
+    and broken/000.png (or the same name in two folders of a glob or list) never share an output."""
+    if source.is_dir():
+        return Path(os.path.abspath(source))
+    return Path(os.path.commonpath(sorted({os.path.dirname(os.path.abspath(item.path)) for item in items})))
+
+
+class OutputNames:
+    """One output name per input, unique within the run and stable across runs: the input's path relative to the
+    common root, with its full file name kept (``good/a.jpg`` → ``good/a.jpg.png``, so a.png and a.jpg differ;
+    a frame: ``cam.mkv#frame=3.png``). Should two inputs still meet (the same file listed twice, or names that
+    differ only in case), the later one gets ``~2``, ``~3``, … before the suffix."""
+
+    def __init__(self, root: Path, items) -> None:
+        # a frame's name is its video's path plus a mark (``#frame=3``), kept after the relative path
+        self.relative = {item.name: os.path.relpath(os.path.abspath(item.path), root) + item.name[len(item.path):]
+                         for item in items}
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, suffix: str = ".png") -> Path:
+        first = output_name(self.relative.get(name, os.path.basename(name)), suffix)
+        candidate, n = first, 2
+        while candidate.as_posix().casefold() in self.used:  # casefold: a case-insensitive disk would merge them
+            candidate, n = first.with_name(f"{first.name.removesuffix(suffix)}~{n}{suffix}"), n + 1
+        self.used.add(candidate.as_posix().casefold())
+        return candidate
+
+
+def previous_results(output: Path) -> list[str]:
+    return [name for name in RESULT_ENTRIES if os.path.lexists(output / name)] if output.is_dir() else []
+
+
+def move_into_place(staging: Path, output: Path) -> None:
+    """Replace a previous run's results in OUTPUT with the staged ones. The previous ones are moved aside into the
+    staging folder (removed with it), so no old overlay or mask stays mixed with the new results; if a move fails,
+    what was moved is moved back."""
+    aside = staging / "previous"
+    aside.mkdir()
+    moved_out: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in RESULT_ENTRIES:
+            if os.path.lexists(output / name):
+                os.replace(output / name, aside / name)
+                moved_out.append(name)
+        for name in RESULT_ENTRIES:
+            if os.path.lexists(staging / name):
+                os.replace(staging / name, output / name)
+                moved_in.append(name)
+    except OSError as exc:
+        for name in reversed(moved_in):
+            with suppress(OSError):
+                os.replace(output / name, staging / name)
+        for name in moved_out:
+            with suppress(OSError):
+                os.replace(aside / name, output / name)
+        raise FastpadimError(f"cannot move the results into {output}: {os_reason(exc)}") from None
+
+
+def output_name(relative: str | os.PathLike, suffix: str) -> Path:
+    """File name for an output about one input: the input's full name plus ``suffix`` (``a/b.jpg`` →
+    ``a/b.jpg{suffix}``), so ``b.png`` and ``b.jpg`` never share an output; a video frame keeps its video's name
+    and number the same way (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``)."""
+    path = Path(relative)
+    return path.with_name(path.name + suffix)

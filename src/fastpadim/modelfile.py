@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FastpadimError
-from .files import atomic_write  # noqa: F401 - the one atomic writer (files.py)
+from .files import atomic_write
 
 if TYPE_CHECKING:
     import torch

@@ -284,7 +284,7 @@ def write_metadata(path: str | os.PathLike, meta: dict) -> None:
     """Replace an export's fastpadim metadata (threshold, preprocessing); the graph and data file are kept."""
     import onnx
 
-    from .modelfile import atomic_write
+    from .files import atomic_write
 
     path = Path(path)
     proto = _load_graph(path)

@@ -14,14 +14,10 @@ import functools
 import io
 import socket
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
-import typer
-
-from .cli import app, console, user_errors
 from .errors import FastpadimError, ImageError
-from .images import MAX_IMAGE_PIXELS, ImageTooLarge, check_max_pixels, megapixels, read_size
+from .images import MAX_IMAGE_PIXELS, ImageTooLarge, check_max_pixels, read_size
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -467,44 +463,3 @@ class UnexpectedErrors:
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             response = JSONResponse({"detail": f"internal error: {type(exc).__name__}: {first_line}"}, status_code=500)
             await response(scope, receive, send)
-
-
-# ------------------------------------------------------------------------------------------ command
-@app.command()
-def serve(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim), or its ONNX export (.onnx).")],
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens the service to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Backbone weights file, if not where the model was fitted.")] = None,
-    max_batch: Annotated[int, typer.Option(help="Most images in one network batch.")] = 8,
-    max_wait_ms: Annotated[float, typer.Option(help="Longest wait for more requests to join a batch.")] = 5.0,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image upload, in MiB (larger: HTTP 413).")] = 20.0,
-    max_pixels: Annotated[int, typer.Option(help="Most pixels in one image, read from its header before decoding "
-                                                 "(larger: HTTP 413).")] = MAX_IMAGE_PIXELS,
-    max_decoding_pixels: Annotated[int, typer.Option(help="Most pixels decoded at once by all requests together "
-                                                          "(the rest wait their turn).")] = MAX_DECODING_PIXELS,
-    engine: Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")] = None,
-) -> None:
-    """Serve a model over HTTP: POST /v1/score, /v1/score/batch, GET /health, /v1/model, and a web page at /."""
-    import uvicorn
-
-    from . import load
-
-    with user_errors():
-        # Everything that can be wrong with the options is found before the model load (seconds).
-        check_options(max_batch, max_wait_ms, max_upload_mb, max_pixels, max_decoding_pixels)
-        check_port(host, port)
-        model = load(model_path, device=device, weights=weights, engine=engine)
-        api = create_app(model, str(model_path), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_upload_mb=max_upload_mb, max_pixels=max_pixels, max_decoding_pixels=max_decoding_pixels)
-        warm_up(model)
-        summary = model_summary(model, str(model_path))
-    threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
-    console.print(f"serving {model_path} ({summary['backbone']}, {summary['engine']} on {summary['device']}, threshold {threshold}) "
-                  f"on http://{host}:{port}/  (API docs at /docs; Ctrl+C stops; images up to {megapixels(max_pixels)})",
-                  highlight=False, soft_wrap=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach it can use the service "
-                      "(there is no authentication)", highlight=False)
-    uvicorn.run(api, host=host, port=port, log_level="warning", access_log=False)

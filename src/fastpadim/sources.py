@@ -133,14 +133,6 @@ def resolve(source: str | os.PathLike, frame_stride: int = 1) -> tuple[list[Item
     return items, skipped
 
 
-def output_name(relative: str | os.PathLike, suffix: str) -> Path:
-    """File name for an output about one input: the input's full name plus ``suffix`` (``a/b.jpg`` →
-    ``a/b.jpg{suffix}``), so ``b.png`` and ``b.jpg`` never share an output; a frame keeps its video's name and
-    number the same way (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``)."""
-    path = Path(relative)
-    return path.with_name(path.name + suffix)
-
-
 def by_video(items: Iterable[Item]) -> dict[str, list[Item]]:
     """Frames grouped by their video (in order of first appearance); images are not part of any group."""
     groups: dict[str, list[Item]] = {}

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import FastpadimError
-from .images import IMAGE_SUFFIXES, Preprocessing, list_images
+from ..errors import FastpadimError
+from ..images import IMAGE_SUFFIXES, Preprocessing, list_images
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FastpadimError
+from ..errors import FastpadimError
 
 DEFAULT_BINS = 1 << 16
 

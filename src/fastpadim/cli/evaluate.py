@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .cli import BackboneOpt, DeviceOpt, FeaturesOpt, LayersOpt, WeightsOpt, app, console, out, parse_layers, \
-    progress_bar, user_errors, write_text
-from .errors import FastpadimError
+from ..errors import FastpadimError
+from ..files import make_output_folder, write_text
+from .console import console, out, progress_bar, user_errors
+from .options import (
+    AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, ImageSizeOpt, LayersOpt,
+    MaxPixelsOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers,
+)
 
 
 def parse_names(text: str | None) -> list[str] | None:
@@ -30,20 +33,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-@app.command()
 def evaluate(
     root: Annotated[Path, typer.Argument(help="MVTec AD root (one folder per category) or one category folder.")],
     categories: Annotated[Optional[str], typer.Option(help="Comma-separated categories; default: all found.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.json/csv, report.md, figures.")] = Path("eval-out"),
     backbone: BackboneOpt = "efficientnet_lite0",
     weights: WeightsOpt = None,
+    allow_download: AllowDownloadOpt = False,
     layers: LayersOpt = None,
     n_features: FeaturesOpt = None,
-    image_size: Annotated[int, typer.Option(help="Resize to this square size (bicubic).")] = 256,
-    crop_size: Annotated[int, typer.Option(help="Centre crop after resizing (the paper: 224); 0 = none, the whole image is inspected.")] = 0,
+    image_size: ImageSizeOpt = 256,
+    crop_size: CropSizeOpt = 0,
     seed: Annotated[int, typer.Option(help="Seed of the random channel subset.")] = 0,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per network batch.")] = 32,
+    batch_size: BatchSizeOpt = 32,
+    max_pixels: MaxPixelsOpt = None,
     reduction: Annotated[str, typer.Option(help="Dimension reduction to --n-features: random (the paper's Rd) or pca.")] = "random",
     layer_mode: Annotated[str, typer.Option(help="joint: one model on the concatenated layers; summed: one model per layer, maps summed.")] = "joint",
     rd_mvtec: Annotated[bool, typer.Option("--rd-mvtec", help="Non-aligned protocol: random rotation ±10° and random 224 crop of 256, per seed.")] = False,
@@ -52,21 +56,20 @@ def evaluate(
 ) -> None:
     """Fit on each category's good training images, score its test set, and report image AUROC, pixel AUROC,
     PRO and F1-max with the paper's texture / object / all means."""
-    from .datasets import find_categories, load_category
-    from .eval_report import category_row, draw_curves, draw_examples, rich_table, summary_rows, to_csv, to_json, to_markdown
-    from .evaluation import Settings, evaluate_category
+    from ..evaluation.datasets import find_categories, load_category
+    from ..evaluation.protocol import Settings, evaluate_category
+    from ..evaluation.report import category_row, summary_rows, to_csv, to_json, to_markdown, write_figures
 
     with user_errors():
+        check_options(n_features=n_features, seed=seed)
+        apply_max_pixels(max_pixels)
         settings = Settings(backbone=backbone, weights=weights, layers=parse_layers(layers), n_features=n_features,
                             image_size=image_size, crop_size=crop_size or None, device=device, batch_size=batch_size,
-                            reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec)
+                            reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec, allow_download=allow_download)
         settings.check()
         run_seeds = parse_seeds(seeds) if rd_mvtec else [seed]
         folders = find_categories(root, parse_names(categories))
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise FastpadimError(f"cannot create output folder {output}: {exc.strerror or exc}") from None
+        make_output_folder(output)
 
         rows, failures, figures = [], {}, {}
         for folder in folders:
@@ -78,7 +81,7 @@ def evaluate(
                     label = f"{name}" + (f" seed {run_seed}" if rd_mvtec else "")
                     with progress_bar(label, len(category.train) + len(category.test)) as advance:
                         runs.append(evaluate_category(category, settings, run_seed, examples, progress=advance))
-                figures[name] = _write_figures(runs[0], output, draw_curves, draw_examples)
+                figures[name] = write_figures(runs[0], output)
             except FastpadimError as exc:
                 failures[name] = str(exc)
                 console.print(f"[red]failed:[/red] {name}: {exc}", highlight=False, soft_wrap=True)
@@ -91,28 +94,23 @@ def evaluate(
         command = "fastpadim " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         title = "fastpadim evaluate" + (" (Rd-MVTec AD)" if rd_mvtec else "")
         if rows:
-            write_text(to_json(described, rows, summaries, failures), output / "results.json")
-            write_text(to_csv(rows, summaries), output / "results.csv")
-            write_text(to_markdown(command, described, rows, summaries, failures, figures), output / "report.md")
-            out.print(rich_table(rows, summaries, title))
+            write_text(output / "results.json", to_json(described, rows, summaries, failures))
+            write_text(output / "results.csv", to_csv(rows, summaries))
+            write_text(output / "report.md", to_markdown(command, described, rows, summaries, failures, figures))
+            out.print(results_table(rows, summaries, title))
             console.print(f"wrote {output}/results.json, results.csv, report.md", highlight=False)
         if failures:
             raise FastpadimError(f"{len(failures)} of {len(folders)} categories failed: {', '.join(failures)}")
 
 
-def _write_figures(run, output: Path, draw_curves, draw_examples) -> list[str]:
-    """Draw into a temporary folder and move it into place, so a failed category leaves nothing behind."""
-    final = output / run.category
-    staging = output / f".{run.category}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        draw_curves(run, staging / "curves.png")
-        names = [f"{run.category}/curves.png"]
-        if draw_examples(run, staging / "examples.png"):
-            names.append(f"{run.category}/examples.png")
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return names
+def results_table(rows: list[dict], summaries: list[dict], title: str):
+    from rich.table import Table
+
+    from ..evaluation.report import SHORT_HEADERS, table_rows
+
+    table = Table(title=title)
+    for i, header in enumerate(SHORT_HEADERS):
+        table.add_column(header, justify="left" if i == 0 else "right")
+    for cells, is_summary in table_rows(rows, summaries):
+        table.add_row(*cells, style="bold" if is_summary else None)
+    return table

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from .anomaly_map import image_scores
-from .errors import FastpadimError
-from .images import ImageInput
-from .model import Padim, ScoredImage
+from ..anomaly_map import image_scores
+from ..errors import FastpadimError
+from ..images import ImageInput
+from ..model import Padim, ScoredImage
 
 REDUCTIONS = ("random", "pca")
 LAYER_MODES = ("joint", "summed")

@@ -1,16 +1,17 @@
-"""Evaluation outputs: summary rows, the terminal table, JSON / CSV, the Markdown report and its figures."""
+"""Evaluation outputs: summary rows, the terminal table's cells, JSON / CSV, the Markdown report and its figures."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .datasets import MVTEC_OBJECTS, MVTEC_TEXTURES
-from .evaluation import FPR_LIMIT, METRICS, CategoryRun
+from .protocol import FPR_LIMIT, METRICS, CategoryRun
 
 LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pro": "PRO (FPR≤0.3)",
           "image_f1_max": "image F1-max", "pixel_f1_max": "pixel F1-max"}
@@ -73,17 +74,9 @@ HEADERS = ["category", *[LABELS[k] for k in METRICS], "fit s", "images/s"]
 SHORT_HEADERS = ["category", "img AUROC", "px AUROC", "PRO", "img F1", "px F1", "fit s", "img/s"]  # 80 columns
 
 
-def rich_table(rows: list[dict], summaries: list[dict], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for i, header in enumerate(SHORT_HEADERS):
-        table.add_column(header, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*_table_cells(row))
-    for row in summaries:
-        table.add_row(*_table_cells(row), style="bold")
-    return table
+def table_rows(rows: list[dict], summaries: list[dict]) -> list[tuple[list[str], bool]]:
+    """The terminal table's cells (SHORT_HEADERS), each row with whether it is a summary row."""
+    return [(_table_cells(row), False) for row in rows] + [(_table_cells(row), True) for row in summaries]
 
 
 def to_csv(rows: list[dict], summaries: list[dict]) -> str:
@@ -166,7 +159,7 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .visualize import overlay
+    from ..visualize import overlay
 
     threshold = run.pixel_threshold
     columns = ["image", "ground truth", "anomaly map", "prediction" if threshold is not None else None]
@@ -187,3 +180,22 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
+
+
+def write_figures(run: CategoryRun, output: Path) -> list[str]:
+    """Draw a category's figures into a temporary folder and move it into place, so a failed category leaves
+    nothing behind; returns their names relative to ``output``."""
+    final = output / run.category
+    staging = output / f".{run.category}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        draw_curves(run, staging / "curves.png")
+        names = [f"{run.category}/curves.png"]
+        if draw_examples(run, staging / "examples.png"):
+            names.append(f"{run.category}/examples.png")
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names

@@ -14,8 +14,8 @@ import numpy as np
 from . import metrics
 from .ablation import LAYER_MODES, REDUCTIONS, PcaPadim, SummedPadim
 from .datasets import Category, load_mask
-from .errors import FastpadimError
-from .model import Padim
+from ..errors import FastpadimError
+from ..model import Padim
 from .rd_mvtec import RD_CROP_SIZE, RdTransform, transformed_images
 
 METRICS = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "pixel_f1_max")
@@ -37,6 +37,7 @@ class Settings:
     reduction: str = "random"
     layer_mode: str = "joint"
     rd_mvtec: bool = False
+    allow_download: bool = False
 
     def check(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -51,9 +52,10 @@ class Settings:
         self.check()
         size, crop = (RD_CROP_SIZE, None) if self.rd_mvtec else (self.image_size, self.crop_size)
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
-                      device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False)
+                      device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False,
+                      allow_download=self.allow_download)
         if self.layer_mode == "summed":
-            from .backbone import resolve_preset
+            from ..backbone import resolve_preset
 
             layers = self.layers or resolve_preset(self.backbone, None, None).layers
             return SummedPadim(layers, self.n_features, **common)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import open_image
+from ..images import open_image
 
 RD_IMAGE_SIZE = 256
 RD_CROP_SIZE = 224

@@ -1,0 +1,117 @@
+"""``fastpadim fit``: a model from good images or video frames, in this process or on Ray."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import FastpadimError
+from ..files import check_writable_file, make_output_folder
+from ..sources import Item, Skipped, by_video, inputs, resolve
+from .console import progress_bar, report_skipped, say, user_errors, warn
+from .options import (
+    AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
+    ImageSizeOpt, LayersOpt, MaxPixelsOpt, RayOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers,
+)
+
+
+def fit(
+    source: Annotated[Path, typer.Argument(help="Good images: a folder (searched recursively), an image or video, a glob, or a .txt list of paths.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model file to write (a folder with --per-video).")] = Path("model.padim"),
+    backbone: BackboneOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    allow_download: AllowDownloadOpt = False,
+    layers: LayersOpt = None,
+    n_features: FeaturesOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 32,
+    image_size: ImageSizeOpt = 256,
+    crop_size: CropSizeOpt = 0,
+    epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
+    holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,
+    threshold_dir: Annotated[Optional[Path], typer.Option(help="Separate folder of good images for the threshold (then no hold-out).")] = None,
+    false_alarm_rate: Annotated[float, typer.Option(help="Target share of good images flagged by the threshold.")] = 0.01,
+    factor_dtype: Annotated[str, typer.Option(help="Stored factor precision: float32, float16 or bfloat16.")] = "float32",
+    keep_stats: Annotated[bool, typer.Option(help="Also store the training statistics, so partial fits can continue later.")] = False,
+    max_pixels: MaxPixelsOpt = None,
+    ray_target: RayOpt = None,
+    frame_stride: FrameStrideOpt = 1,
+    per_video: Annotated[bool, typer.Option(help="One model per video, written into the --output folder as <video name>.padim.")] = False,
+    cpus_per_task: CpusPerTaskOpt = 1,
+) -> None:
+    """Fit a model on good images (or video frames)."""
+    from ..model import Padim
+    from ..results import threshold_caveat
+
+    with user_errors():
+        check_options(n_features=n_features, seed=seed, holdout=holdout, false_alarm_rate=false_alarm_rate)
+        apply_max_pixels(max_pixels)
+        if ray_target is not None:
+            from ..distributed import connect
+
+            say(f"Ray: {connect(ray_target)} CPUs")  # start-up is not fit time
+        if not per_video:
+            check_writable_file(output)
+        files, unusable = resolve(source, frame_stride)
+        threshold_files = resolve(threshold_dir, frame_stride)[0] if threshold_dir else None
+        report_skipped(unusable)
+        for target, job in per_video_jobs(files, output) if per_video else [(output, files)]:
+            model = Padim(
+                backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
+                image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+                holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
+                keep_stats=keep_stats, allow_download=allow_download,
+            )
+            total = len(job) + (len(threshold_files) if threshold_files else 0)
+            start = time.perf_counter()
+            with progress_bar("fitting", total, rate=ray_target is not None) as advance:
+                fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target, cpus_per_task=cpus_per_task)
+            elapsed = time.perf_counter() - start
+            report_skipped(model.skipped_)
+            model.save(target, keep_stats=keep_stats)
+            threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
+            say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
+                f"{model.preset_.name}, {model.device_.type}); threshold {threshold}; wrote {target}")
+            if model.threshold_ is not None:
+                caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
+                if caveat:
+                    warn(caveat)
+
+
+def fit_items(model, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,
+              progress: Callable[[int], None] | None = None, ray_target: str | None = None, **ray_options):
+    """Fit from source items, in this process (``ray_target`` None) or on Ray (``ray_options`` go to
+    ``fit_on_ray``); frames are decoded lazily, after the hold-out split."""
+    if ray_target is not None:
+        from ..distributed import connect, fit_on_ray
+
+        connect(ray_target)
+        return fit_on_ray(model, images, threshold_images, progress, **ray_options)
+    images = list(images)
+    if threshold_images is None and model.holdout > 0:
+        images, threshold_images = model.holdout_split(images)
+    skipped: Skipped = []
+    held = inputs(threshold_images, skipped) if threshold_images is not None else None
+    model.fit(inputs(images, skipped), threshold_images=held, progress=progress)
+    model.skipped_ = skipped + model.skipped_
+    return model
+
+
+def per_video_jobs(items: Sequence[Item], output: Path) -> list[tuple[Path, list[Item]]]:
+    """``fit --per-video``: (model file, frames) per video, models named after the videos in ``output``."""
+    groups = by_video(items)
+    if not groups:
+        raise FastpadimError("--per-video needs video files in the source, found only images")
+    targets: dict[Path, str] = {}
+    for video in groups:
+        target = output / f"{Path(video).stem}.padim"
+        if target in targets:
+            raise FastpadimError(f"--per-video: {video} and {targets[target]} would both be written to {target}")
+        targets[target] = video
+    make_output_folder(output)
+    return [(target, groups[video]) for target, video in targets.items()]

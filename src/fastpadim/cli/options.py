@@ -1,0 +1,55 @@
+"""Options shared by several commands, declared once, and the checks that make a bad value one line."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import FastpadimError
+
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Preset (efficientnet_lite0, resnet18, wide_resnet50_2, efficientnet_b5) or a timm model name.")]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Backbone weights file (.safetensors/.pth); default: the offline package or timm's hub cache.")]
+AllowDownloadOpt = Annotated[bool, typer.Option("--allow-download", help="Let timm download backbone weights from the model hub if they are not on this machine (never by default).")]
+LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Layer indices for timm's forward_intermediates, e.g. 1,2,3.")]
+FeaturesOpt = Annotated[Optional[int], typer.Option("--n-features", "-d", help="Random channel subset size (Rd); default: the preset's.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+EngineOpt = Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="Inference precision: f32 (default, every engine); bf16 or f16 only with --engine openvino on a CPU that has them.")]
+MaxPixelsOpt = Annotated[Optional[int], typer.Option(help="Most pixels in one image, read from its header before decoding (default 40 MP; larger images are skipped).")]
+ImageSizeOpt = Annotated[int, typer.Option(help="Resize to this square size (bicubic).")]
+CropSizeOpt = Annotated[int, typer.Option(help="Centre crop after resizing (the paper: 224); 0 = none, the whole image is inspected.")]
+BatchSizeOpt = Annotated[int, typer.Option(help="Images per network batch.")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Run on Ray: an embedded local Ray with N workers (--ray alone: local), or join a cluster.")]
+FrameStrideOpt = Annotated[int, typer.Option(help="Videos: use every K-th frame.")]
+CpusPerTaskOpt = Annotated[float, typer.Option(help="With --ray: CPUs (threads) per task.")]
+
+
+def parse_layers(layers: str | None) -> tuple[int, ...] | None:
+    if not layers:
+        return None
+    try:
+        return tuple(int(part) for part in layers.split(","))
+    except ValueError:
+        raise FastpadimError(f"--layers takes comma-separated integers, e.g. 1,2,3; got {layers!r}") from None
+
+
+def check_options(*, n_features: int | None = None, seed: int | None = None, holdout: float | None = None,
+                  false_alarm_rate: float | None = None) -> None:
+    """Options that would otherwise mean something else (0 channels = all) or fail deep inside, refused up front."""
+    if n_features is not None and n_features < 1:
+        raise FastpadimError(f"--n-features must be at least 1, got {n_features}; omit it for the preset's")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise FastpadimError(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
+    if holdout is not None and not 0 <= holdout < 1:
+        raise FastpadimError(f"--holdout must be in [0, 1), got {holdout}; 0 sets no threshold")
+    if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
+        raise FastpadimError(f"--false-alarm-rate must be between 0 and 1 (exclusive), e.g. 0.01; got {false_alarm_rate}")
+
+
+def apply_max_pixels(max_pixels: int | None) -> None:
+    """--max-pixels: the decoded-pixel limit for this run (images above it are skipped, read from the header)."""
+    if max_pixels is not None:
+        from ..images import set_max_image_pixels
+
+        set_max_image_pixels(max_pixels)

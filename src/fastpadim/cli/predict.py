@@ -1,0 +1,156 @@
+"""``fastpadim predict``: scores, verdicts, overlays and masks for a folder of images (or Parquet parts on Ray)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tempfile
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import FastpadimError
+from ..files import (
+    STAGING_PREFIX, OutputNames, atomic_write, common_root, make_output_folder, move_into_place, os_reason,
+    previous_results, terminate_unwinds, write_text,
+)
+from ..results import check_threshold, verdict_label
+from ..sources import inputs, resolve
+from .console import progress_bar, report_skipped, say, user_errors
+from .options import (
+    AllowDownloadOpt, BatchSizeOpt, CpusPerTaskOpt, DeviceOpt, EngineOpt, FrameStrideOpt, MaxPixelsOpt, PrecisionOpt,
+    RayOpt, WeightsOpt, apply_max_pixels,
+)
+
+
+def predict(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="Model file from 'fastpadim fit' (.padim), or its ONNX export (.onnx).")],
+    source: Annotated[Path, typer.Argument(help="Images: a folder (searched recursively), an image or video, a glob, or a .txt list of paths.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv/json, overlays/ and masks/.")] = Path("out"),
+    device: DeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    allow_download: AllowDownloadOpt = False,
+    threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
+    maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of a previous run in OUTPUT (else such an OUTPUT is refused).")] = False,
+    batch_size: BatchSizeOpt = 32,
+    max_pixels: MaxPixelsOpt = None,
+    ray_target: RayOpt = None,
+    frame_stride: FrameStrideOpt = 1,
+    cpus_per_task: CpusPerTaskOpt = 1,
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+) -> None:
+    """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
+    from .. import load
+    from ..visualize import defect_mask, overlay
+
+    with user_errors():
+        threshold = check_threshold(threshold, "--threshold")
+        apply_max_pixels(max_pixels)
+        if ray_target is not None:
+            if overwrite:
+                raise FastpadimError("--overwrite does not apply with --ray (a Ray run resumes what OUTPUT holds); "
+                                     "give a new -o to start over")
+            return predict_on_ray(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
+        maps = True if maps is None else maps
+        previous = previous_results(output)
+        if previous and not overwrite:
+            raise FastpadimError(f"{output} already holds the results of a previous run ({', '.join(previous)}): "
+                                 "give another -o, or --overwrite to replace them")
+        files, skipped = resolve(source, frame_stride)
+        names: list[str] = []
+        unique_name = OutputNames(common_root(source, files), files)
+        model = load(model_path, device=device, weights=weights, engine=engine, precision=precision,
+                     allow_download=allow_download)
+        if threshold is not None:
+            model.threshold_ = threshold
+        created = make_output_folder(output)
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output))
+        except OSError as exc:
+            raise FastpadimError(f"cannot write to {output}: {os_reason(exc)}") from None
+        # Everything is written into the hidden staging folder and moved into OUTPUT only once the run has
+        # succeeded: a failure, Ctrl+C or SIGTERM leaves OUTPUT as it was (only SIGKILL can leave the staging folder).
+        done = False
+        with terminate_unwinds():
+            try:
+                rows = []
+                with progress_bar("scoring", len(files)) as advance:
+                    for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance,
+                                                   batch_size=batch_size):
+                        for result in batch:
+                            name = names[result.index]  # the path, or video.mp4#frame=N
+                            if result.error:
+                                skipped.append((name, result.error))
+                                continue
+                            row = {"image": name, "score": round(result.score, 6),
+                                   "verdict": verdict_label(result.score, model.threshold_)}
+                            if maps:
+                                stem = unique_name(name)
+                                write_png(overlay(result.view, result.anomaly_map, model.threshold_), staging / "overlays" / stem)
+                                row["overlay"] = str(output / "overlays" / stem)
+                                if model.threshold_ is not None:
+                                    write_png(defect_mask(result.anomaly_map, model.threshold_), staging / "masks" / stem)
+                                    row["mask"] = str(output / "masks" / stem)
+                            rows.append(row)
+                report_skipped(skipped)
+                if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
+                    raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
+                write_text(staging / "results.csv", results_csv(rows))
+                summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
+                           "skipped": [{"image": n, "error": e} for n, e in skipped]}
+                write_text(staging / "results.json", json.dumps(summary, indent=2))
+                move_into_place(staging, output)
+                done = True
+            except FastpadimError as exc:  # name the file in OUTPUT, not its staged copy
+                raise FastpadimError(str(exc).replace(str(staging), str(output))) from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                if created and not done:
+                    with suppress(OSError):
+                        output.rmdir()  # only if empty
+        flagged = sum(r["verdict"] == "anomalous" for r in rows)
+        say(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped); wrote {output}/results.csv")
+
+
+def write_png(image, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastpadimError(f"cannot write {path}: {os_reason(exc)}") from None
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def results_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "verdict", "overlay", "mask"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def predict_on_ray(model_path: Path, source: Path, output: Path, ray_target: str, maps: bool,
+                   threshold: float | None, frame_stride: int, cpus_per_task: float = 1) -> None:
+    """``fastpadim predict --ray``: score into Parquet part files, skipping what ``output`` already holds."""
+    from ..distributed import SCORES_DIR, predict_on_ray as score_on_ray, require_ray
+
+    require_ray()
+    items, unusable = resolve(source, frame_stride)
+    report_skipped(unusable)
+    start = time.perf_counter()
+    with progress_bar("scoring", len(items), rate=True) as advance:
+        counts = score_on_ray(model_path, items, output, ray_target, maps=maps, threshold=threshold,
+                              root=common_root(source, items), progress=advance, cpus_per_task=cpus_per_task)
+    elapsed = time.perf_counter() - start
+    new = counts["scored"] + counts["errors"]
+    say(f"scored {counts['scored']} images ({counts['anomalous']} anomalous, {counts['errors']} unreadable) in "
+        f"{elapsed:.1f} s ({new / elapsed:.1f} images/s); {counts['already']} already in {output}; "
+        f"wrote {output / SCORES_DIR}/part-*.parquet")
+    if not counts["scored"] and not counts["already"]:
+        raise FastpadimError("no image could be scored")
