@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fastpadim"
 # Modules that must run where PyTorch is not installed (pip install 'fastpadim[runtime]').
 TORCH_FREE = {"errors", "files", "images", "sources", "results", "visualize", "onnx_runtime", "serve", "batcher",
-              "metadata", "_version"}
+              "metadata", "_version", "http_api"}
 
 
 def module_name(path: Path) -> str:

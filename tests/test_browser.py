@@ -28,7 +28,7 @@ def live_server():
     import uvicorn
 
     from fastpadim.model import Padim
-    from fastpadim.serve import create_app
+    from fastpadim.http_api import create_app
     from fastpadim.evaluation.synthetic import surface
 
     rng = np.random.default_rng(0)

@@ -505,7 +505,7 @@ def test_runtime_path_runs_without_torch(tmp_path, small_model, small_onnx, test
         model = fastpadim.load({str(small_onnx)!r})
         scores = model.predict(sorted(p for p in __import__("pathlib").Path({str(images)!r}).glob("[0-9].png"))).scores
         from fastapi.testclient import TestClient
-        from fastpadim.serve import create_app
+        from fastpadim.http_api import create_app
         with TestClient(create_app(model, "small.onnx")) as client:
             info = client.get("/v1/model").json()
             reply = client.post("/v1/score", files={{"file": ("0.png", open({str(images / '0.png')!r}, "rb"), "image/png")}}).json()

@@ -23,11 +23,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from fastpadim import serve as serve_module
+from fastpadim import http_api as api_module  # where uploads are decoded
 from fastpadim.batcher import MicroBatcher, PixelBudget
 from fastpadim.model import Padim
 from fastpadim.results import ScoredImage
-from fastpadim.serve import check_port, create_app, decode_upload, release_memory
+from fastpadim.http_api import create_app
+from fastpadim.serve import check_port, decode_upload, release_memory
 from fastpadim.evaluation.synthetic import add_spot, surface
 
 SIZE = 64
@@ -483,8 +484,8 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model(tmp_path, load_cal
 # ------------------------------------------------------------------------------- memory and pixel limits
 def test_huge_image_is_refused_from_its_header_quickly_and_cheaply(client, huge_png, good_png, monkeypatch):
     decoded = []
-    original = serve_module.decode_upload
-    monkeypatch.setattr(serve_module, "decode_upload",
+    original = api_module.decode_upload
+    monkeypatch.setattr(api_module, "decode_upload",
                         lambda data, name, *a: decoded.append(name) or original(data, name, *a))
     before = rss_mb()
     start = time.perf_counter()
@@ -571,7 +572,7 @@ def test_pixel_budget_bounds_what_is_decoded_at_once():
 def test_service_decodes_within_its_pixel_budget(model, good_png, monkeypatch, images_at_once):
     active, most = [0], [0]
     lock = threading.Lock()
-    original = serve_module.decode_upload
+    original = api_module.decode_upload
 
     def slow_decode(*args):
         with lock:
@@ -582,7 +583,7 @@ def test_service_decodes_within_its_pixel_budget(model, good_png, monkeypatch, i
             active[0] -= 1
         return original(*args)
 
-    monkeypatch.setattr(serve_module, "decode_upload", slow_decode)
+    monkeypatch.setattr(api_module, "decode_upload", slow_decode)
     with TestClient(create_app(model, max_decoding_pixels=images_at_once * SIZE * SIZE)) as c:
         reply = c.post("/v1/score/batch", files=[("file", (f"{i}.png", good_png, "image/png")) for i in range(4)])
         assert reply.status_code == 200 and reply.json()["scored"] == 4

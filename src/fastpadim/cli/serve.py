@@ -34,7 +34,8 @@ def serve(
     import uvicorn
 
     from .. import load
-    from ..serve import check_options, check_port, create_app, model_summary, warm_up
+    from ..http_api import create_app
+    from ..serve import check_options, check_port, model_summary, warm_up
 
     with user_errors():
         # Everything that can be wrong with the options is found before the model load (seconds).
