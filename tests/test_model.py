@@ -261,3 +261,27 @@ def test_other_layers_keep_at_most_their_channels(train_arrays):
     assert Padim(**{**SMALL, "layers": (1, 2)}).fit(train_arrays[:3]).channel_indices_.numel() == 100  # 192 → Rd100
     with pytest.raises(FastpadimError, match="between 1 and 64"):
         Padim(**{**SMALL, "layers": (1,), "n_features": 100}).fit(train_arrays[:3])
+
+
+def test_prepare_reuses_the_network_built_for_the_same_parameters(train_arrays, monkeypatch):
+    """A memory plan (prepare) then fit build the network once; changed parameters build it again."""
+    from fastpadim import model as model_module
+
+    built = []
+    real = model_module.create_feature_extractor
+    monkeypatch.setattr(model_module, "create_feature_extractor", lambda *a: built.append(1) or real(*a))
+    model = Padim(**SMALL)
+    model.prepare()
+    model.fit(train_arrays[:4])
+    assert len(built) == 1
+    model.set_params(seed=5).fit(train_arrays[:4])
+    assert len(built) == 2
+
+
+def test_pca_refit_on_the_same_object_learns_from_unprojected_embeddings(train_arrays, test_arrays):
+    from fastpadim.evaluation.ablation import PcaPadim
+
+    model = PcaPadim(**{**SMALL, "n_features": 8})
+    first = model.fit(train_arrays).anomaly_scores(test_arrays)
+    again = model.fit(train_arrays).anomaly_scores(test_arrays)  # the network is reused: the projection must be redone
+    np.testing.assert_allclose(again, first, rtol=1e-5)

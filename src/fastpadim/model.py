@@ -145,8 +145,13 @@ class Padim(ScoringMixin):
         self._check_params()
         for name in ("mean_", "whitener_", "n_samples_seen_", "_whitener_compute"):
             self.__dict__.pop(name, None)
-        n_features = 0 if self.n_features == "all" else self.n_features  # a preset's 0 means every channel
-        self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, n_features), channel_indices)
+        # The network built for the same parameters is reused (a memory plan, then the fit, build it once).
+        key = (repr(sorted(self.get_params().items())), None if channel_indices is None else channel_indices.tolist())
+        if self.__dict__.get("_built_for") != key:
+            n_features = 0 if self.n_features == "all" else self.n_features  # a preset's 0 means every channel
+            self._build(resolve_preset(self.backbone, tuple(self.layers) if self.layers else None, n_features),
+                        channel_indices)
+            self._built_for = key
         self.skipped_: list[tuple[str, str]] = []
         self.stats_ = None
         self.threshold_ = None

@@ -12,7 +12,7 @@ import typer
 from ..errors import FastpadimError
 from ..files import check_writable_file, make_output_folder
 from ..sources import Item, Skipped, by_video, inputs, resolve
-from .console import progress_bar, report_skipped, say, user_errors, warn
+from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
     ImageSizeOpt, LayersOpt, MaxPixelsOpt, RayOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers,
@@ -43,30 +43,43 @@ def fit(
     frame_stride: FrameStrideOpt = 1,
     per_video: Annotated[bool, typer.Option(help="One model per video, written into the --output folder as <video name>.padim.")] = False,
     cpus_per_task: CpusPerTaskOpt = 1,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (statistics, factor, model file, fit peak against the available memory) and exit without fitting.")] = False,
 ) -> None:
     """Fit a model on good images (or video frames)."""
     from ..model import Padim
+    from ..plan import check_plan, plan_for
     from ..results import threshold_caveat
 
     with user_errors():
         check_options(n_features=n_features, seed=seed, holdout=holdout, false_alarm_rate=false_alarm_rate)
         apply_max_pixels(max_pixels)
+
+        if not per_video and not plan:
+            check_writable_file(output)
+        files, unusable = resolve(source, frame_stride)  # names only: no image is decoded before the plan
+        threshold_files = resolve(threshold_dir, frame_stride)[0] if threshold_dir else None
+        report_skipped(unusable)
+        params = dict(
+            backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
+            image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+            holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
+            keep_stats=keep_stats, allow_download=allow_download,
+        )
+        # The memory plan (it builds the network, which the fit then reuses): --plan prints it and writes nothing;
+        # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
+        # that fits prints nothing more (one line per message: the result line).
+        planned = Padim(**params)
+        memory = plan_for(planned)
+        if plan:
+            out.print(memory.describe(), highlight=False, soft_wrap=True)
+            return
+        check_plan(memory, crop=bool(crop_size))
         if ray_target is not None:
             from ..distributed import connect
 
             say(f"Ray: {connect(ray_target)} CPUs")  # start-up is not fit time
-        if not per_video:
-            check_writable_file(output)
-        files, unusable = resolve(source, frame_stride)
-        threshold_files = resolve(threshold_dir, frame_stride)[0] if threshold_dir else None
-        report_skipped(unusable)
-        for target, job in per_video_jobs(files, output) if per_video else [(output, files)]:
-            model = Padim(
-                backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
-                image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
-                holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
-                keep_stats=keep_stats, allow_download=allow_download,
-            )
+        for n, (target, job) in enumerate(per_video_jobs(files, output) if per_video else [(output, files)]):
+            model = planned if n == 0 else Padim(**params)
             total = len(job) + (len(threshold_files) if threshold_files else 0)
             start = time.perf_counter()
             with progress_bar("fitting", total, rate=ray_target is not None) as advance:

@@ -43,7 +43,7 @@ class PcaPadim(Padim):
 
     def fit(self, images: Iterable[ImageInput], threshold_images=None, progress=None) -> PcaPadim:
         images = list(images)
-        self._pending_pca = (None, None)
+        self._pending_pca = self.pca_mean_, self.components_ = (None, None)  # embeddings unprojected while learning it
         self.prepare()  # the feature model, to know how many channels the projection starts from
         total = self.channel_indices_.numel()
         k = self.n_components_ or total
@@ -65,7 +65,8 @@ class PcaPadim(Padim):
         covariance = (outer - count * torch.outer(mean, mean)) / (count - 1)
         _, eigenvectors = torch.linalg.eigh(covariance)  # ascending eigenvalues
         components = eigenvectors[:, -k:].flip(1).float().to(self.device_)
-        self._pending_pca = (mean.float().to(self.device_), components)
+        # attached now (the network is reused by fit's prepare) and kept for any later rebuild
+        self._pending_pca = self.pca_mean_, self.components_ = (mean.float().to(self.device_), components)
         return super().fit(images, threshold_images, progress)
 
     def save(self, path, keep_stats: bool = False) -> None:
