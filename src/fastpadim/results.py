@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import FastpadimError
+from .images import iter_batches, single_or_many, stack_arrays
+from .sources import expand
 
 Progress = Callable[[int], None]
 VERDICT_LABELS = {None: "unknown", True: "anomalous", False: "good"}
@@ -99,9 +101,6 @@ class ScoringMixin:
                     batch_size: int | None = None) -> Iterator[list[ScoredImage]]:
         """Score in batches, yielding each batch's results in input order (unreadable inputs carry their error).
         ``images`` may be a folder, a glob or a list file, as on the command line."""
-        from .images import iter_batches, single_or_many, stack_arrays
-        from .sources import expand
-
         self.check_fitted()
         images, unusable = expand(images)
         self.skipped_ += unusable
