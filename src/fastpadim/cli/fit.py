@@ -54,6 +54,10 @@ def fit(
         check_options(n_features=n_features, seed=seed, holdout=holdout, false_alarm_rate=false_alarm_rate)
         apply_max_pixels(max_pixels)
 
+        if ray_target is not None:
+            from ..distributed import require_ray
+
+            require_ray()  # a missing extra is said before any work; the cluster is joined after the plan
         if not per_video and not plan:
             check_writable_file(output)
         files, unusable = resolve(source, frame_stride)  # names only: no image is decoded before the plan
