@@ -244,10 +244,8 @@ def externalize(graph: onnx.GraphProto, store: ExternalData, fp16: bool) -> None
 
 
 def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str) -> dict:
-    from .modelfile import model_metadata
-
     size = model.preprocessing_.output_size
-    meta = model_metadata(model)
+    meta = model.to_metadata()
     meta["export"] = {
         "format_version": EXPORT_FORMAT_VERSION,
         "opset": opset,

@@ -1,7 +1,7 @@
 """Writing files safely: atomic writes, output folders, writable targets. Standard library only.
 
-Every file fastpadim writes goes through ``atomic_write``: one temporary beside the target that fastpadim owns,
-renamed over the target when complete. SIGTERM (and Ctrl+C) during the write remove the temporary; a
+Every file fastpadim writes goes through ``atomic_write``: one private temporary folder beside the target that
+fastpadim owns, whose file is renamed over the target when complete. SIGTERM (and Ctrl+C) during the write remove the temporary; a
 disk-full or permission failure is one line naming the file.
 """
 

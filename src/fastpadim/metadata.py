@@ -25,21 +25,22 @@ FACTOR_DTYPES = ("float32", "float16", "bfloat16")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")  # timm names and tags (no paths, no URLs)
 
 
-def _shown(value) -> str:
+def shown(value) -> str:
     """A value from the file, as repr, cut short: a hostile 100 KB string must not become a 100 KB error line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _fail(path, field: str, problem: str):
+def refuse_field(path, field: str, problem: str):
+    """One line naming the bad field (``section.field``)."""
     raise FastpadimError(f"{path}: model metadata field '{field}' {problem}")
 
 
 def _get(path, section: dict, field: str, prefix: str = ""):
     if not isinstance(section, dict):
-        _fail(path, prefix.rstrip(".") or "metadata", "is not a JSON object")
+        refuse_field(path, prefix.rstrip(".") or "metadata", "is not a JSON object")
     if field not in section:
-        _fail(path, prefix + field, "is missing")
+        refuse_field(path, prefix + field, "is missing")
     return section[field]
 
 
@@ -48,9 +49,9 @@ def _int(path, section, field, low, high, prefix="", optional=False) -> int | No
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        _fail(path, prefix + field, f"must be an integer, got {_shown(value)}")
+        refuse_field(path, prefix + field, f"must be an integer, got {shown(value)}")
     if not low <= value <= high:
-        _fail(path, prefix + field, f"must be between {low} and {high}, got {value}")
+        refuse_field(path, prefix + field, f"must be between {low} and {high}, got {value}")
     return value
 
 
@@ -59,24 +60,24 @@ def _float(path, section, field, low, high, prefix="", optional=False, open_low=
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, prefix + field, f"must be a finite number, got {_shown(value)}")
+        refuse_field(path, prefix + field, f"must be a finite number, got {shown(value)}")
     if value < low or value > high or (open_low and value == low):
         bracket = "(" if open_low else "["
-        _fail(path, prefix + field, f"must lie in {bracket}{low}, {high}], got {value}")
+        refuse_field(path, prefix + field, f"must lie in {bracket}{low}, {high}], got {value}")
     return float(value)
 
 
 def _name(path, section, field, prefix="") -> str:
     value = _get(path, section, field, prefix)
     if not isinstance(value, str) or not _NAME.match(value):
-        _fail(path, prefix + field, f"must be a model name (letters, digits, '_', '.', '-'), got {_shown(value)}")
+        refuse_field(path, prefix + field, f"must be a model name (letters, digits, '_', '.', '-'), got {shown(value)}")
     return value
 
 
 def _triple(path, section, field, low, high, prefix="", open_low=False) -> list[float]:
     value = _get(path, section, field, prefix)
     if not isinstance(value, list) or len(value) != 3:
-        _fail(path, prefix + field, f"must be a list of 3 numbers, got {_shown(value)}")
+        refuse_field(path, prefix + field, f"must be a list of 3 numbers, got {shown(value)}")
     for i in range(3):
         _float(path, {f"{field}[{i}]": value[i]}, f"{field}[{i}]", low, high, prefix, open_low=open_low)
     return [float(v) for v in value]
@@ -88,7 +89,7 @@ def validate(meta, path: str | Path = "model") -> dict:
     if not isinstance(meta, dict):
         raise FastpadimError(f"{path}: model metadata is not a JSON object")
     if not isinstance(meta.get("fastpadim_version", ""), str):
-        _fail(path, "fastpadim_version", "must be a string")
+        refuse_field(path, "fastpadim_version", "must be a string")
 
     bb = _get(path, meta, "backbone")
     p = "backbone."
@@ -96,15 +97,15 @@ def validate(meta, path: str | Path = "model") -> dict:
     _name(path, bb, "timm_name", p)
     layers = _get(path, bb, "layers", p)
     if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_LAYERS:
-        _fail(path, p + "layers", f"must be a list of 1 to {MAX_LAYERS} layer indices, got {_shown(layers)}")
+        refuse_field(path, p + "layers", f"must be a list of 1 to {MAX_LAYERS} layer indices, got {shown(layers)}")
     for i in range(len(layers)):
         _int(path, {f"layers[{i}]": layers[i]}, f"layers[{i}]", 0, MAX_LAYER_INDEX, p)
     if not isinstance(bb.get("extra_blocks", False), bool):
-        _fail(path, p + "extra_blocks", f"must be true or false, got {_shown(bb['extra_blocks'])}")
+        refuse_field(path, p + "extra_blocks", f"must be true or false, got {shown(bb['extra_blocks'])}")
     _int(path, bb, "n_features", 1, MAX_FEATURES, p)
     weights_id = _get(path, bb, "weights_id", p)
     if not isinstance(weights_id, str) or not weights_id or len(weights_id) > 300:
-        _fail(path, p + "weights_id", f"must be a non-empty string, got {_shown(weights_id)}")
+        refuse_field(path, p + "weights_id", f"must be a non-empty string, got {shown(weights_id)}")
 
     pre = _get(path, meta, "preprocessing")
     p = "preprocessing."
@@ -115,18 +116,18 @@ def validate(meta, path: str | Path = "model") -> dict:
 
     grid = _get(path, meta, "grid")
     if not isinstance(grid, list) or len(grid) != 2:
-        _fail(path, "grid", f"must be [height, width], got {_shown(grid)}")
+        refuse_field(path, "grid", f"must be [height, width], got {shown(grid)}")
     side = crop or size
     for i in range(2):
         cells = _int(path, {f"grid[{i}]": grid[i]}, f"grid[{i}]", 1, side)
         if not MIN_STRIDE <= side / cells <= MAX_STRIDE:
-            _fail(path, f"grid[{i}]", f"= {cells} does not fit {side} px inputs (stride {side / cells:.3g})")
+            refuse_field(path, f"grid[{i}]", f"= {cells} does not fit {side} px inputs (stride {side / cells:.3g})")
 
     _float(path, meta, "epsilon", 0.0, MAX_EPSILON)
     _float(path, meta, "blur_sigma", 0.0, MAX_BLUR_SIGMA)
     _int(path, meta, "seed", 0, 2**63 - 1)
     if _get(path, meta, "factor_dtype") not in FACTOR_DTYPES:
-        _fail(path, "factor_dtype", f"must be one of {', '.join(FACTOR_DTYPES)}, got {_shown(meta['factor_dtype'])}")
+        refuse_field(path, "factor_dtype", f"must be one of {', '.join(FACTOR_DTYPES)}, got {shown(meta['factor_dtype'])}")
     _int(path, meta, "n_train_images", 1, 2**53)
 
     th = _get(path, meta, "threshold")
@@ -134,7 +135,7 @@ def validate(meta, path: str | Path = "model") -> dict:
     _float(path, th, "image", -math.inf, math.inf, p, optional=True)
     _float(path, th, "false_alarm_rate", 0.0, 1.0, p, open_low=True)
     if th["false_alarm_rate"] == 1.0:
-        _fail(path, p + "false_alarm_rate", "must be below 1")
+        refuse_field(path, p + "false_alarm_rate", "must be below 1")
     _int(path, {"n_good_images": th.get("n_good_images")}, "n_good_images", 1, 2**53, p, optional=True)
     _int(path, {"n_train_images": th.get("n_train_images")}, "n_train_images", 1, 2**53, p, optional=True)
     return meta

@@ -23,11 +23,6 @@ FORMAT_NAME = "fastpadim"
 FORMAT_VERSION = 1
 
 
-def model_metadata(model) -> dict:
-    """The metadata a model file records for ``model`` (``Padim.to_metadata``)."""
-    return model.to_metadata()
-
-
 def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Metadata and tensors as one safetensors file, written atomically."""
     from safetensors.torch import save_file

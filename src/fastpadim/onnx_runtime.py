@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FastpadimError
+from .files import folder_of
 from .images import Preprocessing
-from .metadata import validate
+from .metadata import refuse_field, shown, validate
 from .results import ScoringMixin
 
 METADATA_KEY = "fastpadim"
@@ -61,18 +62,14 @@ def plain_file_name(name) -> bool:
             and not any(char in "/\\:" or ord(char) < 32 for char in name))
 
 
-def _folder(path: Path) -> Path:
-    return path.parent if str(path.parent) else Path(".")
-
-
 def _beside(path: Path, name, what: str) -> Path:
     """``name`` as a file beside the model ``path``; refused if it is a path or a link out of that folder."""
     if not plain_file_name(name):
-        raise FastpadimError(f"{path}: {what} {_shown(name)} is not a plain file name; an export's data file must lie "
+        raise FastpadimError(f"{path}: {what} {shown(name)} is not a plain file name; an export's data file must lie "
                              "beside the .onnx file (export the model again)")
-    candidate = _folder(path) / name
+    candidate = folder_of(path) / name
     try:
-        outside = candidate.resolve().parent != _folder(path).resolve()
+        outside = candidate.resolve().parent != folder_of(path).resolve()
     except (OSError, RuntimeError):  # a link loop
         outside = True
     if outside:
@@ -125,16 +122,6 @@ def _load_graph(path: Path):
         raise FastpadimError(f"{path}: not an ONNX model, or truncated ({reason})") from None
 
 
-def _export_field(path, field: str, problem: str):
-    raise FastpadimError(f"{path}: model metadata field 'export.{field}' {problem}")
-
-
-def _shown(value, limit: int = 80) -> str:
-    """A value from a file, for a message: repr (so one line), cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def check_metadata(meta, path: str | os.PathLike = "model") -> dict:
     """Check an ONNX export's metadata: the shared ``.padim`` schema (``fastpadim.metadata.validate``) and the
     ``export`` section (version, opset, weights precision, input and outputs consistent with the preprocessing,
@@ -150,22 +137,22 @@ def check_metadata(meta, path: str | os.PathLike = "model") -> dict:
     validate(meta, path)
     opset = ex.get("opset")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
-        _export_field(path, "opset", f"must be an integer from {OPSETS.start} to {OPSETS.stop - 1}, got {_shown(opset)}")
+        refuse_field(path, "export.opset", f"must be an integer from {OPSETS.start} to {OPSETS.stop - 1}, got {shown(opset)}")
     if ex.get("weights_dtype") not in WEIGHTS_DTYPES:
-        _export_field(path, "weights_dtype", f"must be one of {', '.join(WEIGHTS_DTYPES)}, got {_shown(ex.get('weights_dtype'))}")
+        refuse_field(path, "export.weights_dtype", f"must be one of {', '.join(WEIGHTS_DTYPES)}, got {shown(ex.get('weights_dtype'))}")
     pre = meta["preprocessing"]
     side = pre["crop_size"] or pre["image_size"]
     inputs = ex.get("input")
     if not isinstance(inputs, dict) or inputs.get("name") != INPUT_NAME:
-        _export_field(path, "input", f"must describe the graph input {INPUT_NAME!r}, got {_shown(inputs)}")
+        refuse_field(path, "export.input", f"must describe the graph input {INPUT_NAME!r}, got {shown(inputs)}")
     if inputs.get("shape") != ["batch", 3, side, side]:
-        _export_field(path, "input.shape", f"must be ['batch', 3, {side}, {side}] (the preprocessing gives {side} px "
-                                           f"images), got {_shown(inputs.get('shape'))}")
+        refuse_field(path, "export.input.shape", f"must be ['batch', 3, {side}, {side}] (the preprocessing gives {side} px "
+                                           f"images), got {shown(inputs.get('shape'))}")
     outputs = {MAP_OUTPUT: ["batch", side, side], SCORE_OUTPUT: ["batch"]}
     if ex.get("outputs") != outputs:
-        _export_field(path, "outputs", f"must be {outputs}, got {_shown(ex.get('outputs'))}")
+        refuse_field(path, "export.outputs", f"must be {outputs}, got {shown(ex.get('outputs'))}")
     if not plain_file_name(ex.get("data_file")):
-        _export_field(path, "data_file", f"must be a plain file name beside the .onnx file, got {_shown(ex.get('data_file'))}")
+        refuse_field(path, "export.data_file", f"must be a plain file name beside the .onnx file, got {shown(ex.get('data_file'))}")
     return meta
 
 
@@ -218,33 +205,33 @@ def _check_external_data(path: Path, proto) -> None:
                 try:
                     values = numpy_helper.to_array(tensor)
                 except Exception:  # noqa: BLE001 - its bytes do not fit its shape
-                    raise FastpadimError(f"{path}: tensor {_shown(tensor.name)} is damaged (its data does not fit its shape "
-                                         f"{_shown(list(tensor.dims))}): export the model again") from None
+                    raise FastpadimError(f"{path}: tensor {shown(tensor.name)} is damaged (its data does not fit its shape "
+                                         f"{shown(list(tensor.dims))}): export the model again") from None
                 if not _all_finite(values):
-                    raise FastpadimError(f"{path}: tensor {_shown(tensor.name)} holds NaN or infinite values; the file is "
+                    raise FastpadimError(f"{path}: tensor {shown(tensor.name)} holds NaN or infinite values; the file is "
                                          "damaged or was altered: export the model again")
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
-        data_path = _beside(path, location, f"tensor {_shown(tensor.name)}: its data file")
+        data_path = _beside(path, location, f"tensor {shown(tensor.name)}: its data file")
         if location not in files:
             if not data_path.is_file():
                 raise FastpadimError(f"{path}: its data file {location} is missing (keep it beside the .onnx file)")
             files[location] = (data_path, data_path.stat().st_size)
         size = files[location][1]
         if any(dim < 0 for dim in tensor.dims):
-            raise FastpadimError(f"{path}: tensor {_shown(tensor.name)} has a negative dimension {_shown(list(tensor.dims))}")
+            raise FastpadimError(f"{path}: tensor {shown(tensor.name)} has a negative dimension {shown(list(tensor.dims))}")
         needed = int(np.prod([int(dim) for dim in tensor.dims], dtype=object)) * item_sizes[tensor.data_type] \
             if tensor.data_type in item_sizes else None
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else (needed if needed is not None else size - offset)
         except ValueError:
-            raise FastpadimError(f"{path}: tensor {_shown(tensor.name)}: its data offset or length is not a number") from None
+            raise FastpadimError(f"{path}: tensor {shown(tensor.name)}: its data offset or length is not a number") from None
         if offset < 0 or length < 0:
-            raise FastpadimError(f"{path}: tensor {_shown(tensor.name)}: negative data offset or length ({offset}, {length})")
+            raise FastpadimError(f"{path}: tensor {shown(tensor.name)}: negative data offset or length ({offset}, {length})")
         if needed is not None and length != needed:
-            raise FastpadimError(f"{path}: tensor {_shown(tensor.name)} of shape {_shown(list(tensor.dims))} needs {needed} bytes, "
+            raise FastpadimError(f"{path}: tensor {shown(tensor.name)} of shape {shown(list(tensor.dims))} needs {needed} bytes, "
                                  f"but its entry gives {length}; the file is damaged: export the model again")
         end = offset + length
         if end > size:
@@ -253,7 +240,7 @@ def _check_external_data(path: Path, proto) -> None:
             external.append((tensor.name, location, offset, length, float_types[tensor.data_type]))
     for name, location, offset, length, dtype in external:
         if not _finite_in_file(files[location][0], offset, length, np.dtype(dtype)):
-            raise FastpadimError(f"{path}: tensor {_shown(name)} in {location} holds NaN or infinite values; the file is "
+            raise FastpadimError(f"{path}: tensor {shown(name)} in {location} holds NaN or infinite values; the file is "
                                  "damaged or was altered: export the model again")
 
 

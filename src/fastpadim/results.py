@@ -163,7 +163,7 @@ class ScoringMixin:
         size = self.preprocessing_.output_size
         scores = np.array([r.score for r in ok], dtype=np.float32)
         maps = np.stack([r.anomaly_map for r in ok]) if ok else np.zeros((0, size, size), np.float32)
-        threshold = check_threshold(self.threshold_)
+        threshold = self.threshold_  # finite or None: checked when it was set
         verdicts = scores > threshold if threshold is not None else None
         skipped = [(r.name, r.error) for r in results if r.error]
         return Predictions(scores, maps, verdicts, self.threshold_, [r.name for r in ok], skipped)

@@ -136,9 +136,7 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
     if hasattr(model, "engine"):  # an ONNX export: the metadata stored in it (no torch needed)
         meta, engine, device = model.metadata_, model.engine, model.device
     else:
-        from .modelfile import model_metadata
-
-        meta, engine, device = model_metadata(model), "torch", model.device_.type
+        meta, engine, device = model.to_metadata(), "torch", model.device_.type
     bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
     return {
         "model_file": model_path,
