@@ -16,6 +16,7 @@ from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create
 from .errors import FastpadimError
 from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
+from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
 from .sources import expand
 
@@ -122,16 +123,16 @@ class Padim(ScoringMixin):
                 raise FastpadimError(f"{name} must be {kind} in {bounds}, got {value!r}")
 
         number("epsilon", 0.0)
-        number("blur_sigma", 0.0, 64.0)
+        number("blur_sigma", 0.0, MAX_BLUR_SIGMA)
         number("seed", 0, 2**63 - 1, integer=True)
-        number("image_size", 32, 4096, integer=True)
+        number("image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True)
         number("batch_size", 1, integer=True)
         number("workers", 1, integer=True)
         number("false_alarm_rate", 0.0, 1.0, closed=False)
         if self.n_features not in (None, "all"):
             number("n_features", 1, integer=True)  # 0 is no shorthand: "all" keeps every channel, None the preset's
         if self.crop_size is not None:
-            number("crop_size", 32, self.image_size, integer=True)
+            number("crop_size", MIN_IMAGE_SIZE, self.image_size, integer=True)
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise FastpadimError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
