@@ -18,6 +18,7 @@ from .errors import FastpadimError
 # Bound on the temporary (positions × D × D) blocks built per step, in elements (float32: 16 MB; blocks
 # of this size stay fast and keep the update's temporaries near 50 MB).
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
+FACTOR_CHUNK_CAP = 64  # positions per factorisation chunk on the CPU (small LAPACK calls, one per thread)
 
 
 def _chunk_step(dim: int, cap: int | None = None) -> int:
@@ -182,12 +183,12 @@ class GaussianStats:
             torch.set_num_threads(1)
             # At most 2·threads chunks are in flight while the next is built, so a ring of 2·threads + 1
             # covariance buffers is never overwritten while in use (and no chunk pays fresh page faults).
-            step = min(positions, _chunk_step(dim, cap=64))
+            step = min(positions, _chunk_step(dim, cap=FACTOR_CHUNK_CAP))
             ring = [torch.empty(step, dim, dim, dtype=torch.float64) for _ in range(2 * threads + 1)]
             try:
                 with ThreadPoolExecutor(max_workers=threads) as pool:
                     pending = []
-                    for i, sl in enumerate(_position_chunks(positions, dim, cap=64)):
+                    for i, sl in enumerate(_position_chunks(positions, dim, cap=FACTOR_CHUNK_CAP)):
                         cov = self.covariance(epsilon, sl, out=ring[i % len(ring)])
                         pending.append(pool.submit(factor, cov, sl))
                         if len(pending) >= 2 * threads:

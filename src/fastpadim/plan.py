@@ -37,12 +37,12 @@ RUNTIME_BYTES = 800 * 10**6
 # EfficientNet-Lite0 at 256 px: a 32-96 channel map at half resolution and its neighbours).
 ACTIVATION_FACTOR = 14
 SAFETY_MARGIN = 0.10  # share of the available memory the plan leaves free (the OS, other processes, estimate error)
-# Kept in step with model.CPU_FORWARD_IMAGES / UPDATE_BUFFER_BYTES and gaussian._CHUNK_ELEMENTS (checked by the
+# Kept in step with model.CPU_FORWARD_IMAGES / UPDATE_BUFFER_BYTES and gaussian's chunk sizes (checked by the
 # tests, so the plan does not import torch for arithmetic).
 CPU_FORWARD_IMAGES = 8
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024
 CHUNK_ELEMENTS = 4 * 1024 * 1024
-FACTOR_CHUNK_CAP = 64  # positions per factorisation chunk on the CPU (gaussian.GaussianStats.whitener)
+FACTOR_CHUNK_CAP = 64  # positions per factorisation chunk on the CPU (gaussian.FACTOR_CHUNK_CAP)
 FILE_HEADER_BYTES = 4096  # safetensors header with the JSON metadata (about 1-2 KB), rounded up
 
 
