@@ -21,16 +21,16 @@ class AnomalyMapGenerator(nn.Module):
     interpolation may overshoot below the (non-negative) distances.
     """
 
-    def __init__(self, output_size: int, sigma: float = 4.0):
+    def __init__(self, output_size: tuple[int, int], sigma: float = 4.0):
         super().__init__()
-        self.output_size = output_size
+        self.output_size = tuple(output_size)  # (height, width)
         self.sigma = sigma
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
 
     def forward(self, distances: torch.Tensor) -> torch.Tensor:
         maps = distances.unsqueeze(1).float()
-        maps = F.interpolate(maps, size=(self.output_size, self.output_size), mode="bicubic", align_corners=False)
+        maps = F.interpolate(maps, size=self.output_size, mode="bicubic", align_corners=False)
         if self.sigma > 0:
             k = self.kernel.to(maps.device)
             pad = k.numel() // 2

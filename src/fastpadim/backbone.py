@@ -4,6 +4,7 @@ feature model that stops after the deepest layer PaDiM uses."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -257,22 +258,41 @@ class FeatureExtractor(nn.Module):
         self.extra_blocks = preset.extra_blocks
         self.register_buffer("channel_index", torch.empty(0, dtype=torch.long), persistent=False)
         self._split: list[torch.Tensor] = []
-        self.channels = self._dry_run(64)[0]  # channels per used map, known from build time on
+        self.pool = 1
+        # channels per used map and the strides of the first and last, known from build time on
+        maps = self._dry_run((128, 128))
+        self.channels = [m.shape[1] for m in maps]
+        self.first_stride = 128 // maps[0].shape[-1]
+        self.last_stride = 128 // maps[-1].shape[-1]
 
-    def _dry_run(self, size: int) -> tuple[list[int], tuple[int, int]]:
-        """Channels of each used map and the first map's grid for size×size inputs (one forward of zeros)."""
+    def _dry_run(self, size: tuple[int, int]) -> list[torch.Tensor]:
+        """The used maps for an input of ``size`` (height, width): one forward of zeros."""
         with torch.inference_mode():
-            probe = torch.zeros(1, 3, size, size, device=next(self.model.parameters()).device)
-            maps = self._maps(probe)
-        return [m.shape[1] for m in maps], tuple(maps[0].shape[-2:])
+            probe = torch.zeros(1, 3, *size, device=next(self.model.parameters()).device)
+            return self._maps(probe)
 
     def layer_channels(self) -> list[int]:
         return list(self.channels)
 
-    def grid_for(self, size: int) -> tuple[int, int]:
-        """The embedding's grid (h, w) for size×size inputs: learned once when a model is built, so forward
-        passes change no state."""
-        return self._dry_run(size)[1]
+    def set_pool(self, pool: int) -> None:
+        """Average the embedding over ``pool`` x ``pool`` positions: a coarser grid, pool² fewer Gaussians."""
+        self.pool = int(pool)
+
+    @property
+    def cell(self) -> int:
+        """Input pixels per embedding position (per side)."""
+        return self.first_stride * self.pool
+
+    @property
+    def alignment(self) -> int:
+        """Input sides must be multiples of this: every map, and the pooled grid, then tile the input exactly."""
+        return math.lcm(self.last_stride, self.cell)
+
+    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The embedding's grid (h, w) for inputs of ``size`` (height, width): learned once when a model is
+        built, so forward passes change no state."""
+        grid = self._dry_run(size)[0].shape[-2:]
+        return (grid[0] // self.pool, grid[1] // self.pool)
 
     def select(self, channel_index: torch.Tensor) -> None:
         """Keep only these channels: sorted indices into the concatenation of all layers' channels."""
@@ -310,6 +330,9 @@ class FeatureExtractor(nn.Module):
             parts.append(feature_map.permute(0, 2, 3, 1))  # (B, h, w, C_l)
         # sorted indices: per-layer selections concatenate in index order
         embedding = torch.cat(parts, dim=-1)
+        if self.pool > 1:
+            embedding = F.avg_pool2d(embedding.permute(0, 3, 1, 2), self.pool).permute(0, 2, 3, 1)
+            size = embedding.shape[1:3]
         return embedding.reshape(embedding.shape[0], size[0] * size[1], embedding.shape[-1])
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import FastpadimError, ImageError
+from .sizes import Size, as_size, aspect_differs, format_size, to_json
 
 if TYPE_CHECKING:
     import torch
@@ -88,45 +89,80 @@ def is_tensor(item) -> bool:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize to ``image_size`` (bicubic), then centre-crop ``crop_size`` (None: resize only)."""
+    """Resize to ``image_size`` (bicubic), then centre-crop ``crop_size`` (None: resize only). Sizes are
+    (height, width); an int is a square. A frame whose aspect ratio differs from ``image_size``'s is refused
+    (it would be squashed) unless ``squash`` is set."""
 
-    image_size: int = 256
-    crop_size: int | None = None
+    image_size: Size | int = 256
+    crop_size: Size | int | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    squash: bool = False
 
     @property
-    def output_size(self) -> int:
-        return self.crop_size or self.image_size
+    def output_size(self) -> Size:
+        """The network's input (height, width): the crop if there is one, else the resized image."""
+        return self.crop_size or self.image_size  # type: ignore[return-value]
 
     def __post_init__(self) -> None:
-        if self.image_size < MIN_IMAGE_SIDE:
-            raise FastpadimError(f"image size {self.image_size} is too small; use at least {MIN_IMAGE_SIDE}")
-        if self.crop_size is not None and not (MIN_IMAGE_SIDE <= self.crop_size <= self.image_size):
-            raise FastpadimError(
-                f"crop size {self.crop_size} must lie between {MIN_IMAGE_SIDE} and the image size {self.image_size}"
-            )
+        object.__setattr__(self, "image_size", as_size(self.image_size))
+        if self.crop_size is not None:
+            object.__setattr__(self, "crop_size", as_size(self.crop_size, "crop size"))
+        if min(self.image_size) < MIN_IMAGE_SIDE:
+            raise FastpadimError(f"image size {format_size(self.image_size)} is too small; use at least {MIN_IMAGE_SIDE}")
+        if self.crop_size is not None and not (
+                MIN_IMAGE_SIDE <= min(self.crop_size) and all(c <= s for c, s in zip(self.crop_size, self.image_size))):
+            raise FastpadimError(f"crop size {format_size(self.crop_size)} must lie between {MIN_IMAGE_SIDE} and the "
+                                 f"image size {format_size(self.image_size)}")
+
+    def _crop_box(self) -> tuple[int, int, int, int] | None:
+        """(left, top, right, bottom) of the centre crop in the resized image; None without a crop."""
+        if self.crop_size is None or self.crop_size == self.image_size:
+            return None
+        top, left = ((s - c) // 2 for s, c in zip(self.image_size, self.crop_size))
+        return (left, top, left + self.crop_size[1], top + self.crop_size[0])
+
+    def check_shape(self, frame: Size) -> None:
+        """ImageError when resizing a frame of this (height, width) would stretch it (unless ``squash``)."""
+        if not self.squash and aspect_differs(frame, self.image_size):
+            height, width = self.image_size
+            raise ImageError(
+                f"{frame[1]}x{frame[0]} (width x height) would be squashed into this model's {width}x{height} input: "
+                f"fit a model at its shape (--image-size {frame[0]}x{frame[1]} or --long-side), crop the frames, or "
+                "allow squashing (--squash)")
 
     def resize(self, image: Image.Image) -> Image.Image:
-        """The first step of ``geometry``: bicubic to ``image_size`` x ``image_size`` (``geometry`` of the result is
-        the same as ``geometry`` of the original: PIL's resize to the same size is a copy)."""
-        return image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        """The first step of ``geometry``: bicubic to ``image_size`` (``geometry`` of the result is the same as
+        ``geometry`` of the original: PIL's resize to the same size is a copy)."""
+        return image.resize((self.image_size[1], self.image_size[0]), Image.Resampling.BICUBIC)
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """Resize and crop a PIL image (any mode that PIL can resize) to the network's view."""
+        self.check_shape((image.height, image.width))
         image = self.resize(image)
-        if self.crop_size is not None and self.crop_size != self.image_size:
-            left = (self.image_size - self.crop_size) // 2
-            image = image.crop((left, left, left + self.crop_size, left + self.crop_size))
-        return image
+        box = self._crop_box()
+        return image.crop(box) if box else image
 
     def mask_geometry(self, mask: Image.Image) -> Image.Image:
         """The same geometry for a label mask: nearest neighbour so it stays binary."""
-        mask = mask.resize((self.image_size, self.image_size), Image.Resampling.NEAREST)
-        if self.crop_size is not None and self.crop_size != self.image_size:
-            left = (self.image_size - self.crop_size) // 2
-            mask = mask.crop((left, left, left + self.crop_size, left + self.crop_size))
-        return mask
+        mask = mask.resize((self.image_size[1], self.image_size[0]), Image.Resampling.NEAREST)
+        box = self._crop_box()
+        return mask.crop(box) if box else mask
+
+    def to_frame(self, anomaly_map: np.ndarray, frame: Size) -> np.ndarray:
+        """An anomaly map of the network's view (``output_size``) back in the frame's own pixels (height, width):
+        the crop put back where it was cut (the border it cut off, never inspected, reads 0) and the whole
+        resized to the frame, bilinear. float32."""
+        amap = np.asarray(anomaly_map, dtype=np.float32)
+        box = self._crop_box()
+        if box:
+            full = np.zeros(self.image_size, dtype=np.float32)
+            full[box[1]:box[3], box[0]:box[2]] = amap
+            amap = full
+        if amap.shape == tuple(frame):
+            return amap
+        resized = Image.fromarray(amap, mode="F").resize((frame[1], frame[0]), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32)
 
     def normalize_array(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 → float32 3xHxW normalised with the backbone's mean and std (NumPy)."""
@@ -143,11 +179,15 @@ class Preprocessing:
         return torch.from_numpy(self.normalize_array(rgb))
 
     def to_dict(self) -> dict:
-        return {"image_size": self.image_size, "crop_size": self.crop_size, "mean": list(self.mean), "std": list(self.std)}
+        crop = to_json(self.crop_size) if self.crop_size is not None else None
+        return {"image_size": to_json(self.image_size), "crop_size": crop, "mean": list(self.mean),
+                "std": list(self.std), "squash": self.squash}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(d["image_size"], d["crop_size"], tuple(d["mean"]), tuple(d["std"]))
+        crop = d["crop_size"]
+        return cls(as_size(d["image_size"]), as_size(crop) if crop is not None else None, tuple(d["mean"]),
+                   tuple(d["std"]), bool(d.get("squash", False)))
 
 
 def to_rgb(image: Image.Image, owned: bool = False) -> Image.Image:
@@ -239,18 +279,19 @@ def _image_errors(label: str, limit: int) -> Iterator[None]:
         raise ImageError(f"{label}: cannot decode this image ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _decode(source, label: str, max_pixels: int | None = None, reduce_to: int | None = None) -> Image.Image:
+def _decode(source, label: str, max_pixels: int | None = None, reduce_to: Size | None = None) -> Image.Image:
     """Open a path or a binary stream, check its size from the header, then decode it (errors: _image_errors).
 
-    ``reduce_to``: the network's input side; a JPEG at least twice as large on both sides is decoded at 1/2, 1/4
+    ``reduce_to``: the network's input (height, width); a JPEG at least twice as large on both sides is decoded at 1/2, 1/4
     or 1/8 scale (draft mode) to no less than that side, so the usual bicubic resize still makes the final size.
     Other formats are decoded in full, exactly as before."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     _quiet_pillow_bomb_warning()
     with _image_errors(label, limit), Image.open(source) as handle:  # Image.open reads the header only
         check_pixels(handle.size, label, limit)
-        if reduce_to and handle.format == "JPEG" and min(handle.size) >= 2 * reduce_to:
-            handle.draft("RGB", (reduce_to, reduce_to))
+        if reduce_to and handle.format == "JPEG" and handle.height >= 2 * reduce_to[0] \
+                and handle.width >= 2 * reduce_to[1]:
+            handle.draft("RGB", (reduce_to[1], reduce_to[0]))
         handle.load()  # decode now so truncated files fail here, not later
         return to_rgb(handle, owned=True)
 
@@ -277,12 +318,12 @@ def first_line(exc: BaseException) -> str:
 
 
 def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None, max_pixels: int | None = None,
-               reduce_to: int | None = None) -> Image.Image:
+               reduce_to: Size | None = None) -> Image.Image:
     """Decode one input (path, bytes, binary stream, PIL image, array, tensor) to an RGB PIL image,
     or raise ImageError with a one-line reason that starts with ``name`` (default: the path).
 
     Encoded inputs (paths, bytes, streams) above ``max_pixels`` (default ``MAX_IMAGE_PIXELS``) are refused from
-    their header (ImageTooLarge) before decoding; ``reduce_to`` (the network's input side) lets a large JPEG be
+    their header (ImageTooLarge) before decoding; ``reduce_to`` (the network's input size) lets a large JPEG be
     decoded at a reduced scale (see ``_decode``). Images already in memory are not limited."""
     label = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
     if isinstance(item, (str, os.PathLike)):
@@ -310,8 +351,8 @@ def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None, ma
 
 @dataclass
 class LoadedImage:
-    """One decoded input: the network's input (float32 3xHxW), the RGB view it saw (for overlays), or the
-    reason it failed."""
+    """One decoded input: the network's input (float32 3xHxW), the frame as decoded (RGB, at its own size, with
+    ``keep_view``, for overlays and maps in the frame's pixels), or the reason it failed."""
 
     index: int
     name: str
@@ -333,11 +374,15 @@ def load_one(item: ImageInput, index: int, preprocessing: Preprocessing, keep_vi
              max_pixels: int | None = None) -> LoadedImage:
     name = image_name(item, index)
     try:
-        image = open_image(item, max_pixels=max_pixels, reduce_to=preprocessing.image_size)
-        view = np.array(preprocessing.geometry(image))  # writable copy for torch
+        # A kept frame is decoded at full size (no reduced JPEG decoding): overlays and maps are in its pixels.
+        image = open_image(item, max_pixels=max_pixels, reduce_to=None if keep_view else preprocessing.image_size)
+        try:
+            network_view = np.array(preprocessing.geometry(image))  # writable copy for torch
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}") from None
     except ImageError as exc:
         return LoadedImage(index, name, error=str(exc))
-    return LoadedImage(index, name, preprocessing.normalize_array(view), view if keep_view else None)
+    return LoadedImage(index, name, preprocessing.normalize_array(network_view), np.asarray(image) if keep_view else None)
 
 
 def single_or_many(images) -> Iterable[ImageInput]:

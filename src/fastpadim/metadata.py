@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import FastpadimError
 
-MAX_IMAGE_SIZE = 4096  # network input side in pixels; PaDiM's state grows with its square
+MAX_IMAGE_SIZE = 8192  # network input side (height or width) in pixels; PaDiM's state grows with the area
+MAX_POOL = 8  # embedding positions averaged per side
 MIN_IMAGE_SIZE = 32
 MAX_FEATURES = 4096  # embedding channels D (WR50 has 1792 in all)
 MAX_LAYERS = 8
@@ -53,6 +54,18 @@ def _int(path, section, field, low, high, prefix="", optional=False) -> int | No
     if not low <= value <= high:
         refuse_field(path, prefix + field, f"must be between {low} and {high}, got {value}")
     return value
+
+
+def _size(path, section, field, within, prefix="", optional=False) -> tuple[int, int] | None:
+    """A size: an int (a square) or [height, width], each side from MIN_IMAGE_SIZE up to ``within``'s."""
+    value = _get(path, section, field, prefix)
+    if value is None and optional:
+        return None
+    sides = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(sides, list) or len(sides) != 2:
+        refuse_field(path, prefix + field, f"must be an integer or [height, width], got {shown(value)}")
+    return tuple(_int(path, {f"{field}[{i}]": sides[i]}, f"{field}[{i}]", MIN_IMAGE_SIZE, within[i], prefix)
+                 for i in range(2))
 
 
 def _float(path, section, field, low, high, prefix="", optional=False, open_low=False) -> float | None:
@@ -109,19 +122,35 @@ def validate(meta, path: str | Path = "model") -> dict:
 
     pre = _get(path, meta, "preprocessing")
     p = "preprocessing."
-    size = _int(path, pre, "image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, p)
-    crop = _int(path, pre, "crop_size", MIN_IMAGE_SIZE, size, p, optional=True)
+    size = _size(path, pre, "image_size", (MAX_IMAGE_SIZE, MAX_IMAGE_SIZE), p)
+    crop = _size(path, pre, "crop_size", size, p, optional=True)
     _triple(path, pre, "mean", -10.0, 10.0, p)
     _triple(path, pre, "std", 0.0, 10.0, p, open_low=True)  # std 0 would divide by zero: NaN inputs
+    if not isinstance(pre.get("squash", False), bool):
+        refuse_field(path, p + "squash", f"must be true or false, got {shown(pre['squash'])}")
 
     grid = _get(path, meta, "grid")
     if not isinstance(grid, list) or len(grid) != 2:
         refuse_field(path, "grid", f"must be [height, width], got {shown(grid)}")
-    side = crop or size
+    network = crop or size
     for i in range(2):
+        side = network[i]
         cells = _int(path, {f"grid[{i}]": grid[i]}, f"grid[{i}]", 1, side)
-        if not MIN_STRIDE <= side / cells <= MAX_STRIDE:
+        if not MIN_STRIDE <= side / cells <= MAX_STRIDE * MAX_POOL:
             refuse_field(path, f"grid[{i}]", f"= {cells} does not fit {side} px inputs (stride {side / cells:.3g})")
+    _int(path, {"pool": meta.get("pool", 1)}, "pool", 1, MAX_POOL)
+    tiling = meta.get("tiling")
+    if tiling is not None:
+        t = "tiling."
+        tile = _int(path, tiling, "tile", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, t)
+        _int(path, tiling, "overlap", 0, tile - 1, t)
+        if not isinstance(tiling.get("shared", False), bool):
+            refuse_field(path, t + "shared", f"must be true or false, got {shown(tiling['shared'])}")
+    # a tiled model's Gaussians: tiles overlap by less than a tile, so they hold under 4x the frame's positions
+    cells = grid[0] * grid[1]
+    positions = _int(path, {"positions": meta.get("positions", cells)}, "positions", 1,
+                     cells if tiling is None else 4 * cells)
+    meta["positions"] = positions
 
     _float(path, meta, "epsilon", 0.0, MAX_EPSILON)
     _float(path, meta, "blur_sigma", 0.0, MAX_BLUR_SIGMA)

@@ -16,9 +16,11 @@ from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create
 from .errors import FastpadimError
 from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
-from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE  # the bounds a model file is held to
+from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
+from .sizes import Size, as_size, format_size, round_to
 from .sources import expand
+from .tiles import Tiler
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
@@ -48,8 +50,16 @@ class Padim(ScoringMixin):
 
     ``n_features``: the random channel subset's size (None: the preset's Rd; "all": every channel of the layers).
 
+    Sizes are (height, width) or an int for a square; the network's input is rounded to the nearest multiple of
+    the backbone's stride (``preprocessing_.output_size`` says what was used). A frame of another aspect ratio than
+    ``image_size`` is refused unless ``squash``. Levers on memory (``fastpadim.plan``): ``n_features``,
+    ``factor_dtype``, ``pool`` (the embedding averaged over pool x pool positions: pool² fewer Gaussians) and
+    ``tile`` (the input cut into tiles of that side, overlapping by ``tile_overlap`` (None: a quarter); each tile
+    position keeps its own Gaussians, or with ``tile_shared`` all tiles share one set, for uniform textures).
+
     Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
-    ``channel_indices_``, ``grid_`` (the embedding's positions, known once the model is built), ``n_samples_seen_``,
+    ``channel_indices_``, ``grid_`` (the frame's embedding grid, known once the model is built), ``positions_`` (the
+    Gaussians' count), ``tiler_`` (None without tiles), ``n_samples_seen_`` (training images),
     ``threshold_``, ``threshold_rate_``, ``stats_`` (streaming state, for ``partial_fit``; None with
     ``keep_stats=False``, which lowers the peak memory of ``fit``).
 
@@ -65,8 +75,8 @@ class Padim(ScoringMixin):
         n_features: int | str | None = None,
         weights: str | os.PathLike | None = None,
         epsilon: float = 0.01,
-        image_size: int = 256,
-        crop_size: int | None = None,
+        image_size: int | tuple[int, int] = 256,
+        crop_size: int | tuple[int, int] | None = None,
         blur_sigma: float = 4.0,
         seed: int = 0,
         device: str = "auto",
@@ -77,6 +87,11 @@ class Padim(ScoringMixin):
         factor_dtype: str = "float32",
         keep_stats: bool = True,
         allow_download: bool = False,
+        squash: bool = False,
+        pool: int = 1,
+        tile: int | None = None,
+        tile_overlap: int | None = None,
+        tile_shared: bool = False,
     ):
         self.backbone = backbone
         self.layers = layers
@@ -95,6 +110,11 @@ class Padim(ScoringMixin):
         self.factor_dtype = factor_dtype
         self.keep_stats = keep_stats
         self.allow_download = allow_download
+        self.squash = squash
+        self.pool = pool
+        self.tile = tile
+        self.tile_overlap = tile_overlap
+        self.tile_shared = tile_shared
 
     # -------------------------------------------------------------------------------- parameters
     @classmethod
@@ -125,18 +145,34 @@ class Padim(ScoringMixin):
         number("epsilon", 0.0)
         number("blur_sigma", 0.0, MAX_BLUR_SIGMA)
         number("seed", 0, 2**63 - 1, integer=True)
-        number("image_size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True)
         number("batch_size", 1, integer=True)
         number("workers", 1, integer=True)
         number("false_alarm_rate", 0.0, 1.0, closed=False)
         if self.n_features not in (None, "all"):
             number("n_features", 1, integer=True)  # 0 is no shorthand: "all" keeps every channel, None the preset's
+        image_size = self._side_checked("image_size", MAX_IMAGE_SIZE)
         if self.crop_size is not None:
-            number("crop_size", MIN_IMAGE_SIZE, self.image_size, integer=True)
+            crop = self._side_checked("crop_size", MAX_IMAGE_SIZE)
+            if crop[0] > image_size[0] or crop[1] > image_size[1]:
+                raise FastpadimError(f"crop_size {format_size(crop)} must fit in image_size {format_size(image_size)}")
+        number("pool", 1, MAX_POOL, integer=True)
+        if self.tile is not None:
+            number("tile", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, integer=True)
+            if self.tile_overlap is not None:
+                number("tile_overlap", 0, self.tile - 1, integer=True)
+        for flag in ("squash", "tile_shared"):
+            if not isinstance(getattr(self, flag), bool):
+                raise FastpadimError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise FastpadimError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
+
+    def _side_checked(self, name: str, high: int) -> Size:
+        size = as_size(getattr(self, name), name)
+        if not all(MIN_IMAGE_SIZE <= side <= high for side in size):
+            raise FastpadimError(f"{name} sides must lie in [{MIN_IMAGE_SIZE}, {high}], got {format_size(size)}")
+        return size
 
     # ------------------------------------------------------------------------------------- set-up
     def prepare(self, channel_indices: torch.Tensor | None = None) -> Padim:
@@ -168,7 +204,6 @@ class Padim(ScoringMixin):
             torch.manual_seed(self.seed)  # random weights only in tests: make them reproducible
         extractor, self.weights_id_ = create_feature_extractor(preset, self.weights, self.allow_download)
         self.preset_ = preset
-        self.preprocessing_ = Preprocessing(self.image_size, self.crop_size, preset.mean, preset.std)
         total = sum(extractor.layer_channels())
         if channel_indices is not None and (channel_indices.numel() == 0 or int(channel_indices.max()) >= total
                                             or int(channel_indices.min()) < 0):
@@ -183,9 +218,44 @@ class Padim(ScoringMixin):
             channel_indices = torch.randperm(total, generator=generator)[:n].sort().values
         self.channel_indices_ = channel_indices
         extractor.select(channel_indices)
+        extractor.set_pool(self.pool)
         self.extractor_: FeatureExtractor = extractor.to(self.device_)
-        self.grid_ = self.extractor_.grid_for(self.preprocessing_.output_size)
-        self.map_generator_ = AnomalyMapGenerator(self.preprocessing_.output_size, self.blur_sigma).to(self.device_)
+        self.preprocessing_ = self._preprocessing(preset, extractor.alignment)
+        network = self.preprocessing_.output_size
+        self.tiler_: Tiler | None = None
+        if self.tile is not None:
+            tile = round_to((self.tile, self.tile), extractor.alignment)[0]
+            overlap = self.tile_overlap if self.tile_overlap is not None else tile // 4
+            overlap = overlap // extractor.alignment * extractor.alignment
+            self.tiler_ = Tiler(network, tile, overlap, extractor.alignment, extractor.cell).to(self.device_)
+            tile_grid = self.extractor_.grid_for(self.tiler_.tile_size)
+            if tile_grid != self.tiler_.tile_grid:
+                raise FastpadimError(f"tiles of {format_size(self.tiler_.tile_size)} give a {tile_grid} grid, not "
+                                     f"{self.tiler_.tile_grid}: this backbone's strides do not suit tiling")
+            self.grid_ = self.tiler_.grid
+            n_gaussian_tiles = 1 if self.tile_shared else self.tiler_.n_tiles
+            self.positions_ = n_gaussian_tiles * tile_grid[0] * tile_grid[1]
+        else:
+            self.grid_ = self.extractor_.grid_for(network)
+            self.positions_ = self.grid_[0] * self.grid_[1]
+        self.map_generator_ = AnomalyMapGenerator(network, self.blur_sigma).to(self.device_)
+        # images per backbone call on the CPU: as many pixels as 8 images of 256x256 (bounds activation memory)
+        pixels = math.prod(self.tiler_.tile_size if self.tiler_ else network)
+        self._forward_count = max(1, CPU_FORWARD_IMAGES * 256 * 256 // pixels)
+
+    def _preprocessing(self, preset: BackbonePreset, alignment: int) -> Preprocessing:
+        """The network's input rounded to multiples of ``alignment`` (a crop is rounded; the resize it is cut
+        from stays, unless the rounded crop would no longer fit in it)."""
+        image_size: Size = as_size(self.image_size)
+        if self.crop_size is None:
+            image_size, crop = round_to(image_size, alignment), None
+        else:
+            crop = round_to(as_size(self.crop_size), alignment)
+            crop = tuple(c if c <= s else c - alignment for c, s in zip(crop, image_size))
+            if min(crop) < alignment:
+                raise FastpadimError(f"crop_size {format_size(as_size(self.crop_size))} is too small for this "
+                                     f"backbone's stride {alignment}")
+        return Preprocessing(image_size, crop, preset.mean, preset.std, self.squash)
 
     def _is_fitted(self) -> bool:
         return hasattr(self, "whitener_")
@@ -197,17 +267,30 @@ class Padim(ScoringMixin):
     # ------------------------------------------------------------------------------------- embedding
     @torch.inference_mode()
     def _embed(self, batch: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) → embeddings (B, P, D)."""
+        """Images (B, 3, H, W) → embeddings (B, P, D); with shared tiles (B·T, p, D), each tile a sample."""
+        inputs = self.tiler_.split(batch) if self.tiler_ is not None else batch
         if self.device_.type == "cuda":
-            batch = batch.pin_memory()  # page-locked, so the copy below overlaps with queued GPU work
-            return self.extractor_(batch.to(self.device_, non_blocking=True))
-        # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
-        # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
-        parts = [self.extractor_(part) for part in self._forward_parts(batch)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            inputs = inputs.pin_memory()  # page-locked, so the copy below overlaps with queued GPU work
+            embeddings = self.extractor_(inputs.to(self.device_, non_blocking=True))
+        else:
+            # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
+            # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
+            parts = [self.extractor_(part) for part in inputs.split(self._forward_count)]
+            embeddings = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.tiler_ is not None and not self.tile_shared:
+            embeddings = embeddings.reshape(batch.shape[0], -1, embeddings.shape[-1])  # tile-major positions
+        return embeddings
 
     def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return batch.split(CPU_FORWARD_IMAGES) if self.device_.type == "cpu" else (batch,)
+        if self.device_.type != "cpu":
+            return (batch,)
+        tiles = self.tiler_.n_tiles if self.tiler_ is not None else 1
+        return batch.split(max(1, self._forward_count // tiles))
+
+    @property
+    def _samples_per_image(self) -> int:
+        """Gaussian samples one training image gives: each of its tiles when tiles share one model."""
+        return self.tiler_.n_tiles if self.tiler_ is not None and self.tile_shared else 1
 
     def _batches(self, images: Iterable[ImageInput]) -> Iterator[list[LoadedImage]]:
         return iter_batches(single_or_many(images), self.preprocessing_, self.batch_size, self.workers)
@@ -296,14 +379,15 @@ class Padim(ScoringMixin):
             # part by part into the buffer: a whole batch's embeddings are never held at once
             for part in self._forward_parts(stack(good)) if good else ():
                 embeddings = self._embed(part)
+                count = len(embeddings)  # samples: images, or their tiles when tiles share one model
                 if buffer is None:
                     per_image = embeddings[0].numel() * embeddings.element_size()
-                    capacity = max(len(part), UPDATE_BUFFER_BYTES // per_image)
+                    capacity = max(count, UPDATE_BUFFER_BYTES // per_image)
                     buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
-                if filled + len(part) > buffer.shape[0]:
+                if filled + count > buffer.shape[0]:
                     flush()
-                buffer[filled : filled + len(part)] = embeddings
-                filled += len(part)
+                buffer[filled : filled + count] = embeddings
+                filled += count
                 del embeddings
             if progress:
                 progress(len(batch))
@@ -315,7 +399,7 @@ class Padim(ScoringMixin):
         Cholesky per position, at fit time; scoring only multiplies. Without ``keep_stats`` the factor takes the
         statistics' memory (lower peak memory; no partial_fit afterwards)."""
         stats = self.stats_ if stats is None else stats
-        count = stats.count if stats is not None else 0
+        count = stats.count // self._samples_per_image if stats is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
             raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
@@ -327,7 +411,7 @@ class Padim(ScoringMixin):
                 stats: GaussianStats | None = None) -> Padim:
         """The one way fitted state enters a built model (``finish``, loading a file, the Ray driver and workers):
         per-position means (P, D), factors (P, D, D), the training count, and optionally the statistics."""
-        positions, dim = self.grid_[0] * self.grid_[1], mean.shape[-1]
+        positions, dim = self.positions_, mean.shape[-1]
         if mean.shape[0] != positions or tuple(whitener.shape) != (positions, dim, dim):
             raise FastpadimError(f"fitted state of shapes {tuple(mean.shape)} and {tuple(whitener.shape)} does not fit "
                                  f"this model's {positions} positions")
@@ -347,12 +431,15 @@ class Padim(ScoringMixin):
     def _score_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = self._embed(batch)
         distances = mahalanobis(embeddings, self.mean_, self._whitener_compute)  # (B, P)
-        h, w = self.grid_
-        maps = self.map_generator_(distances.view(-1, h, w))
+        if self.tiler_ is not None:
+            grid = self.tiler_.stitch(distances.view(batch.shape[0], self.tiler_.n_tiles, *self.tiler_.tile_grid))
+        else:
+            grid = distances.view(-1, *self.grid_)
+        maps = self.map_generator_(grid)
         return image_scores(maps), maps
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed images (B, 3, S, S) → image scores (B,) and anomaly maps (B, S, S), as NumPy."""
+        """Preprocessed images (B, 3, H, W) → image scores (B,) and anomaly maps (B, H, W), as NumPy."""
         scores, maps = self._score_tensor(torch.from_numpy(batch))
         return scores.cpu().numpy(), maps.cpu().numpy()
 
@@ -388,6 +475,10 @@ class Padim(ScoringMixin):
             },
             "preprocessing": self.preprocessing_.to_dict(),
             "grid": list(self.grid_),
+            "positions": int(self.positions_),
+            "pool": self.pool,
+            "tiling": None if self.tiler_ is None else {
+                "tile": self.tiler_.tile, "overlap": self.tiler_.overlap, "shared": self.tile_shared},
             "epsilon": self.epsilon,
             "blur_sigma": self.blur_sigma,
             "seed": self.seed,
@@ -421,13 +512,17 @@ class Padim(ScoringMixin):
 
         path = Path(path)
         meta, tensors = read_model_file(path)
-        bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
+        bb, th = meta["backbone"], meta["threshold"]
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+        tiling = meta.get("tiling") or {}
         weights, preset = weights_source(path, meta, weights)
         model = cls(
             backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
-            epsilon=meta["epsilon"], image_size=pre["image_size"], crop_size=pre["crop_size"],
+            epsilon=meta["epsilon"], image_size=pre.image_size, crop_size=pre.crop_size, squash=pre.squash,
             blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device,
             false_alarm_rate=th["false_alarm_rate"], factor_dtype=meta["factor_dtype"], allow_download=allow_download,
+            pool=meta.get("pool", 1), tile=tiling.get("tile"), tile_overlap=tiling.get("overlap"),
+            tile_shared=tiling.get("shared", False),
         )
         model._check_params()
         model._build(preset, tensors["channel_indices"].long())
@@ -436,12 +531,14 @@ class Padim(ScoringMixin):
                 f"{path}: the model was fitted with weights {bb['weights_id']}, but {model.weights_id_} were found; "
                 "scores would be meaningless"
             )
-        if list(model.grid_) != meta["grid"]:
-            raise FastpadimError(f"{path}: model metadata field 'grid' is {meta['grid']}, but the network gives "
-                                 f"{list(model.grid_)} at {model.preprocessing_.output_size} px")
+        if model.preprocessing_ != pre or list(model.grid_) != meta["grid"]:
+            raise FastpadimError(f"{path}: model metadata fields 'preprocessing' and 'grid' ({meta['grid']}) do not "
+                                 f"match what the network gives ({list(model.grid_)} at "
+                                 f"{format_size(model.preprocessing_.output_size)} px)")
         stats = None
         if "stats.scatter" in tensors:
-            stats = GaussianStats(meta["n_train_images"], tensors["stats.mean"].to(model.device_),
+            samples = meta["n_train_images"] * model._samples_per_image
+            stats = GaussianStats(samples, tensors["stats.mean"].to(model.device_),
                                   tensors["stats.scatter"].to(model.device_))
         model.skipped_ = []
         model.install(tensors["mean"], tensors["whitener"], meta["n_train_images"], stats)

@@ -33,7 +33,7 @@ def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict[str, tor
 
 def _expected_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
     """Shape and allowed dtypes of every tensor, from the (validated) metadata."""
-    positions = meta["grid"][0] * meta["grid"][1]
+    positions = meta["positions"]
     dim = meta["backbone"]["n_features"]
     factor = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[meta["factor_dtype"]]
     return {

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import FastpadimError
+from .sizes import Size, as_size, format_size
 
 if TYPE_CHECKING:
     from .model import Padim
@@ -59,7 +60,7 @@ class MemoryPlan:
     dim: int
     factor_dtype: str
     keep_stats: bool
-    image_size: int
+    image_size: Size  # the network's input (height, width); with tiles, the frame they are cut from
     batch_size: int
     device: str
     threads: int
@@ -74,10 +75,17 @@ class MemoryPlan:
     peak: int
     phase: str  # the phase that sets the peak
     available: int | None = None
+    n_positions: int | None = None  # Gaussians, when not one per grid cell (tiles)
 
     @property
     def positions(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.n_positions or self.grid[0] * self.grid[1]
+
+    @property
+    def shape(self) -> str:
+        """The positions in words: the grid, and the Gaussians' count when tiles make it another number."""
+        grid = f"{self.grid[0]}x{self.grid[1]} positions"
+        return grid if self.n_positions is None else f"{grid} ({self.n_positions} Gaussians over tiles)"
 
     @property
     def need(self) -> int:
@@ -94,22 +102,27 @@ class MemoryPlan:
         factor += ", in the statistics' memory)" if self.factor_in_statistics else ")"
         where = "GPU memory" if self.device == "cuda" else "memory"
         available = f"{_gb(self.available)} {where} available" if self.available is not None else f"{where} available unknown"
-        return (f"plan: {self.grid[0]}x{self.grid[1]} positions x {self.dim} channels: statistics {_gb(self.statistics)}, "
+        return (f"plan: {self.shape} x {self.dim} channels: statistics {_gb(self.statistics)}, "
                 f"{factor}, model file {_gb(self.model_file)}, fit peak about {_gb(self.peak)} "
                 f"({_gb(self.baseline)} runtime + {_gb(self.need)}, at {self.phase}) of {available}")
 
 
 def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = "float32", keep_stats: bool = False,
-                *, image_size: int = 256, batch_size: int = 32, device: str = "cpu", threads: int | None = None,
-                baseline: int = RUNTIME_BYTES, available: int | None = None) -> MemoryPlan:
+                *, image_size: int | Size = 256, batch_size: int = 32, device: str = "cpu", threads: int | None = None,
+                baseline: int = RUNTIME_BYTES, available: int | None = None, n_positions: int | None = None,
+                forward_pixels: int | None = None) -> MemoryPlan:
     """The memory plan of a fit on ``positions`` (P or the grid (h, w)) × ``dim`` (D) channels, from shapes only.
 
-    ``image_size`` is the network's input side (after any crop), ``threads`` the CPU threads of the
-    factorisation (default: ``os.cpu_count()``), ``available`` the free memory to check against."""
+    ``image_size`` is the network's input (side or (height, width), after any crop), ``threads`` the CPU threads
+    of the factorisation (default: ``os.cpu_count()``), ``available`` the free memory to check against;
+    ``n_positions`` the Gaussians when tiles make them another number than the grid's cells, ``forward_pixels``
+    the input pixels of one network call (default: CPU_FORWARD_IMAGES inputs of 256x256 at most)."""
     if factor_dtype not in FACTOR_BYTES:
         raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_BYTES)}, got {factor_dtype!r}")
     grid = tuple(positions) if isinstance(positions, (tuple, list)) else (int(positions), 1)
-    p, d = grid[0] * grid[1], int(dim)
+    p, d = n_positions or grid[0] * grid[1], int(dim)
+    image_size = as_size(image_size)
+    pixels = image_size[0] * image_size[1]
     if p < 1 or d < 1:
         raise FastpadimError(f"a plan needs at least one position and one channel, got {p} x {d}")
     threads = threads or os.cpu_count() or 1
@@ -121,14 +134,16 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
     compute_copy = 4 * p * d * d if cpu and factor_dtype != "float32" else 0
 
     # accumulate: statistics + buffer + update temporaries + one forward part + input batches
-    per_image = 4 * p * d
-    part = min(CPU_FORWARD_IMAGES, batch_size) if cpu else batch_size
+    per_image = 4 * max(p, grid[0] * grid[1]) * d
+    # one network call on the CPU: as many pixels as CPU_FORWARD_IMAGES inputs of 256x256 (model._forward_count)
+    budget = forward_pixels or CPU_FORWARD_IMAGES * 256 * 256
+    part = max(1, min(batch_size, budget // pixels)) if cpu else batch_size
     capacity = max(part, UPDATE_BUFFER_BYTES // per_image)
     buffer = capacity * per_image
     step = min(p, max(1, CHUNK_ELEMENTS // (d * d)))
     update = step * (4 * capacity * d + 4 * d * d + 4 * tri + 8 * tri) + 3 * 8 * p * d
-    image_bytes = 3 * image_size * image_size * 4
-    activations = part * image_bytes * ACTIVATION_FACTOR
+    image_bytes = 3 * pixels * 4
+    activations = (min(budget, part * pixels) if cpu else part * pixels) * 3 * 4 * ACTIVATION_FACTOR
     forward = 3 * part * per_image + activations
     inputs = 3 * batch_size * image_bytes
     accumulate_work = update + forward + inputs
@@ -142,7 +157,7 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
 
     # threshold (and save, which writes from the tensors' memory): what stays + one scoring batch
     kept = (statistics + factor) if keep_stats else max(statistics - 8 * p * d, factor)  # consumed: the scatter's storage
-    scoring_work = 4 * batch_size * per_image + inputs + activations + 2 * batch_size * image_size * image_size * 4
+    scoring_work = 4 * batch_size * per_image + inputs + activations + 2 * batch_size * pixels * 4
     threshold = kept + mean32 + compute_copy + scoring_work
 
     phases = {"accumulate": (accumulate, accumulate_work), "finish": (finish, factor_work),
@@ -155,6 +170,7 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
         factor=factor, factor_in_statistics=not keep_stats, compute_copy=compute_copy, embedding_buffer=buffer,
         working=phases[phase][1], model_file=model_file, baseline=baseline if cpu else 0,
         peak=(baseline if cpu else 0) + phases[phase][0], phase=phase, available=available,
+        n_positions=n_positions if n_positions and n_positions != grid[0] * grid[1] else None,
     )
 
 
@@ -219,20 +235,34 @@ def plan_for(model: Padim, available: int | None = None) -> MemoryPlan:
         tuple(model.grid_), int(model.channel_indices_.numel()), model.factor_dtype, bool(model.keep_stats),
         image_size=model.preprocessing_.output_size, batch_size=model.batch_size, device=device,
         threads=torch.get_num_threads(), baseline=process_memory() or RUNTIME_BYTES, available=available,
+        n_positions=model.positions_,
     )
 
 
-def _at_size(plan: MemoryPlan, size: int) -> MemoryPlan:
-    """The plan at another input size: the grid scales with the input (the network's stride is fixed)."""
-    stride = plan.image_size / plan.grid[0]
-    grid = (max(1, math.ceil(size / stride)), max(1, math.ceil(size * plan.grid[1] / plan.grid[0] / stride)))
-    return _again(plan, grid=grid, image_size=size)
+def _scaled(plan: MemoryPlan, long_side: int) -> MemoryPlan:
+    """The plan at a smaller input of the same shape: the grid scales with the input (the network's stride is
+    fixed), and so do tiles' Gaussians."""
+    height, width = plan.image_size
+    scale = long_side / max(height, width)
+    size = (max(32, round(height * scale)), max(32, round(width * scale)))
+    stride = height / plan.grid[0]
+    grid = (max(1, math.ceil(size[0] / stride)), max(1, math.ceil(size[1] / stride)))
+    positions = None if plan.n_positions is None else math.ceil(plan.n_positions * grid[0] * grid[1] /
+                                                                (plan.grid[0] * plan.grid[1]))
+    return _again(plan, grid=grid, image_size=size, n_positions=positions)
+
+
+def _pooled(plan: MemoryPlan, pool: int) -> MemoryPlan:
+    grid = (max(1, plan.grid[0] // pool), max(1, plan.grid[1] // pool))
+    positions = None if plan.n_positions is None else max(1, plan.n_positions // (pool * pool))
+    return _again(plan, grid=grid, n_positions=positions)
 
 
 def _again(plan: MemoryPlan, **changes) -> MemoryPlan:
     args = {"positions": plan.grid, "dim": plan.dim, "factor_dtype": plan.factor_dtype, "keep_stats": plan.keep_stats,
             "image_size": plan.image_size, "batch_size": plan.batch_size, "device": plan.device,
-            "threads": plan.threads, "baseline": plan.baseline, "available": plan.available}
+            "threads": plan.threads, "baseline": plan.baseline, "available": plan.available,
+            "n_positions": plan.n_positions}
     if "grid" in changes:
         args["positions"] = changes.pop("grid")
     return plan_memory(**{**args, **changes})
@@ -256,11 +286,19 @@ def alternatives(plan: MemoryPlan, crop: bool = False) -> list[str]:
         half = _again(plan, factor_dtype="float16")
         if half.peak < plan.peak and half.fits:
             levers.append(f"a half-precision factor (--factor-dtype float16: {_gb(half.peak)})")
+    for pool in (2, 4):
+        pooled = _pooled(plan, pool)
+        if pooled.fits:
+            levers.append(f"a coarser grid (--pool {pool} on top of the current one: {pooled.grid[0]}x{pooled.grid[1]} "
+                          f"positions, {_gb(pooled.peak)})")
+            break
     option = "--crop-size" if crop else "--image-size"
-    for size in range((plan.image_size - 1) // 32 * 32, 31, -32):
-        smaller = _at_size(plan, size)
+    for side in range((max(plan.image_size) - 1) // 32 * 32, 31, -32):
+        smaller = _scaled(plan, side)
         if smaller.fits:
-            levers.append(f"a smaller input ({option} {size}: {smaller.grid[0]}x{smaller.grid[1]} positions, "
+            size = smaller.image_size
+            shown = str(size[0]) if size[0] == size[1] else format_size(size)
+            levers.append(f"a smaller input ({option} {shown}: {smaller.grid[0]}x{smaller.grid[1]} positions, "
                           f"{_gb(smaller.peak)})")
             break
     return levers
@@ -274,7 +312,7 @@ def check_plan(plan: MemoryPlan, crop: bool = False) -> MemoryPlan:
     change = "; or ".join(levers) if levers else "no smaller setting fits either: free memory or use a larger machine"
     where = "GPU memory" if plan.device == "cuda" else "memory"
     raise FastpadimError(
-        f"this fit needs about {_gb(plan.need)} more {where} ({plan.grid[0]}x{plan.grid[1]} positions x {plan.dim} "
+        f"this fit needs about {_gb(plan.need)} more {where} ({plan.shape} x {plan.dim} "
         f"channels, {plan.factor_dtype} factor; peak about {_gb(plan.peak)}), but {_gb(plan.available)} is available "
         f"(keeping {SAFETY_MARGIN:.0%} free); try {change}"
     )

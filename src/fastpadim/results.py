@@ -60,9 +60,10 @@ class ScoredImage:
     index: int
     name: str
     score: float | None = None
-    anomaly_map: np.ndarray | None = None
-    view: np.ndarray | None = None  # the RGB crop the network saw, for overlays
+    anomaly_map: np.ndarray | None = None  # in the network's view (output_size)
+    view: np.ndarray | None = None  # the frame as decoded (RGB, its own size), with keep_view
     error: str | None = None
+    frame_map: np.ndarray | None = None  # the anomaly map in the frame's pixels, with keep_view
 
     def __post_init__(self) -> None:
         # A NaN/Inf score (a broken model, or numbers that overflowed) is an error for this image, never a score
@@ -70,12 +71,13 @@ class ScoredImage:
         if self.score is not None and not math.isfinite(self.score):
             self.error = (f"{self.name}: the model produced a non-finite score ({self.score}); no verdict "
                           "(the model file or this image gives invalid numbers)")
-            self.score, self.anomaly_map = None, None
+            self.score, self.anomaly_map, self.frame_map = None, None, None
 
 
 @dataclass
 class Predictions:
-    """Image scores (N,), anomaly maps (N, S, S) and verdicts (N,) for the images that could be read."""
+    """Image scores (N,), anomaly maps (N, H, W) in the network's view (``output_size``; ``Preprocessing.to_frame``
+    puts one back in its frame's pixels) and verdicts (N,) for the images that could be read."""
 
     scores: np.ndarray
     maps: np.ndarray
@@ -90,7 +92,7 @@ class ScoringMixin:
     ``check_fitted``, ``preprocessing_``, ``batch_size``, ``workers``, ``false_alarm_rate`` and ``skipped_``."""
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The engine seam: preprocessed images (B, 3, S, S) float32 → image scores (B,) and anomaly maps (B, S, S).
+        """The engine seam: preprocessed images (B, 3, H, W) float32 → image scores (B,) and anomaly maps (B, H, W).
         The PyTorch model, onnxruntime and OpenVINO each implement only this; the loop below is shared."""
         raise NotImplementedError
 
@@ -100,7 +102,8 @@ class ScoringMixin:
     def iter_scored(self, images, keep_view: bool = False, progress: Progress | None = None,
                     batch_size: int | None = None) -> Iterator[list[ScoredImage]]:
         """Score in batches, yielding each batch's results in input order (unreadable inputs carry their error).
-        ``images`` may be a folder, a glob or a list file, as on the command line."""
+        ``images`` may be a folder, a glob or a list file, as on the command line. ``keep_view`` also gives each
+        result its frame (``view``) and its anomaly map in the frame's pixels (``frame_map``)."""
         self.check_fitted()
         images, unusable = expand(images)
         self.skipped_ += unusable
@@ -112,7 +115,9 @@ class ScoringMixin:
             if good:
                 scores, maps = self.run_batch(stack_arrays(good))
                 for item, score, amap in zip(good, scores, maps):
-                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view)
+                    frame_map = None if item.view is None else self.preprocessing_.to_frame(amap, item.view.shape[:2])
+                    results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view,
+                                                      frame_map=frame_map)
             if progress:
                 progress(len(batch))
             yield [results[item.index] for item in batch]
@@ -146,23 +151,24 @@ class ScoringMixin:
         return self.score_images(images)[0]
 
     def score_images(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Image anomaly scores (N,) and anomaly maps (N, S, S); unreadable images raise."""
+        """Image anomaly scores (N,) and anomaly maps (N, H, W) in the network's view; unreadable images raise."""
         results = [r for batch in self.iter_scored(images) for r in batch]
         for r in results:
             if r.error:
                 raise FastpadimError(r.error)
-        size = self.preprocessing_.output_size
         scores = np.array([r.score for r in results], dtype=np.float32)
-        maps = np.stack([r.anomaly_map for r in results]) if results else np.zeros((0, size, size), np.float32)
+        maps = np.stack([r.anomaly_map for r in results]) if results else self._no_maps()
         return scores, maps
+
+    def _no_maps(self) -> np.ndarray:
+        return np.zeros((0, *self.preprocessing_.output_size), np.float32)
 
     def predict(self, images) -> Predictions:
         """Scores, maps and verdicts against ``threshold_``; unreadable images are skipped and listed."""
         results = [r for batch in self.iter_scored(images) for r in batch]
         ok = [r for r in results if r.error is None]
-        size = self.preprocessing_.output_size
         scores = np.array([r.score for r in ok], dtype=np.float32)
-        maps = np.stack([r.anomaly_map for r in ok]) if ok else np.zeros((0, size, size), np.float32)
+        maps = np.stack([r.anomaly_map for r in ok]) if ok else self._no_maps()
         threshold = self.threshold_  # finite or None: checked when it was set
         verdicts = scores > threshold if threshold is not None else None
         skipped = [(r.name, r.error) for r in results if r.error]

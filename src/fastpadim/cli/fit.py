@@ -15,7 +15,8 @@ from ..sources import Item, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
-    ImageSizeOpt, LayersOpt, MaxPixelsOpt, RayOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers,
+    ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
+    TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers, shape_params,
 )
 
 
@@ -29,8 +30,14 @@ def fit(
     n_features: FeaturesOpt = None,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32,
-    image_size: ImageSizeOpt = 256,
+    image_size: ImageSizeOpt = "256",
+    long_side: LongSideOpt = None,
+    squash: SquashOpt = False,
     crop_size: CropSizeOpt = 0,
+    pool: PoolOpt = 1,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = None,
+    tile_shared: TileSharedOpt = False,
     epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
     holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,
@@ -63,17 +70,20 @@ def fit(
         files, unusable = resolve(source, frame_stride)  # names only: no image is decoded before the plan
         threshold_files = resolve(threshold_dir, frame_stride)[0] if threshold_dir else None
         report_skipped(unusable)
+        shape = shape_params(image_size, long_side, squash, pool, tile, tile_overlap, tile_shared,
+                             lambda: first_frame_size(files))
         params = dict(
             backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
-            image_size=image_size, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+            crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
             holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
-            keep_stats=keep_stats, allow_download=allow_download,
+            keep_stats=keep_stats, allow_download=allow_download, **shape,
         )
         # The memory plan (it builds the network, which the fit then reuses): --plan prints it and writes nothing;
         # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
         # that fits prints nothing more (one line per message: the result line).
         planned = Padim(**params)
         memory = plan_for(planned)
+        say(input_line(planned, shape["image_size"], crop_size or None))
         if plan:
             out.print(memory.describe(), highlight=False, soft_wrap=True)
             return
@@ -98,6 +108,37 @@ def fit(
                 caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
                 if caveat:
                     warn(caveat)
+
+
+def first_frame_size(files: Sequence[Item]) -> tuple[int, int]:
+    """(height, width) of the first readable training image, as decoded (EXIF orientation applied)."""
+    from ..images import ImageError, open_image
+
+    for value in inputs(files, []):
+        try:
+            width, height = open_image(value).size
+        except ImageError:
+            continue
+        return height, width
+    raise FastpadimError("no readable training image to take the aspect ratio from (--long-side)")
+
+
+def input_line(model, requested: tuple[int, int], crop: int | None) -> str:
+    """What the network will see: the size (and the rounding to the backbone's stride), the grid and tiles."""
+    from ..sizes import format_size
+
+    pre = model.preprocessing_
+    used = pre.output_size
+    asked = (crop, crop) if crop else requested
+    line = f"input {format_size(used)} (height x width)"
+    if tuple(asked) != tuple(used):
+        line += f", rounded from {format_size(asked)} to multiples of {model.extractor_.alignment} px (the backbone's stride)"
+    line += f"; grid {format_size(model.grid_)}"
+    if model.pool > 1:
+        line += f" (pooled {model.pool}x{model.pool})"
+    if model.tiler_ is not None:
+        line += f"; {model.tiler_.describe()}" + (", one shared model" if model.tile_shared else "")
+    return line
 
 
 def fit_items(model, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,

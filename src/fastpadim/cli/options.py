@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Optional
 
 import typer
@@ -17,7 +18,13 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 EngineOpt = Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="Inference precision: f32 (default, every engine); bf16 or f16 only with --engine openvino on a CPU that has them.")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(help="Most pixels in one image, read from its header before decoding (default 40 MP; larger images are skipped).")]
-ImageSizeOpt = Annotated[int, typer.Option(help="Resize to this square size (bicubic).")]
+ImageSizeOpt = Annotated[str, typer.Option(help="Network input: N (a square) or HxW, height x width, e.g. 960x1280 for 1280x960 frames; rounded to the backbone's stride.")]
+LongSideOpt = Annotated[Optional[int], typer.Option(help="Keep the training frames' own aspect ratio, with this many pixels on the long side (instead of --image-size).")]
+SquashOpt = Annotated[bool, typer.Option("--squash", help="Resize frames of another aspect ratio than the model's anyway (stretched); by default they are refused.")]
+PoolOpt = Annotated[int, typer.Option(help="Average the embedding over PxP positions: a P² smaller Gaussian state and model, coarser maps.")]
+TileOpt = Annotated[Optional[int], typer.Option(help="Cut the input into tiles of this side (fixed grid, each tile position with its own Gaussians): bounds the network's memory for large frames.")]
+TileOverlapOpt = Annotated[Optional[int], typer.Option(help="Overlap of neighbouring tiles in pixels (default: a quarter of --tile).")]
+TileSharedOpt = Annotated[bool, typer.Option("--tile-shared", help="All tiles share one set of Gaussians (uniform textures): the state of one tile.")]
 CropSizeOpt = Annotated[int, typer.Option(help="Centre crop after resizing (the paper: 224); 0 = none, the whole image is inspected.")]
 BatchSizeOpt = Annotated[int, typer.Option(help="Images per network batch.")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", metavar="local[:N]|auto|ADDRESS", help="Run on Ray: an embedded local Ray with N workers (--ray alone: local), or join a cluster.")]
@@ -45,6 +52,22 @@ def check_options(*, n_features: int | None = None, seed: int | None = None, hol
         raise FastpadimError(f"--holdout must be in [0, 1), got {holdout}; 0 sets no threshold")
     if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
         raise FastpadimError(f"--false-alarm-rate must be between 0 and 1 (exclusive), e.g. 0.01; got {false_alarm_rate}")
+
+
+def shape_params(image_size: str, long_side: int | None, squash: bool, pool: int, tile: int | None,
+                 tile_overlap: int | None, tile_shared: bool, first_frame: Callable[[], tuple[int, int]]) -> dict:
+    """The model's shape parameters from the command line; ``first_frame`` gives the (height, width) of the first
+    training frame, read only for --long-side."""
+    from ..sizes import for_long_side, parse_size
+
+    size = parse_size(image_size)
+    if long_side is not None:
+        if long_side < 32:
+            raise FastpadimError(f"--long-side must be at least 32, got {long_side}")
+        size = for_long_side(long_side, first_frame())
+    if (tile_overlap is not None or tile_shared) and tile is None:
+        raise FastpadimError("--tile-overlap and --tile-shared need --tile")
+    return dict(image_size=size, squash=squash, pool=pool, tile=tile, tile_overlap=tile_overlap, tile_shared=tile_shared)
 
 
 def apply_max_pixels(max_pixels: int | None) -> None:
