@@ -157,7 +157,7 @@ def test_tensor_is_normalised_with_the_backbone_statistics():
 # -------------------------------------------------------------------------------------- preprocessing
 def test_resize_then_centre_crop():
     pre = Preprocessing(256, 224)
-    assert pre.output_size == 224
+    assert pre.output_size == (224, 224)
     array = np.zeros((300, 300, 3), np.uint8)
     array[150:, :] = 255  # lower half white
     view = np.asarray(pre.geometry(open_image(array)))
@@ -170,9 +170,16 @@ def test_resize_then_centre_crop():
 
 def test_resize_only():
     pre = Preprocessing(96, None)
-    assert pre.output_size == 96
-    assert pre.geometry(Image.new("RGB", (200, 120))).size == (96, 96)
-    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    assert pre.output_size == (96, 96)
+    assert pre.geometry(Image.new("RGB", (200, 200))).size == (96, 96)
+    with pytest.raises(ImageError, match="200x120 .* would be squashed into this model's 96x96 input"):
+        pre.geometry(Image.new("RGB", (200, 120)))  # another shape: refused, never stretched silently
+    squashing = Preprocessing(96, None, squash=True)
+    assert squashing.geometry(Image.new("RGB", (200, 120))).size == (96, 96)
+    assert Preprocessing.from_dict(pre.to_dict()) == pre and Preprocessing.from_dict(squashing.to_dict()) == squashing
+    rect = Preprocessing((48, 80), (32, 64))
+    assert rect.output_size == (32, 64) and rect.geometry(Image.new("RGB", (160, 96))).size == (64, 32)
+    assert rect.to_dict()["image_size"] == [48, 80] and Preprocessing.from_dict(rect.to_dict()) == rect
 
 
 @pytest.mark.parametrize("image_size,crop", [(16, None), (64, 80), (64, 8)])
@@ -398,17 +405,20 @@ def test_large_jpeg_is_decoded_at_reduced_scale_png_in_full(tmp_path):
     assert full.size == (1600, 1200)
     assert reduced.size == (400, 300)  # 1/4: the largest power of two that stays at least 256 on both sides
     assert open_image(jpeg, reduce_to=700).size == (1600, 1200)  # less than twice the target: decoded in full
-    pre = Preprocessing(256, 224)
-    item = load_one(jpeg, 0, pre, keep_view=True)
-    assert item.view.shape == (224, 224, 3)
-    difference = np.abs(item.view.astype(int) - np.asarray(pre.geometry(full)).astype(int))
+    pre = Preprocessing((192, 256), (168, 224))  # the frames' 4:3
+    item = load_one(jpeg, 0, pre, keep_view=False)
+    assert item.array.shape == (3, 168, 224)
+    level = 255 * min(pre.std)  # normalised units back to grey levels (at most)
+    difference = np.abs(item.array - pre.normalize_array(np.asarray(pre.geometry(full)))) * level
     assert difference.mean() < 2.0 and difference.max() < 40  # the same picture as the full decode
+    kept = load_one(jpeg, 0, pre, keep_view=True)  # a kept frame is the frame, decoded in full
+    assert kept.view.shape == (1200, 1600, 3)
     # PNG has no reduced decoding: the result is bit-identical to decoding it in full.
     png = png_bytes(array)
     assert open_image(png, reduce_to=256).size == (1600, 1200)
-    item = load_one(png, 0, pre, keep_view=True)
-    expected = np.asarray(pre.geometry(Image.open(io.BytesIO(png)).convert("RGB")))
-    np.testing.assert_array_equal(item.view, expected)
+    item = load_one(png, 0, pre, keep_view=False)
+    expected = pre.normalize_array(np.asarray(pre.geometry(Image.open(io.BytesIO(png)).convert("RGB"))))
+    np.testing.assert_array_equal(item.array, expected)
 
 
 def test_exif_rotated_large_jpeg_at_reduced_scale_is_upright():

@@ -52,7 +52,8 @@ def test_metadata_describes_the_model(fitted, saved):
     assert meta["backbone"]["name"] == "resnet18" and meta["backbone"]["layers"] == [1, 2, 3]
     assert meta["backbone"]["n_features"] == 100 and meta["backbone"]["weights_id"] == "random"
     assert meta["preprocessing"] == {"image_size": 64, "crop_size": None, "mean": list(fitted.preset_.mean),
-                                     "std": list(fitted.preset_.std)}
+                                     "std": list(fitted.preset_.std), "squash": False}
+    assert meta["grid"] == [16, 16] and meta["positions"] == 256 and meta["pool"] == 1 and meta["tiling"] is None
     assert meta["epsilon"] == 0.01 and meta["n_train_images"] == 12
     assert meta["threshold"]["image"] == fitted.threshold_ and meta["threshold"]["n_good_images"] == 4
     assert set(tensors) == {"mean", "whitener", "channel_indices"}  # no training statistics unless asked
@@ -212,12 +213,14 @@ def set_field(dotted: str, value):
     ("threshold.image", float("nan")), ("threshold.image", float("inf")), ("preprocessing.std", [0.2, 0.0, 0.2]),
     ("preprocessing.image_size", 100000), ("backbone.n_features", "many"), ("epsilon", "x"), ("blur_sigma", -3),
     ("grid", [1, 1]), ("preprocessing.mean", [0.5, float("nan"), 0.5]), ("backbone.layers", "1,2,3"),
+    ("positions", 257), ("pool", 0), ("tiling", {"tile": 8, "overlap": 0, "shared": False}),
+    ("preprocessing.image_size", [64, 64, 64]), ("preprocessing.squash", "yes"),
     ("seed", -1), ("threshold.false_alarm_rate", 0), ("backbone.timm_name", "../../etc/passwd"), ("factor_dtype", "int8"),
 ])
 def test_bad_metadata_is_refused_at_load_naming_the_field(saved, tmp_path, dotted, value):
     target = tmp_path / "bad.padim"
     rewrite(saved, target, change_meta=set_field(dotted, value))
-    field = dotted if dotted != "grid" else "grid[0]"
+    field = {"grid": "grid[0]", "tiling": "tiling.tile"}.get(dotted, dotted)
     with pytest.raises(FastpadimError, match=re.escape(f"field '{field}")):
         Padim.load(target, device="cpu")
 

@@ -47,12 +47,18 @@ def test_shapes_alone_give_the_bottle_numbers():
     assert kept.model_file - plan.model_file == plan.statistics and kept.peak > plan.peak
 
 
-@pytest.mark.parametrize("factor_dtype,keep_stats", [("float32", True), ("float16", False)])
-def test_planned_bytes_match_a_real_fit(train_arrays, tmp_path, factor_dtype, keep_stats):
-    model = Padim(**{**SMALL, "factor_dtype": factor_dtype, "keep_stats": keep_stats})
+@pytest.mark.parametrize("factor_dtype,keep_stats,shape", [
+    ("float32", True, {}), ("float16", False, {}),
+    ("float32", True, {"image_size": (48, 80), "squash": True}),  # rectangular
+    ("float32", True, {"image_size": (64, 96), "squash": True, "tile": 48}),  # tiles, each with its Gaussians
+    ("float32", True, {"image_size": (64, 96), "squash": True, "pool": 2}),
+])
+def test_planned_bytes_match_a_real_fit(train_arrays, tmp_path, factor_dtype, keep_stats, shape):
+    model = Padim(**{**SMALL, "factor_dtype": factor_dtype, "keep_stats": keep_stats, **shape})
     plan = plan_for(model)
     model.fit(train_arrays[:8])
     assert plan.grid == tuple(model.grid_) and plan.dim == model.channel_indices_.numel()
+    assert plan.positions == model.positions_ == model.mean_.shape[0]
     assert within(plan.factor, model.whitener_.nbytes)
     if keep_stats:
         measured = model.stats_.mean.nbytes + model.stats_.scatter.nbytes
@@ -105,7 +111,8 @@ def test_fit_plan_prints_the_plan_and_writes_nothing(image_folder, tmp_path):
     result = runner.invoke(app, ["fit", str(image_folder), "-o", str(target), *FAST, "--plan"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("plan: 16x16 positions x 100 channels"), result.output
+    assert len(lines) == 2 and lines[0].startswith("input 64x64 (height x width); grid 16x16"), result.output
+    assert lines[1].startswith("plan: 16x16 positions x 100 channels"), result.output
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 

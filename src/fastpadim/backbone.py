@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import FastpadimError
+from .sizes import as_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -288,10 +289,10 @@ class FeatureExtractor(nn.Module):
         """Input sides must be multiples of this: every map, and the pooled grid, then tile the input exactly."""
         return math.lcm(self.last_stride, self.cell)
 
-    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
+    def grid_for(self, size: int | tuple[int, int]) -> tuple[int, int]:
         """The embedding's grid (h, w) for inputs of ``size`` (height, width): learned once when a model is
         built, so forward passes change no state."""
-        grid = self._dry_run(size)[0].shape[-2:]
+        grid = self._dry_run(as_size(size))[0].shape[-2:]
         return (grid[0] // self.pool, grid[1] // self.pool)
 
     def select(self, channel_index: torch.Tensor) -> None:

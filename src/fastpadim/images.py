@@ -279,13 +279,14 @@ def _image_errors(label: str, limit: int) -> Iterator[None]:
         raise ImageError(f"{label}: cannot decode this image ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def _decode(source, label: str, max_pixels: int | None = None, reduce_to: Size | None = None) -> Image.Image:
+def _decode(source, label: str, max_pixels: int | None = None, reduce_to: int | Size | None = None) -> Image.Image:
     """Open a path or a binary stream, check its size from the header, then decode it (errors: _image_errors).
 
     ``reduce_to``: the network's input (height, width); a JPEG at least twice as large on both sides is decoded at 1/2, 1/4
     or 1/8 scale (draft mode) to no less than that side, so the usual bicubic resize still makes the final size.
     Other formats are decoded in full, exactly as before."""
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    reduce_to = as_size(reduce_to) if reduce_to is not None else None
     _quiet_pillow_bomb_warning()
     with _image_errors(label, limit), Image.open(source) as handle:  # Image.open reads the header only
         check_pixels(handle.size, label, limit)
@@ -318,7 +319,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def open_image(item: ImageInput | bytes | io.IOBase, name: str | None = None, max_pixels: int | None = None,
-               reduce_to: Size | None = None) -> Image.Image:
+               reduce_to: int | Size | None = None) -> Image.Image:
     """Decode one input (path, bytes, binary stream, PIL image, array, tensor) to an RGB PIL image,
     or raise ImageError with a one-line reason that starts with ``name`` (default: the path).
 

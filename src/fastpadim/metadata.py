@@ -132,13 +132,13 @@ def validate(meta, path: str | Path = "model") -> dict:
     grid = _get(path, meta, "grid")
     if not isinstance(grid, list) or len(grid) != 2:
         refuse_field(path, "grid", f"must be [height, width], got {shown(grid)}")
+    pool = _int(path, {"pool": meta.get("pool", 1)}, "pool", 1, MAX_POOL)
     network = crop or size
     for i in range(2):
         side = network[i]
         cells = _int(path, {f"grid[{i}]": grid[i]}, f"grid[{i}]", 1, side)
-        if not MIN_STRIDE <= side / cells <= MAX_STRIDE * MAX_POOL:
+        if not MIN_STRIDE <= side / cells <= MAX_STRIDE * pool:
             refuse_field(path, f"grid[{i}]", f"= {cells} does not fit {side} px inputs (stride {side / cells:.3g})")
-    _int(path, {"pool": meta.get("pool", 1)}, "pool", 1, MAX_POOL)
     tiling = meta.get("tiling")
     if tiling is not None:
         t = "tiling."

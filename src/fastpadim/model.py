@@ -440,8 +440,13 @@ class Padim(ScoringMixin):
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Preprocessed images (B, 3, H, W) → image scores (B,) and anomaly maps (B, H, W), as NumPy."""
-        scores, maps = self._score_tensor(torch.from_numpy(batch))
-        return scores.cpu().numpy(), maps.cpu().numpy()
+        # On the CPU, a few frames at a time (as many pixels as the network's forward part): the embeddings and
+        # products of a batch of large frames would otherwise take gigabytes, for no gain in speed.
+        frames = torch.from_numpy(batch)
+        count = len(frames) if self.device_.type != "cpu" else max(1, self._forward_count * math.prod(
+            self.tiler_.tile_size if self.tiler_ is not None else frames.shape[-2:]) // math.prod(frames.shape[-2:]))
+        parts = [self._score_tensor(part) for part in frames.split(count)]
+        return (torch.cat([s for s, _ in parts]).cpu().numpy(), torch.cat([m for _, m in parts]).cpu().numpy())
 
     # ----------------------------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:

@@ -157,7 +157,8 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
 
     # threshold (and save, which writes from the tensors' memory): what stays + one scoring batch
     kept = (statistics + factor) if keep_stats else max(statistics - 8 * p * d, factor)  # consumed: the scatter's storage
-    scoring_work = 4 * batch_size * per_image + inputs + activations + 2 * batch_size * pixels * 4
+    # scoring runs part by part on the CPU too (model.run_batch); the batch's maps are gathered
+    scoring_work = 4 * part * per_image + inputs + activations + 2 * batch_size * pixels * 4
     threshold = kept + mean32 + compute_copy + scoring_work
 
     phases = {"accumulate": (accumulate, accumulate_work), "finish": (finish, factor_work),

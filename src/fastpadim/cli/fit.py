@@ -83,8 +83,9 @@ def fit(
         # that fits prints nothing more (one line per message: the result line).
         planned = Padim(**params)
         memory = plan_for(planned)
-        say(input_line(planned, shape["image_size"], crop_size or None))
+        shown_input = input_line(planned, shape["image_size"], crop_size or None)
         if plan:
+            out.print(shown_input, highlight=False, soft_wrap=True)
             out.print(memory.describe(), highlight=False, soft_wrap=True)
             return
         check_plan(memory, crop=bool(crop_size))
@@ -103,7 +104,7 @@ def fit(
             model.save(target, keep_stats=keep_stats)
             threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
             say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
-                f"{model.preset_.name}, {model.device_.type}); threshold {threshold}; wrote {target}")
+                f"{model.preset_.name}, {model.device_.type}); {shown_input}; threshold {threshold}; wrote {target}")
             if model.threshold_ is not None:
                 caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
                 if caveat:
