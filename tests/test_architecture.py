@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fastpadim"
 # Modules that must run where PyTorch is not installed (pip install 'fastpadim[runtime]').
-TORCH_FREE = {"errors", "files", "images", "sources", "results", "visualize", "onnx_runtime", "serve", "batcher",
+TORCH_FREE = {"errors", "files", "sizes", "regions", "images", "sources", "results", "visualize", "onnx_runtime", "serve", "batcher",
               "metadata", "_version", "http_api"}
 
 

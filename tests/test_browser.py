@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +23,13 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def live_server():
-    """The service on a free loopback port, in a thread; yields its base URL."""
+@contextmanager
+def serving(model):
+    """``model`` served on a free loopback port, in a thread; yields its base URL."""
     import uvicorn
 
-    from fastpadim.model import Padim
     from fastpadim.http_api import create_app
-    from fastpadim.evaluation.synthetic import surface
 
-    rng = np.random.default_rng(0)
-    model = Padim(weights="random", image_size=128, crop_size=112, holdout=0.2, device="cpu", workers=1)
-    model.fit([surface(rng, 128) for _ in range(6)])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
     port = sock.getsockname()[1]
@@ -45,40 +41,92 @@ def live_server():
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
-def test_page_scores_an_uploaded_bottle_and_shows_the_heatmap(live_server, tmp_path):
+@pytest.fixture(scope="module")
+def live_server():
+    """A 128 px model with a 112 px centre crop, served."""
+    from fastpadim.model import Padim
+    from fastpadim.evaluation.synthetic import surface
+
+    rng = np.random.default_rng(0)
+    model = Padim(weights="random", image_size=128, crop_size=112, holdout=0.2, device="cpu", workers=1)
+    model.fit([surface(rng, 128) for _ in range(6)])
+    with serving(model) as url:
+        yield url
+
+
+@contextmanager
+def browser_page(base_url: str, foreign: list[str]):
+    """A Chromium page on ``base_url``'s page, the model line loaded; requests elsewhere are noted in ``foreign``."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e '.[dev]')")
-    sync_playwright = sync_api.sync_playwright
-
-    image = sorted((BOTTLE / "test/broken_large").glob("*.png"))[0]
-    foreign: list[str] = []
-    with sync_playwright() as pw:
+    with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.on("request", lambda r: None if r.url.startswith((live_server, "data:", "blob:")) else foreign.append(r.url))
-            page.goto(live_server + "/")
+            page.on("request", lambda r: None if r.url.startswith((base_url, "data:", "blob:")) else foreign.append(r.url))
+            page.goto(base_url + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('training images')")
-            page.set_input_files("#file", str(image))
-            page.wait_for_selector("body[data-scored='1']", timeout=60_000)
-
-            assert page.is_visible("#result") and not page.is_visible("#error")
-            score = float(page.text_content("#score"))
-            assert np.isfinite(score) and score > 0
-            assert page.text_content("#verdict") in ("anomalous", "good")
-            heatmap = page.locator("#heatmap")
-            assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
-            page.wait_for_function("document.getElementById('heatmap').complete")
-            assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [112, 112]
-            assert page.locator("#original").evaluate("img => img.naturalWidth") == 256
-            assert page.locator("#history-list li").count() == 1
-            assert image.name in page.text_content("#history-list")
-            page.screenshot(path=str(tmp_path / "page.png"))
+            yield page
         finally:
             browser.close()
+
+
+def test_page_scores_an_uploaded_bottle_and_shows_the_heatmap(live_server, tmp_path):
+    image = sorted((BOTTLE / "test/broken_large").glob("*.png"))[0]
+    foreign: list[str] = []
+    with browser_page(live_server, foreign) as page:
+        assert "input 128x128 → 112x112 map" in page.text_content("#model")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("body[data-scored='1']", timeout=60_000)
+
+        assert page.is_visible("#result") and not page.is_visible("#error")
+        score = float(page.text_content("#score"))
+        assert np.isfinite(score) and score > 0
+        verdict = page.text_content("#verdict")
+        assert verdict in ("anomalous", "good")
+        heatmap = page.locator("#heatmap")
+        assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+        page.wait_for_function("document.getElementById('heatmap').complete")
+        # the overlay is in the uploaded image's pixels (256x256), not the network's 112x112 crop
+        assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [256, 256]
+        assert page.locator("#original").evaluate("img => img.naturalWidth") == 256
+        boxes = page.locator("#boxes .box").count()
+        assert (boxes > 0) == (verdict == "anomalous")
+        assert page.text_content("#regions").endswith(("region", "regions"))
+        assert page.locator("#history-list li").count() == 1
+        assert image.name in page.text_content("#history-list")
+        page.screenshot(path=str(tmp_path / "page.png"))
+    assert not foreign, f"the page fetched outside assets: {foreign}"
+
+
+def test_page_keeps_a_wide_frame_wide(tmp_path):
+    """A 96x192 (height x width) frame on a 48x96 model: the overlay comes back 192x96 and is shown 2:1, not square."""
+    from PIL import Image
+
+    from fastpadim.model import Padim
+    from fastpadim.evaluation.synthetic import surface
+
+    rng = np.random.default_rng(1)
+    model = Padim(weights="random", image_size=(48, 96), crop_size=None, holdout=0.2, device="cpu", workers=1)
+    model.fit([surface(rng, 96)[:48] for _ in range(6)])
+    frame = tmp_path / "wide.png"
+    Image.fromarray(surface(rng, 192)[:96]).save(frame)
+    foreign: list[str] = []
+    with serving(model) as url, browser_page(url, foreign) as page:
+        assert "input 48x96 → 48x96 map" in page.text_content("#model")
+        page.set_input_files("#file", str(frame))
+        page.wait_for_selector("body[data-scored='1']", timeout=60_000)
+        assert not page.is_visible("#error"), page.text_content("#error")
+        page.wait_for_function("document.getElementById('heatmap').complete")
+        heatmap = page.locator("#heatmap")
+        assert heatmap.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [192, 96]
+        shown = heatmap.evaluate("img => img.getBoundingClientRect().width / img.getBoundingClientRect().height")
+        assert shown == pytest.approx(2.0, rel=0.03)  # the frame's aspect on screen (borders aside)
     assert not foreign, f"the page fetched outside assets: {foreign}"

@@ -155,11 +155,44 @@ def test_score_multipart_matches_the_model(client, model, good_png, defect_png):
 
 def test_larger_upload_is_resized_at_decode_with_the_same_score(client, model):
     rng = np.random.default_rng(11)
-    array = np.asarray(Image.fromarray(surface(rng, SIZE)).resize((200, 150), Image.Resampling.BICUBIC))
+    array = np.asarray(Image.fromarray(surface(rng, SIZE)).resize((150, 150), Image.Resampling.BICUBIC))
     data = png_bytes(array)
-    assert decode_upload(data, "l.png", model.preprocessing_).size == (SIZE, SIZE)  # no full-size image is held
+    upload = decode_upload(data, "l.png", model.preprocessing_)
+    assert upload.image.size == (SIZE, SIZE) and upload.frame is None  # no full-size image is held
     body = client.post("/v1/score", files={"file": ("l.png", data, "image/png")}).json()
     assert body["score"] == pytest.approx(float(model.score_images([array])[0][0]), rel=1e-6)
+
+
+def test_an_upload_the_model_would_squash_is_refused(client):
+    wide = np.asarray(Image.fromarray(surface(np.random.default_rng(12), SIZE)).resize((200, 150)))
+    reply = client.post("/v1/score", files={"file": ("w.png", png_bytes(wide), "image/png")})
+    assert reply.status_code == 422
+    assert reply.json()["detail"].startswith("w.png: 200x150 (width x height) would be squashed")
+
+
+def test_heatmap_and_regions_are_in_the_uploaded_image_pixels(client, model):
+    """A 160x160 upload to a 64 model: the overlay is 160x160, and the regions' boxes lie in it."""
+    rng = np.random.default_rng(13)
+    frame = np.asarray(Image.fromarray(add_spot(rng, surface(rng, SIZE))[0]).resize((160, 160)))
+    body = client.post("/v1/score?heatmap=true&regions=true", files={"file": ("f.png", png_bytes(frame), "image/png")}).json()
+    assert decode_png(body["heatmap_png_base64"]).size == (160, 160)
+    assert body["is_anomalous"] == bool(body["regions"]) and body["regions_left_out"] == 0
+    peaks = [r["peak"] for r in body["regions"]]
+    assert peaks == sorted(peaks, reverse=True) and all(p > model.threshold_ for p in peaks)
+    for r in body["regions"]:
+        assert 0 <= r["x"] < r["x"] + r["width"] <= 160 and 0 <= r["y"] < r["y"] + r["height"] <= 160
+        assert 0 < r["area"] <= r["width"] * r["height"]
+    assert peaks[0] == pytest.approx(body["score"], rel=0.05)  # the strongest region holds (nearly) the image score
+    assert set(body["timings_ms"]) >= {"heatmap", "regions"}
+    plain = client.post("/v1/score", files={"file": ("f.png", png_bytes(frame), "image/png")}).json()
+    assert "regions" not in plain and "regions" not in plain["timings_ms"]
+    assert plain["score"] == pytest.approx(body["score"], rel=1e-6)
+
+
+def decode_png(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    assert image.format == "PNG" and image.mode == "RGB"
+    return image
 
 
 def test_score_raw_body_gives_the_same_score(client, good_png):
@@ -180,7 +213,10 @@ def test_score_heatmap_is_a_png_overlay(client, defect_png):
 def test_score_without_threshold_says_unknown(images, good_png):
     with TestClient(create_app(small_model(images, holdout=0.0))) as c:
         body = c.post("/v1/score", files={"file": ("a.png", good_png, "image/png")}).json()
-    assert body["verdict"] == "unknown" and body["is_anomalous"] is None and body["threshold"] is None
+        assert body["verdict"] == "unknown" and body["is_anomalous"] is None and body["threshold"] is None
+        for path in ("/v1/score?regions=true", "/v1/score/batch?regions=true"):  # regions need a threshold
+            reply = c.post(path, files={"file": ("a.png", good_png, "image/png")})
+            assert reply.status_code == 400 and reply.json()["detail"].startswith("regions need a threshold")
 
 
 def test_batch_scores_all_images_in_one_batch(client, model, good_png, defect_png):
@@ -197,6 +233,16 @@ def test_batch_scores_all_images_in_one_batch(client, model, good_png, defect_pn
     assert scores[1] == pytest.approx(expected_score(model, defect_png), rel=1e-4)
     assert scores[0] == pytest.approx(scores[2])
     assert all(r["heatmap_png_base64"] for r in body["results"])
+
+
+def test_batch_gives_each_image_its_regions(client, good_png, defect_png):
+    files = [("file", ("g.png", good_png, "image/png")), ("file", ("x.png", b"junk", "image/png")),
+             ("file", ("d.png", defect_png, "image/png"))]
+    body = client.post("/v1/score/batch?regions=true", files=files).json()
+    good, bad, defect = body["results"]
+    for entry in (good, defect):
+        assert entry["is_anomalous"] == bool(entry["regions"]) and entry["regions_left_out"] == 0
+    assert bad.get("regions") is None and "regions" in body["timings_ms"] and "heatmap" not in body["timings_ms"]
 
 
 def test_batch_reports_a_bad_image_and_scores_the_rest(client, good_png):
@@ -262,8 +308,20 @@ def test_bad_input_is_a_clear_4xx_and_the_service_keeps_serving(client, good_png
 def test_decode_upload_reads_jpeg_and_grayscale():
     rng = np.random.default_rng(3)
     gray = surface(rng, SIZE)[..., 0]
-    assert decode_upload(png_bytes(gray), "g").mode == "RGB"
-    assert decode_upload(png_bytes(surface(rng, SIZE), "JPEG"), "j").size == (SIZE, SIZE)
+    assert decode_upload(png_bytes(gray), "g").image.mode == "RGB"
+    assert decode_upload(png_bytes(surface(rng, SIZE), "JPEG"), "j").image.size == (SIZE, SIZE)
+
+
+def test_decode_upload_keeps_the_frame_only_when_the_reply_needs_it(model):
+    """A large JPEG: decoded at reduced scale for a score alone; in full (exact size) for regions; kept for an overlay."""
+    big = np.asarray(Image.fromarray(surface(np.random.default_rng(4), SIZE)).resize((512, 512)))
+    data = png_bytes(big, "JPEG")
+    alone = decode_upload(data, "j", model.preprocessing_)
+    assert alone.image.size == (SIZE, SIZE) and alone.frame_size is None and alone.frame is None
+    sized = decode_upload(data, "j", model.preprocessing_, None, True)
+    assert sized.image.size == (SIZE, SIZE) and sized.frame_size == (512, 512) and sized.frame is None
+    kept = decode_upload(data, "j", model.preprocessing_, None, False, True)
+    assert kept.frame_size == (512, 512) and kept.frame.size == (512, 512)
 
 
 # ------------------------------------------------------------------------------------ concurrency
@@ -698,3 +756,45 @@ def test_non_finite_score_of_one_image_fails_only_its_entry(images, good_png, de
     assert body["scored"] == 2 and body["failed"] == 1
     assert first["verdict"] in ("good", "anomalous") and third["verdict"] in ("good", "anomalous")
     assert nan.get("verdict") is None and nan["error"].startswith("1.png: the model produced a non-finite score")
+
+
+# ----------------------------------------------------------------------------------- rectangular frames
+RECT = (48, 64)  # (height, width)
+
+
+def frame_array(seed: int, size=(96, 128), spot: bool = False) -> np.ndarray:
+    """A (height, width) textured frame: a crop of a larger generated surface, with a bright patch if asked."""
+    rng = np.random.default_rng(seed)
+    array = surface(rng, max(size))[: size[0], : size[1]].copy()
+    if spot:
+        array[size[0] // 3: size[0] // 2, size[1] // 3: size[1] // 2] = 255
+    return array
+
+
+@pytest.fixture(scope="module")
+def rect_model() -> Padim:
+    train = [frame_array(seed, RECT) for seed in range(8)]
+    return Padim(weights="random", image_size=RECT, crop_size=None, holdout=0.25, device="cpu", workers=1).fit(train)
+
+
+def test_a_rectangular_model_answers_in_the_frame_pixels(rect_model):
+    """96x128 (height x width) uploads to a 48x64 model: overlays keep the frame's shape, boxes lie in it."""
+    from fastpadim.serve import warm_up
+
+    warm_up(rect_model)
+    frames = [frame_array(20), frame_array(21, spot=True)]
+    with TestClient(create_app(rect_model)) as c:
+        info = c.get("/v1/model").json()
+        assert info["input"] == {"image_size": [48, 64], "crop_size": None, "map_size": [48, 64]}
+        one = c.post("/v1/score?heatmap=true&regions=true",
+                     files={"file": ("s.png", png_bytes(frames[1]), "image/png")}).json()
+        files = [("file", (f"{i}.png", png_bytes(f), "image/png")) for i, f in enumerate(frames)]
+        many = c.post("/v1/score/batch?heatmap=true&regions=true", files=files).json()
+    assert decode_png(one["heatmap_png_base64"]).size == (128, 96)  # PIL: (width, height)
+    assert one["score"] == pytest.approx(float(rect_model.score_images([frames[1]])[0][0]), rel=1e-5)
+    assert one["is_anomalous"] and one["regions"]
+    patch = one["regions"][0]  # the patch, rows 32..47 and columns 42..63 of the frame, lies in the strongest box
+    assert patch["x"] <= 42 and patch["x"] + patch["width"] >= 64 and patch["y"] <= 32 and patch["y"] + patch["height"] >= 48
+    for entry in many["results"]:
+        assert decode_png(entry["heatmap_png_base64"]).size == (128, 96)
+        assert all(r["x"] + r["width"] <= 128 and r["y"] + r["height"] <= 96 for r in entry["regions"])

@@ -27,7 +27,7 @@ from .results import VERDICT_LABELS, verdict
 from .images import MAX_IMAGE_PIXELS
 from .serve import (
     MAX_BATCH_FILES, MAX_DECODING_PIXELS, MULTIPART_SLACK, RAW_TYPES, TRIM_AFTER_PIXELS, UPLOAD_HINT, check_options,
-    decode_upload, model_summary, overlay_png_base64, release_memory, score_batch,
+    decode_upload, in_frame, model_summary, release_memory, score_batch,
 )
 
 
@@ -38,6 +38,16 @@ class Timings(BaseModel):
     model: float
     total: float
     heatmap: Optional[float] = None
+    regions: Optional[float] = None
+
+class Region(BaseModel):
+    """A defect: bounding box in the uploaded image's pixels (x right, y down, from its top-left corner)."""
+    x: int
+    y: int
+    width: int
+    height: int
+    area: int  # pixels above the threshold
+    peak: float  # the highest anomaly score inside
 
 class Score(BaseModel):
     name: str
@@ -47,7 +57,9 @@ class Score(BaseModel):
     threshold: Optional[float]
     batch_size: int  # images in the network batch this one ran in (other requests' included)
     timings_ms: Timings
-    heatmap_png_base64: Optional[str] = None
+    heatmap_png_base64: Optional[str] = None  # the overlay at the uploaded image's size
+    regions: Optional[list[Region]] = None  # highest peak first, at most regions.MAX_REGIONS
+    regions_left_out: Optional[int] = None  # weaker regions beyond that
 
 class BatchItem(BaseModel):
     name: str
@@ -55,6 +67,8 @@ class BatchItem(BaseModel):
     verdict: Optional[str] = None
     is_anomalous: Optional[bool] = None
     heatmap_png_base64: Optional[str] = None
+    regions: Optional[list[Region]] = None
+    regions_left_out: Optional[int] = None
     error: Optional[str] = None
 
 class BatchScore(BaseModel):
@@ -142,34 +156,61 @@ class InspectionService:
             raise HTTPException(400, f"empty body; {UPLOAD_HINT}")
         return [("<body>", data)]
 
-    async def decode_one(self, name: str, data: bytes) -> tuple[str, object, float]:
+    async def decode_one(self, name: str, data: bytes, wants: "Wants") -> tuple[str, object, float]:
         """Header first (refused above the pixel limit before anything is decoded), then a turn in the pixel budget,
-        then the decode in a worker thread, to an image already resized to the network's input."""
+        then the decode in a worker thread, to an image already resized to the network's input (and the frame's
+        size, or its pixels, where the reply speaks in them)."""
         start = time.perf_counter()
         try:
             width, height = await run_in_threadpool(read_size, data, name, self.max_pixels)
             async with self.budget.reserve(width * height):
-                image = await run_in_threadpool(decode_upload, data, name, self.model.preprocessing_, self.max_pixels)
+                image = await run_in_threadpool(decode_upload, data, name, self.model.preprocessing_, self.max_pixels,
+                                                wants.regions, wants.heatmap)
             if width * height >= TRIM_AFTER_PIXELS:
                 self.large_decodes += width * height
         except ImageError as exc:
             image = exc
         return name, image, time.perf_counter() - start
 
-    async def decode_all(self, uploads: list[tuple[str, bytes]]) -> list[tuple[str, object, float]]:
-        """(name, PIL image or ImageError, seconds) for each upload, decoded in worker threads off the event loop;
+    async def decode_all(self, uploads: list[tuple[str, bytes]], wants: "Wants") -> list[tuple[str, object, float]]:
+        """(name, serve.Upload or ImageError, seconds) for each upload, decoded in worker threads off the event loop;
         once no decode is left in flight after large ones, the freed memory goes back to the OS."""
-        decoded = list(await asyncio.gather(*(self.decode_one(n, d) for n, d in uploads)))
+        decoded = list(await asyncio.gather(*(self.decode_one(n, d, wants) for n, d in uploads)))
         if self.large_decodes and self.budget.in_use == 0:
             self.large_decodes = 0
             await run_in_threadpool(release_memory)
         return decoded
 
-    async def score(self, images: list) -> tuple[list, object]:
+    async def score(self, uploads: list) -> tuple[list, object]:
         try:
-            return await self.batcher.submit(images)
+            return await self.batcher.submit([upload.image for upload in uploads])
         except QueueFull as exc:
             raise HTTPException(503, str(exc)) from None
+
+    async def in_frame(self, upload, result, wants: "Wants", spent: dict) -> dict:
+        """The parts of one image's reply in its own pixels (overlay, regions), drawn in a worker thread; their
+        seconds are added to ``spent``."""
+        if not (wants.heatmap or wants.regions):
+            return {}
+        parts, seconds = await run_in_threadpool(in_frame, self.model, upload, result, wants.heatmap, wants.regions)
+        for key, value in seconds.items():
+            spent[key] = spent.get(key, 0.0) + value
+        return parts
+
+
+class Wants:
+    """What a request asks for beyond the score, checked before its upload is read."""
+
+    def __init__(self, svc: InspectionService, heatmap: bool, regions: bool):
+        if regions and svc.model.threshold_ is None:
+            raise HTTPException(400, "regions need a threshold and this model has none (fitted with --holdout 0); "
+                                     "ask without regions=true")
+        self.heatmap, self.regions = heatmap, regions
+
+    def timings(self, spent: dict) -> dict:
+        """Milliseconds spent on what was asked for (0 when no image got that far)."""
+        asked = [key for key, wanted in (("heatmap", self.heatmap), ("regions", self.regions)) if wanted]
+        return {key: ms(spent.get(key, 0.0)) for key in asked}
 
 
 def service(request: Request) -> InspectionService:
@@ -218,49 +259,55 @@ async def model_info(request: Request) -> dict:
     return service(request).summary
 
 
+REGIONS_HELP = ("Add the defect regions: boxes in the uploaded image's pixels (x, y, width, height), area and peak "
+                "score; needs a threshold.")
+
+
 @router.post("/v1/score", response_model=Score, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=body_doc,
           summary="Score one image (multipart field 'file' or the raw body)")
 async def score_one(request: Request,
-                    heatmap: Annotated[bool, Query(description="Add the heatmap overlay as base64 PNG.")] = False):
+                    heatmap: Annotated[bool, Query(description="Add the heatmap overlay (the uploaded image's size) as base64 PNG.")] = False,
+                    regions: Annotated[bool, Query(description=REGIONS_HELP)] = False):
     start = time.perf_counter()
     svc = service(request)
+    wants = Wants(svc, heatmap, regions)
     uploads = await svc.read_uploads(request, max_files=1)
     if len(uploads) != 1:
         raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
-    name, image, decode_s = (await svc.decode_all(uploads))[0]
-    if isinstance(image, ImageError):
-        raise HTTPException(413 if isinstance(image, ImageTooLarge) else 422, str(image))
-    (result,), timing = await svc.score([image])
+    name, upload, decode_s = (await svc.decode_all(uploads, wants))[0]
+    if isinstance(upload, ImageError):
+        raise HTTPException(413 if isinstance(upload, ImageTooLarge) else 422, str(upload))
+    (result,), timing = await svc.score([upload])
     if result.error:  # unreadable, or a non-finite score (results.ScoredImage turns it into an error)
         raise HTTPException(422, named(result, name))
     label, flagged = svc.judge(result.score)
-    timings = {"decode": ms(decode_s), "queue": ms(timing.queue_s), "model": ms(timing.model_s)}
     response = {"name": name, "score": result.score, "verdict": label, "is_anomalous": flagged,
                 "threshold": svc.model.threshold_, "batch_size": timing.batch_size}
-    if heatmap:
-        drawn = time.perf_counter()
-        response["heatmap_png_base64"] = await run_in_threadpool(overlay_png_base64, result, svc.model.threshold_)
-        timings["heatmap"] = ms(time.perf_counter() - drawn)
-    timings["total"] = ms(time.perf_counter() - start)
+    spent: dict = {}
+    response.update(await svc.in_frame(upload, result, wants, spent))
+    timings = {"decode": ms(decode_s), "queue": ms(timing.queue_s), "model": ms(timing.model_s),
+               **wants.timings(spent), "total": ms(time.perf_counter() - start)}
     return {**response, "timings_ms": timings}
 
 
 @router.post("/v1/score/batch", response_model=BatchScore, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=batch_doc,
           summary="Score several images (repeated multipart field 'file') in one network batch")
 async def score_many(request: Request,
-                     heatmap: Annotated[bool, Query(description="Add heatmap overlays as base64 PNG.")] = False):
+                     heatmap: Annotated[bool, Query(description="Add heatmap overlays (each the uploaded image's size) as base64 PNG.")] = False,
+                     regions: Annotated[bool, Query(description=REGIONS_HELP)] = False):
     start = time.perf_counter()
     svc = service(request)
+    wants = Wants(svc, heatmap, regions)
     uploads = await svc.read_uploads(request, max_files=MAX_BATCH_FILES)
-    decoded = await svc.decode_all(uploads)
-    readable = [(i, image) for i, (_, image, _) in enumerate(decoded) if not isinstance(image, ImageError)]
-    items = [{"name": name, "error": str(image) if isinstance(image, ImageError) else None}
-             for name, image, _ in decoded]
+    decoded = await svc.decode_all(uploads, wants)
+    readable = [(i, upload) for i, (_, upload, _) in enumerate(decoded) if not isinstance(upload, ImageError)]
+    items = [{"name": name, "error": str(upload) if isinstance(upload, ImageError) else None}
+             for name, upload, _ in decoded]
     if not readable:
         raise HTTPException(422, "no image could be read: " + "; ".join(item["error"] for item in items))
-    results, timing = await svc.score([image for _, image in readable])
-    drawn = time.perf_counter()
-    for (i, _), result in zip(readable, results):
+    results, timing = await svc.score([upload for _, upload in readable])
+    spent: dict = {}
+    for (i, upload), result in zip(readable, results):
         if result.error:
             items[i]["error"] = named(result, items[i]["name"])
             continue
@@ -270,13 +317,9 @@ async def score_many(request: Request,
             items[i]["error"] = f"{items[i]['name']}: {exc}"
             continue
         items[i].update(score=result.score, verdict=label, is_anomalous=flagged)
-        if heatmap:
-            items[i]["heatmap_png_base64"] = await run_in_threadpool(overlay_png_base64, result, svc.model.threshold_)
+        items[i].update(await svc.in_frame(upload, result, wants, spent))
     timings = {"decode": ms(sum(d for _, _, d in decoded)), "queue": ms(timing.queue_s),
-               "model": ms(timing.model_s)}
-    if heatmap:
-        timings["heatmap"] = ms(time.perf_counter() - drawn)
-    timings["total"] = ms(time.perf_counter() - start)
+               "model": ms(timing.model_s), **wants.timings(spent), "total": ms(time.perf_counter() - start)}
     failed = sum(item["error"] is not None for item in items)
     return {"threshold": svc.model.threshold_, "batch_size": timing.batch_size, "scored": len(items) - failed,
             "failed": failed, "results": items, "timings_ms": timings}

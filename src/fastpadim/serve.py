@@ -14,10 +14,15 @@ import errno
 import functools
 import io
 import socket
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-from .errors import FastpadimError
+import numpy as np
+
+from .errors import FastpadimError, ImageError
 from .images import MAX_IMAGE_PIXELS, check_max_pixels
+from .sizes import Size, to_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -35,18 +40,38 @@ MAX_DECODING_PIXELS = 2 * MAX_IMAGE_PIXELS  # pixels being decoded at once, all 
 TRIM_AFTER_PIXELS = 4_000_000  # decodes this large leave freed heap that glibc keeps: give it back once idle
 
 
+@dataclass
+class Upload:
+    """One decoded upload: what the network scores, and what the reply needs of the frame (the image as sent)."""
+
+    image: "Image.Image"  # resized to the network's input (the frame itself without preprocessing)
+    frame_size: Optional[Size] = None  # the frame's (height, width), EXIF orientation applied: regions are in it
+    frame: "Optional[Image.Image]" = None  # the frame's pixels, kept only to draw an overlay on
+
+
 def decode_upload(data: bytes, name: str, preprocessing: "Preprocessing | None" = None,
-                  max_pixels: int | None = None) -> "Image.Image":
-    """Uploaded bytes → RGB PIL image, or ImageError with a one-line reason (same checks as files on disk; above
-    ``max_pixels``, default ``images.MAX_IMAGE_PIXELS``: ImageTooLarge, from the header). With ``preprocessing``
-    the image comes back resized to the network's input side (a large JPEG decoded at reduced scale), so a request
-    waiting for its batch holds a small image, not the full-resolution one; the scores are the same (the model's
-    own resize of it is then a copy)."""
+                  max_pixels: int | None = None, frame_size: bool = False, keep_frame: bool = False) -> Upload:
+    """Uploaded bytes → an ``Upload``, or ImageError with a one-line reason (same checks as files on disk; above
+    ``max_pixels``, default ``images.MAX_IMAGE_PIXELS``: ImageTooLarge, from the header; a frame whose shape this
+    model would squash is refused as ``fastpadim predict`` refuses it).
+
+    With ``preprocessing`` the image to score is resized to the network's input (a large JPEG decoded at reduced
+    scale), so a request waiting for its batch holds a small image; the scores are the same (the model's own resize
+    of it is then a copy). A reply in the frame's pixels needs the frame decoded in full: ``frame_size`` records
+    its size (for regions), ``keep_frame`` also keeps its pixels (for an overlay, the one case that holds a
+    full-resolution image until the reply)."""
     from .images import open_image
 
-    reduce_to = preprocessing.image_size if preprocessing is not None else None
-    image = open_image(data, name=name, max_pixels=max_pixels, reduce_to=reduce_to)
-    return preprocessing.resize(image) if preprocessing is not None else image
+    full = frame_size or keep_frame or preprocessing is None
+    image = open_image(data, name=name, max_pixels=max_pixels, reduce_to=None if full else preprocessing.image_size)
+    upload = Upload(image, (image.height, image.width) if full else None, image if keep_frame else None)
+    if preprocessing is not None:
+        try:
+            preprocessing.check_shape((image.height, image.width))  # resizing first would hide a squash
+        except ImageError as exc:
+            raise ImageError(f"{name}: {exc}") from None
+        upload.image = preprocessing.resize(image)
+    return upload
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,26 +135,47 @@ def check_port(host: str, port: int) -> None:
 
 
 def score_batch(model: "Padim", images: list) -> "list[ScoredImage]":
-    """The batcher's work, always on the model thread: one network batch for all ``images``."""
-    return [result for batch in model.iter_scored(images, keep_view=True, batch_size=max(1, len(images)))
-            for result in batch]
+    """The batcher's work, always on the model thread: one network batch for all ``images`` (network-sized: the
+    frames, where a reply needs them, stay with their requests)."""
+    return [result for batch in model.iter_scored(images, batch_size=max(1, len(images))) for result in batch]
 
 
 def warm_up(model: "Padim") -> None:
     """One throw-away run so the first real request does not pay for lazy initialisation."""
     from PIL import Image
 
-    size = model.preprocessing_.image_size
-    (result,) = score_batch(model, [Image.new("RGB", (size, size), (128, 128, 128))])
-    overlay_png_base64(result, model.threshold_)  # loads the colour map (matplotlib) before the first heatmap
+    height, width = model.preprocessing_.image_size
+    frame = Image.new("RGB", (width, height), (128, 128, 128))
+    (result,) = score_batch(model, [frame])
+    # loads the colour map (matplotlib) before the first heatmap
+    in_frame(model, Upload(frame, (height, width), frame), result, heatmap=True, regions=False)
 
 
-def overlay_png_base64(result: "ScoredImage", threshold: float | None) -> str:
+def overlay_png_base64(frame: np.ndarray, frame_map: np.ndarray, threshold: float | None) -> str:
     from .visualize import overlay
 
     buffer = io.BytesIO()
-    overlay(result.view, result.anomaly_map, threshold).save(buffer, format="PNG")
+    overlay(frame, frame_map, threshold).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def in_frame(model: "Padim | OnnxPadim", upload: Upload, result: "ScoredImage", heatmap: bool,
+             regions: bool) -> tuple[dict, dict]:
+    """The reply's parts in the frame's pixels, from the network's map put back in them (``Preprocessing.to_frame``):
+    the overlay (``heatmap_png_base64``, the frame's size) and the defect regions (boxes in the frame's pixels).
+    Returns them and the seconds each took (the map's own resizing counted in the first)."""
+    from .regions import find_regions
+
+    start = time.perf_counter()
+    frame_map = model.preprocessing_.to_frame(result.anomaly_map, upload.frame_size)
+    parts, seconds = {}, {}
+    if heatmap:
+        parts["heatmap_png_base64"] = overlay_png_base64(np.asarray(upload.frame), frame_map, model.threshold_)
+        seconds["heatmap"], start = time.perf_counter() - start, time.perf_counter()
+    if regions:
+        parts.update(find_regions(frame_map, model.threshold_).to_dict())
+        seconds["regions"] = time.perf_counter() - start
+    return parts, seconds
 
 
 def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
@@ -137,7 +183,8 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
         meta, engine, device = model.metadata_, model.engine, model.device
     else:
         meta, engine, device = model.to_metadata(), "torch", model.device_.type
-    bb, pre, th = meta["backbone"], meta["preprocessing"], meta["threshold"]
+    bb, th = meta["backbone"], meta["threshold"]
+    pre = model.preprocessing_.to_dict()  # sizes as the model file writes them: N for a square, else [h, w]
     return {
         "model_file": model_path,
         "format_version": meta["format_version"],
@@ -148,7 +195,7 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
         "n_features": bb["n_features"],
         "weights_id": bb["weights_id"],
         "input": {"image_size": pre["image_size"], "crop_size": pre["crop_size"],
-                  "map_size": model.preprocessing_.output_size},
+                  "map_size": to_json(model.preprocessing_.output_size)},  # the network's view; replies use the frame's pixels
         "n_train_images": meta["n_train_images"],
         "threshold": model.threshold_,
         "false_alarm_rate": th["false_alarm_rate"],

@@ -1,4 +1,5 @@
-"""Heatmap overlays and binary defect masks for people to look at."""
+"""Heatmap overlays and binary defect masks for people to look at, in the pixels of the image they are given: with
+the frame and its ``frame_map`` (``ScoredImage.view`` and ``.frame_map``) they lie over the camera image as it is."""
 
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ def normalize_map(anomaly_map: np.ndarray, threshold: float | None) -> np.ndarra
 
 
 def overlay(view: np.ndarray, anomaly_map: np.ndarray, threshold: float | None, alpha: float = 0.5) -> Image.Image:
-    """The network's RGB view with the coloured anomaly map blended over it."""
+    """An RGB image (the frame) with the coloured anomaly map of the same height and width blended over it."""
+    if view.shape[:2] != anomaly_map.shape:
+        raise ValueError(f"the map ({anomaly_map.shape}) and the image ({view.shape[:2]}) differ in size: give the map "
+                         "in the image's pixels (Preprocessing.to_frame)")
     global _LUT
     if _LUT is None:
         _LUT = _colormap()
@@ -38,5 +42,6 @@ def overlay(view: np.ndarray, anomaly_map: np.ndarray, threshold: float | None, 
 
 
 def defect_mask(anomaly_map: np.ndarray, threshold: float) -> Image.Image:
-    """Pixels above the image threshold (an image is anomalous exactly when this mask is not empty)."""
+    """Pixels above the image threshold. In the network's view an image is anomalous exactly when this mask is not
+    empty; a map resized to the frame (bilinear) can lose a peak that was only a hair above the threshold."""
     return Image.fromarray(((anomaly_map > threshold) * 255).astype(np.uint8), mode="L")

@@ -602,3 +602,75 @@ def test_without_torch_predict_says_which_extra_to_install(model_file, test_fold
     assert proc.stderr.splitlines() == ["error: this needs the Python package 'torch', which is not installed: "
                                         "pip install 'fastpadim[full]'"]
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ predict on camera frames
+def rect_frames(folder: Path, n: int, size=(96, 128), seed: int = 30) -> list[Path]:
+    """``n`` (height, width) textured frames as PNGs, every other one with a bright square."""
+    from conftest import make_surfaces
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, surface in enumerate(make_surfaces(n, max(size), seed)):
+        frame = surface[: size[0], : size[1]]
+        Image.fromarray(with_spot(frame) if i % 2 else frame).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def rect_model_file(tmp_path_factory) -> Path:
+    """A 48x64 (height x width) model with a threshold, fitted on 48x64 frames."""
+    from conftest import make_surfaces
+    from fastpadim import Padim
+
+    train = [s[:48, :64] for s in make_surfaces(10, 64, seed=31)]
+    path = tmp_path_factory.mktemp("rect") / "rect.padim"
+    Padim(weights="random", image_size=(48, 64), crop_size=None, device="cpu", workers=1, holdout=0.2).fit(train).save(path)
+    return path
+
+
+def test_predict_writes_overlays_masks_and_regions_at_each_frame_size(rect_model_file, tmp_path):
+    """96x128 frames through a 48x64 model: overlays and masks are 128 wide and 96 high, the regions' boxes lie in
+    the frame, and each mask holds exactly its regions' pixels."""
+    from fastpadim import Padim
+
+    rect_frames(tmp_path / "frames", 4)
+    threshold = float(np.median(Padim.load(rect_model_file, device="cpu").anomaly_scores(tmp_path / "frames")))
+    out = tmp_path / "out"
+    assert_ok(run("predict", rect_model_file, tmp_path / "frames", "-o", out, "--regions", "--threshold", repr(threshold)))
+    images = json.loads((out / "results.json").read_text())["images"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(images) == len(rows) == 4 and {r["verdict"] for r in rows} == {"good", "anomalous"}
+    for entry, row in zip(images, rows):
+        assert Image.open(entry["overlay"]).size == Image.open(entry["mask"]).size == (128, 96)
+        mask = np.asarray(Image.open(entry["mask"])) > 0
+        assert sum(r["area"] for r in entry["regions"]) == mask.sum() and entry["regions_left_out"] == 0
+        assert int(row["regions"]) == len(entry["regions"])
+        for r in entry["regions"]:
+            assert mask[r["y"]:r["y"] + r["height"], r["x"]:r["x"] + r["width"]].any() and r["peak"] > threshold
+            assert r["x"] + r["width"] <= 128 and r["y"] + r["height"] <= 96
+    assert any(entry["regions"] for entry in images)
+
+
+def test_predict_regions_without_maps(rect_model_file, tmp_path):
+    rect_frames(tmp_path / "frames", 2)
+    out = tmp_path / "out"
+    assert_ok(run("predict", rect_model_file, tmp_path / "frames", "-o", out, "--regions", "--no-maps"))
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]
+    images = json.loads((out / "results.json").read_text())["images"]
+    assert all("regions" in entry and "overlay" not in entry for entry in images)
+    plain = tmp_path / "plain"  # without --regions: the CSV keeps its columns
+    assert_ok(run("predict", rect_model_file, tmp_path / "frames", "-o", plain, "--no-maps"))
+    assert (plain / "results.csv").read_text().splitlines()[0] == "image,score,verdict,overlay,mask"
+
+
+def test_predict_regions_refusals_are_one_line(image_folder, test_folder, tmp_path):
+    no_threshold = tmp_path / "none.padim"
+    assert_ok(run("fit", image_folder, "-o", no_threshold, *FAST, "--holdout", "0"))
+    out = tmp_path / "out"
+    assert_one_line_error(run("predict", no_threshold, test_folder, "-o", out, "--regions"),
+                          "--regions needs a threshold", "--threshold")
+    assert not out.exists()
+    assert_one_line_error(run("predict", no_threshold, test_folder, "-o", out, "--regions", "--ray", "local"),
+                          "--regions does not apply with --ray")

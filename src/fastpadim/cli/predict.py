@@ -37,6 +37,7 @@ def predict(
     allow_download: AllowDownloadOpt = False,
     threshold: Annotated[Optional[float], typer.Option(help="Override the model's image threshold.")] = None,
     maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
+    regions: Annotated[bool, typer.Option("--regions", help="Add each image's defect regions (boxes in the image's own pixels, area, peak score) to results.json and their count to results.csv; needs a threshold.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of a previous run in OUTPUT (else such an OUTPUT is refused).")] = False,
     batch_size: BatchSizeOpt = 32,
     max_pixels: MaxPixelsOpt = None,
@@ -46,8 +47,10 @@ def predict(
     engine: EngineOpt = None,
     precision: PrecisionOpt = None,
 ) -> None:
-    """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask."""
+    """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask (in the
+    image's own pixels, to lay over it)."""
     from .. import load
+    from ..regions import find_regions
     from ..visualize import defect_mask, overlay
 
     with user_errors():
@@ -57,6 +60,8 @@ def predict(
             if overwrite:
                 raise FastpadimError("--overwrite does not apply with --ray (a Ray run resumes what OUTPUT holds); "
                                      "give a new -o to start over")
+            if regions:
+                raise FastpadimError("--regions does not apply with --ray yet; score without --ray to get regions")
             return predict_on_ray(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
         maps = True if maps is None else maps
         previous = previous_results(output)
@@ -70,6 +75,9 @@ def predict(
                      allow_download=allow_download)
         if threshold is not None:
             model.threshold_ = threshold
+        if regions and model.threshold_ is None:
+            raise FastpadimError(f"--regions needs a threshold and {model_path} has none (fitted with --holdout 0): "
+                                 "give --threshold")
         created = make_output_folder(output)
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output))
@@ -82,8 +90,9 @@ def predict(
             try:
                 rows = []
                 with progress_bar("scoring", len(files)) as advance:
-                    for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps, progress=advance,
-                                                   batch_size=batch_size):
+                    # the frame map (maps and regions in the image's pixels) comes with the kept frame
+                    for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps or regions,
+                                                   progress=advance, batch_size=batch_size):
                         for result in batch:
                             name = names[result.index]  # the path, or video.mp4#frame=N
                             if result.error:
@@ -93,16 +102,18 @@ def predict(
                                    "verdict": verdict_label(result.score, model.threshold_)}
                             if maps:
                                 stem = unique_name(name)
-                                write_png(overlay(result.view, result.anomaly_map, model.threshold_), staging / "overlays" / stem)
+                                write_png(overlay(result.view, result.frame_map, model.threshold_), staging / "overlays" / stem)
                                 row["overlay"] = str(output / "overlays" / stem)
                                 if model.threshold_ is not None:
-                                    write_png(defect_mask(result.anomaly_map, model.threshold_), staging / "masks" / stem)
+                                    write_png(defect_mask(result.frame_map, model.threshold_), staging / "masks" / stem)
                                     row["mask"] = str(output / "masks" / stem)
+                            if regions:
+                                row.update(find_regions(result.frame_map, model.threshold_).to_dict())
                             rows.append(row)
                 report_skipped(skipped)
                 if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
                     raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
-                write_text(staging / "results.csv", results_csv(rows))
+                write_text(staging / "results.csv", results_csv(rows, regions))
                 summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
                            "skipped": [{"image": n, "error": e} for n, e in skipped]}
                 write_text(staging / "results.json", json.dumps(summary, indent=2))
@@ -127,11 +138,15 @@ def write_png(image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def results_csv(rows: list[dict]) -> str:
+def results_csv(rows: list[dict], regions: bool = False) -> str:
+    """One line per image; with ``regions`` a column of how many regions each image has (the boxes are in
+    results.json)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "verdict", "overlay", "mask"], extrasaction="ignore")
+    fields = ["image", "score", "verdict", "overlay", "mask"] + (["regions"] if regions else [])
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    for row in rows:
+        writer.writerow({**row, "regions": len(row["regions"]) + row["regions_left_out"]} if regions else row)
     return buffer.getvalue()
 
 
