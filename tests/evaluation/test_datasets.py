@@ -94,6 +94,17 @@ def test_mask_goes_through_the_model_geometry(tmp_path):
     assert not load_mask(category.test[0], Preprocessing(128, 96)).any()
 
 
+def test_mask_at_its_own_size_without_preprocessing(tmp_path):
+    root = make_category(tmp_path / "c", size=64)
+    save(root / "test" / "good" / "001.png", np.zeros((48, 80, 3), np.uint8))  # a frame of another shape
+    category = load_category(root)
+    mask = load_mask(category.test[2])
+    assert mask.shape == (64, 64) and mask.sum() == 8 * 10  # the box as drawn, pixel for pixel
+    # good images: all normal at the image's own (height, width), read from its header
+    good = load_mask(category.test[1])
+    assert good.shape == (48, 80) and not good.any()
+
+
 def test_find_categories(tmp_path):
     make_category(tmp_path / "a")
     make_category(tmp_path / "b")

@@ -7,10 +7,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from PIL import Image
+
+from fastpadim.evaluation import metrics
 from fastpadim.evaluation.ablation import PcaPadim, SummedPadim
 from fastpadim.cli import app
 from fastpadim.evaluation.datasets import load_category
-from fastpadim.evaluation.protocol import Settings, evaluate_category
+from fastpadim.evaluation.protocol import Settings, evaluate_category, inspected_box
+from fastpadim.evaluation.synthetic import surface
+from fastpadim.images import Preprocessing
 from fastpadim.model import Padim
 from fastpadim.evaluation.synthetic import make_dataset
 
@@ -76,8 +81,55 @@ def test_no_masks_gives_image_metrics_only(data_root, tmp_path):
 def test_rd_mvtec_runs_on_224_crops(data_root):
     run = evaluate_category(load_category(data_root / "surface"),
                             Settings(weights="random", n_features=8, device="cpu", rd_mvtec=True), seed=1, n_examples=1)
-    assert run.examples[0].anomaly_map.shape == (224, 224)
+    assert run.examples[0].frame_map.shape == run.examples[0].mask.shape == (224, 224)
     assert run.metrics["pro"] is not None
+
+
+def tiny_defect_category(root: Path) -> tuple[Path, int]:
+    """Frames of 96x128 (height x width), twice the model's 48x64, with defects of 1 and 2 pixels that a mask
+    brought down to the model's size would lose or distort. Returns the folder and the test frames' pixels."""
+    rng = np.random.default_rng(0)
+    for folder in ("train/good", "test/good", "test/dot", "ground_truth/dot"):
+        (root / folder).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(surface(rng, 128)[:96]).save(root / "train" / "good" / f"{i}.png")
+    Image.fromarray(surface(rng, 128)[:96]).save(root / "test" / "good" / "0.png")
+    image, mask = surface(rng, 128)[:96], np.zeros((96, 128), np.uint8)
+    # PIL's nearest neighbour at half size keeps the odd rows and columns: the dot at (40, 76) would vanish and
+    # the 2-pixel defect on row 61 would shrink to 1 pixel
+    mask[40, 76] = mask[61, 20:22] = 255
+    image[mask > 0] = 0
+    Image.fromarray(image).save(root / "test" / "dot" / "0.png")
+    Image.fromarray(mask).save(root / "ground_truth" / "dot" / "0_mask.png")
+    return root, 2 * 96 * 128
+
+
+@pytest.mark.parametrize("crop", [None, (32, 48)])
+def test_pixel_metrics_use_masks_at_their_own_size(tmp_path, monkeypatch, crop):
+    root, frame_pixels = tiny_defect_category(tmp_path / "tiny")
+    seen = []
+    original = metrics.pixel_histograms
+    monkeypatch.setattr(metrics, "pixel_histograms", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
+    settings = Settings(weights="random", n_features=8, image_size=(48, 64), crop_size=crop, device="cpu")
+    run = evaluate_category(load_category(root), settings, n_examples=1)
+    hist = seen[0]
+    assert hist.positives.sum() == 3 and hist.n_regions == 2  # the mask's own count, both defects as drawn
+    rows, cols = inspected_box(Preprocessing((48, 64), crop), (96, 128))
+    inspected = (rows.stop - rows.start) * (cols.stop - cols.start) * 2
+    assert hist.negatives.sum() == inspected - 3  # every inspected frame pixel, good frame included
+    assert inspected == frame_pixels if crop is None else inspected < frame_pixels
+    assert run.metrics["pixel_auroc"] is not None
+    example = run.examples[-1]
+    assert example.view.shape == (96, 128, 3) and example.frame_map.shape == example.mask.shape == (96, 128)
+
+
+def test_inspected_box_is_the_crop_in_frame_pixels():
+    whole = Preprocessing(256, None)
+    assert inspected_box(whole, (900, 900)) == (slice(0, 900), slice(0, 900))
+    cropped = Preprocessing(256, 224)
+    assert inspected_box(cropped, (256, 256)) == (slice(16, 240), slice(16, 240))  # the crop box itself
+    # 16 / 256 of 900 = 56.25: pixel 56's centre (56.5) is inside, pixel 843's (843.5 < 843.75) too
+    assert inspected_box(cropped, (900, 900)) == (slice(56, 844), slice(56, 844))
 
 
 def test_pca_reduction_projects_onto_orthonormal_components(data_root):
@@ -97,8 +149,10 @@ def test_summed_model_sums_the_single_layer_maps(data_root):
     summed = SummedPadim((1, 2), n_features=8, **common).fit(images)
     maps = [Padim(layers=(layer,), n_features=summed.members_[i].n_features, **common)
             .fit(images).score_images(images[:2])[1] for i, layer in enumerate((1, 2))]
-    got = [r for batch in summed.iter_scored(images[:2]) for r in batch]
+    got = [r for batch in summed.iter_scored(images[:2], keep_view=True) for r in batch]
     assert np.allclose(got[0].anomaly_map, maps[0][0] + maps[1][0], atol=1e-4)
+    assert got[0].frame_map.shape == got[0].view.shape[:2]
+    assert np.allclose(got[0].frame_map, summed.preprocessing_.to_frame(got[0].anomaly_map, got[0].view.shape[:2]))
     assert got[1].score == pytest.approx(float((maps[0][1] + maps[1][1]).max()), rel=1e-5)
 
 

@@ -19,7 +19,8 @@ import torch
 from ..anomaly_map import image_scores
 from ..errors import FastpadimError
 from ..images import ImageInput
-from ..model import Padim, ScoredImage
+from ..model import Padim
+from ..results import ScoredImage
 
 REDUCTIONS = ("random", "pca")
 LAYER_MODES = ("joint", "summed")
@@ -116,5 +117,8 @@ class SummedPadim:
                     continue
                 summed = np.sum([r.anomaly_map for r in results], axis=0)
                 score = float(image_scores(torch.from_numpy(summed[None]))[0])
-                merged.append(ScoredImage(first.index, first.name, score, summed, first.view))
+                # to_frame is linear (crop put back with zeros, bilinear resize): the sum of the members' frame
+                # maps is the frame map of the sum, made once here from the one frame kept (member 0's)
+                frame_map = None if first.view is None else self.preprocessing_.to_frame(summed, first.view.shape[:2])
+                merged.append(ScoredImage(first.index, first.name, score, summed, first.view, frame_map=frame_map))
             yield merged

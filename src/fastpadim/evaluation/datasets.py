@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import FastpadimError
-from ..images import IMAGE_SUFFIXES, Preprocessing, list_images
+from ..images import IMAGE_SUFFIXES, Preprocessing, list_images, read_size
+from ..sizes import Size
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw", "toothbrush", "transistor",
@@ -123,27 +124,42 @@ def load_category(folder: Path) -> Category:
     return category
 
 
-def load_mask(item: TestImage, preprocessing: Preprocessing) -> np.ndarray:
-    """The item's ground truth in the anomaly map's geometry (bool S×S); no mask (good image) = all normal."""
-    size = preprocessing.output_size
+def frame_size(item: TestImage) -> Size:
+    """The test image's (height, width), from its header (nothing decoded)."""
+    width, height = read_size(item.path)
+    return (height, width)
+
+
+def open_mask(item: TestImage) -> Image.Image | None:
+    """The item's mask image, checked against its image's size; None for a good image without one."""
     if item.mask is None:
         if item.is_anomalous:
             raise FastpadimError(f"{item.path}: anomalous test image without a mask")
-        return np.zeros((size, size), dtype=bool)
-    with Image.open(item.path) as image:
-        image_size = image.size
+        return None
+    height, width = frame_size(item)
     try:
         with Image.open(item.mask) as handle:
             handle.load()
             mask = handle.copy()
     except (OSError, SyntaxError, ValueError) as exc:
         raise FastpadimError(f"{item.mask}: cannot read the mask ({exc})") from None
-    if mask.size != image_size:
+    if mask.size != (width, height):
         raise FastpadimError(
-            f"{item.mask}: mask is {mask.size[0]}x{mask.size[1]} but its image {item.path.name} is "
-            f"{image_size[0]}x{image_size[1]}"
+            f"{item.mask}: mask is {mask.size[0]}x{mask.size[1]} but its image {item.path.name} is {width}x{height}"
         )
-    return mask_array(preprocessing.mask_geometry(mask))
+    return mask
+
+
+def load_mask(item: TestImage, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """The item's ground truth as bool (height, width): at the image's own size (what the metrics use, so a
+    defect of a few pixels counts as it is), or, given ``preprocessing``, in the network's view (to compare with
+    ``anomaly_map``). No mask (a good image) = all normal."""
+    mask = open_mask(item)
+    if preprocessing is not None:
+        if mask is None:
+            return np.zeros(preprocessing.output_size, dtype=bool)
+        return mask_array(preprocessing.mask_geometry(mask))
+    return np.zeros(frame_size(item), dtype=bool) if mask is None else mask_array(mask)
 
 
 def mask_array(mask: Image.Image) -> np.ndarray:

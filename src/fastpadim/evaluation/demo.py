@@ -55,11 +55,11 @@ def run_demo(output: Path, device: str = "auto", seed: int = 0, progress: Progre
             path, kind = item.path, item.defect_type
             labels.append(item.is_anomalous)
             scores.append(r.score)
-            pixel_labels.append(load_mask(item, model.preprocessing_))
-            pixel_scores.append(r.anomaly_map)
+            pixel_labels.append(load_mask(item))  # the frame's own pixels, as fastpadim evaluate
+            pixel_scores.append(r.frame_map)
             (output / "heatmaps" / kind).mkdir(parents=True, exist_ok=True)
-            overlay(r.view, r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
-            defect_mask(r.anomaly_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}_mask.png")
+            overlay(r.view, r.frame_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
+            defect_mask(r.frame_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}_mask.png")
             rows.append((f"{kind}/{path.name}", r.score, verdict(r.score, model.threshold_)))
     score_s = time.perf_counter() - start
     result = DemoResult(data, output / "report.md", output / "heatmaps", image_auroc(labels, scores),

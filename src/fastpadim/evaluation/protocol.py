@@ -1,21 +1,26 @@
 """Evaluate one category: fit on its good training images (no hold-out, as the paper), score its test set,
-and compute the metrics on the raw anomaly maps. Maps and masks go to memory-mapped temporary files, so a
-large test set never sits in memory at full resolution."""
+and compute the metrics on the raw anomaly maps, in each frame's own pixels against its mask at its own size.
+The network's maps go to a memory-mapped temporary file; the frame-size maps and masks are made from it and
+read one image at a time, so a large test set of large frames never sits in memory."""
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics
 from .ablation import LAYER_MODES, REDUCTIONS, PcaPadim, SummedPadim
-from .datasets import Category, load_mask
+from .datasets import Category, frame_size, load_mask, open_mask
 from ..errors import FastpadimError
+from ..images import Preprocessing, open_image
 from ..model import Padim
+from ..sizes import Size
 from .rd_mvtec import RD_CROP_SIZE, RdTransform, transformed_images
 
 METRICS = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "pixel_f1_max")
@@ -30,8 +35,8 @@ class Settings:
     weights: str | None = None
     layers: tuple[int, ...] | None = None
     n_features: int | None = None
-    image_size: int = 256
-    crop_size: int | None = None
+    image_size: Size | int | str = 256  # as Padim takes it: N, (height, width) or "HxW"
+    crop_size: Size | int | None = None
     device: str = "auto"
     batch_size: int = 32
     reduction: str = "random"
@@ -65,10 +70,12 @@ class Settings:
 
 @dataclass
 class Example:
+    """One test image for the report's figure, all in the frame's own pixels."""
+
     name: str
     defect_type: str
-    view: np.ndarray
-    anomaly_map: np.ndarray
+    view: np.ndarray  # RGB
+    frame_map: np.ndarray
     mask: np.ndarray
 
 
@@ -132,40 +139,16 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
 
     labels = category.labels
     want_pixels = category.has_masks
-    size = model.preprocessing_.output_size
-    chosen = pick_examples(category, n_examples)
-    scores = np.zeros(len(category.test), np.float64)
-    examples: list[Example] = []
+    frames = CategoryFrames(category, model.preprocessing_, rd_test if settings.rd_mvtec else None)
     notes = list(category.notes)
     with tempfile.TemporaryDirectory(prefix="fastpadim-eval-") as tmp:
         n = len(category.test)
-        maps = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float32, shape=(n, size, size))
-        masks = np.lib.format.open_memmap(Path(tmp) / "masks.npy", mode="w+", dtype=bool, shape=(n, size, size))
-        low, high = np.inf, -np.inf
-        scoring_s = 0.0
-        stream = model.iter_scored(test, keep_view=True, progress=progress)
-        while True:
-            tick = time.perf_counter()
-            batch = next(stream, None)
-            scoring_s += time.perf_counter() - tick
-            if batch is None:
-                break
-            for r in batch:
-                item = category.test[r.index]
-                if r.error:
-                    raise FastpadimError(f"{category.name}: test image unreadable: {r.error}")
-                scores[r.index] = r.score
-                maps[r.index] = r.anomaly_map
-                low, high = min(low, float(r.anomaly_map.min())), max(high, float(r.anomaly_map.max()))
-                if want_pixels:
-                    if settings.rd_mvtec:
-                        mask = _rd_mask(item, rd_test, r.index)
-                    else:
-                        mask = load_mask(item, model.preprocessing_)
-                    masks[r.index] = mask
-                if r.index in chosen:
-                    examples.append(Example(Path(item.path).name, item.defect_type, r.view,
-                                            r.anomaly_map.copy(), np.array(masks[r.index])))
+        # The network's maps are small (output_size); the frame-size maps are made from them one at a time.
+        maps = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float32,
+                                         shape=(n, *model.preprocessing_.output_size))
+        scores, scoring_s = _score(model, test, maps, category.name, progress)
+        frames.maps = maps
+        examples = [frames.example(i) for i in sorted(pick_examples(category, n_examples))]
         result: dict[str, float | None] = {name: None for name in METRICS}
         bounds: dict[str, float] = {}
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -178,7 +161,7 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
             fpr, tpr, _ = roc_curve(labels, scores)
             curves["image_roc"] = (fpr, tpr)
         if want_pixels:
-            hist = metrics.pixel_histograms(masks, maps, score_range=(low, high))
+            hist = metrics.pixel_histograms(frames.inspected_masks(), frames.inspected_maps())
             if hist.positives.sum() and hist.negatives.sum():
                 result["pixel_auroc"], bounds["pixel_auroc"] = hist.auroc()
                 result["pro"], bounds["pro"] = hist.pro(FPR_LIMIT)
@@ -187,25 +170,101 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
                 curves["pro"] = _downsample_curve(*hist.pro_curve())
             else:
                 notes.append("the masks hold no defect pixels (or no normal ones): pixel metrics skipped")
-        del maps, masks  # release the memory maps before the folder goes
+        frames.maps = None
+        del maps  # release the memory map before the folder goes
     empty = sum(1 for e in examples if e.defect_type != "good" and not e.mask.any())
     if empty:
         notes.append(f"{empty} shown anomalous example(s) have an empty mask")
-    n_test = len(category.test)
-    return CategoryRun(category.name, seed, result, bounds, fit_s, n_test / max(scoring_s, 1e-9),
-                       len(category.train), n_test, notes, pixel_threshold, model.weights_id_, curves, examples)
+    return CategoryRun(category.name, seed, result, bounds, fit_s, n / max(scoring_s, 1e-9),
+                       len(category.train), n, notes, pixel_threshold, model.weights_id_, curves, examples)
+
+
+def _score(model, test, maps: np.ndarray, name: str, progress) -> tuple[np.ndarray, float]:
+    """Score the test set into ``maps`` (the network's view); returns the image scores and the seconds spent in
+    the scoring loop (decoding, the network, the maps). No frames are kept (``keep_view``), so test images are
+    decoded as ``fit`` decoded the training images (a large JPEG at a reduced scale)."""
+    scores = np.zeros(len(maps), np.float64)
+    scoring_s = 0.0
+    stream = model.iter_scored(test, progress=progress)
+    while True:
+        tick = time.perf_counter()
+        batch = next(stream, None)
+        scoring_s += time.perf_counter() - tick
+        if batch is None:
+            return scores, scoring_s
+        for r in batch:
+            if r.error:
+                raise FastpadimError(f"{name}: test image unreadable: {r.error}")
+            scores[r.index] = r.score
+            maps[r.index] = r.anomaly_map
+
+
+class Lazy(Sequence):
+    """``count`` arrays made on demand by ``make(index)``: the pixel metrics read one frame-size array at a time."""
+
+    def __init__(self, count: int, make: Callable[[int], np.ndarray]):
+        self.count, self.make = count, make
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.make(index)
+
+
+@lru_cache(maxsize=16)
+def inspected_box(preprocessing: Preprocessing, frame: Size) -> tuple[slice, slice]:
+    """The frame's pixels whose centre falls in the network's view: all of them, unless a centre crop left a
+    border out. That border is never inspected (its map reads 0), so the metrics leave it out, as the paper's
+    protocol does with its cropped masks. Found with ``to_frame`` itself, so it follows the same geometry."""
+    covered = preprocessing.to_frame(np.ones(preprocessing.output_size, np.float32), frame) >= 0.5
+    rows, cols = np.flatnonzero(covered.any(axis=1)), np.flatnonzero(covered.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+@dataclass
+class CategoryFrames:
+    """A category's test set in its frames' own pixels: anomaly maps put back with ``Preprocessing.to_frame``
+    and masks at their own size, so a defect of a few pixels counts as it is. Rd-MVTec frames are the 224
+    transformed arrays (``rd``: the test transform)."""
+
+    category: Category
+    preprocessing: Preprocessing
+    rd: RdTransform | None = None
+    maps: np.ndarray | None = None  # the network's maps (N, *output_size), set once scored
+
+    def shape(self, index: int) -> Size:
+        return (RD_CROP_SIZE, RD_CROP_SIZE) if self.rd else frame_size(self.category.test[index])
+
+    def frame_map(self, index: int, frame: Size | None = None) -> np.ndarray:
+        return self.preprocessing.to_frame(self.maps[index], frame or self.shape(index))
+
+    def mask(self, index: int) -> np.ndarray:
+        item = self.category.test[index]
+        return _rd_mask(item, self.rd, index) if self.rd else load_mask(item)
+
+    def view(self, index: int) -> np.ndarray:
+        image = open_image(self.category.test[index].path)
+        return self.rd.image(image, index) if self.rd else np.asarray(image)
+
+    def _inspected(self, array: np.ndarray) -> np.ndarray:
+        return array[inspected_box(self.preprocessing, array.shape)]
+
+    def inspected_maps(self) -> Lazy:
+        return Lazy(len(self.category.test), lambda i: self._inspected(self.frame_map(i)))
+
+    def inspected_masks(self) -> Lazy:
+        return Lazy(len(self.category.test), lambda i: self._inspected(self.mask(i)))
+
+    def example(self, index: int) -> Example:
+        """The whole frame (the uninspected border too), its map and its mask, for the report's figure."""
+        item, view = self.category.test[index], self.view(index)
+        mask = self.mask(index) if self.category.has_masks else np.zeros(view.shape[:2], bool)
+        return Example(Path(item.path).name, item.defect_type, view, self.frame_map(index, view.shape[:2]), mask)
 
 
 def _rd_mask(item, transform: RdTransform, index: int) -> np.ndarray:
-    from PIL import Image
-
-    if item.mask is None:
-        if item.is_anomalous:
-            raise FastpadimError(f"{item.path}: anomalous test image without a mask")
-        return np.zeros((RD_CROP_SIZE, RD_CROP_SIZE), dtype=bool)
-    with Image.open(item.mask) as mask, Image.open(item.path) as image:
-        if mask.size != image.size:
-            raise FastpadimError(f"{item.mask}: mask is {mask.size[0]}x{mask.size[1]} but its image is "
-                                 f"{image.size[0]}x{image.size[1]}")
-        mask.load()
-        return transform.mask(mask, index)
+    mask = open_mask(item)
+    return np.zeros((RD_CROP_SIZE, RD_CROP_SIZE), dtype=bool) if mask is None else transform.mask(mask, index)

@@ -150,8 +150,8 @@ def draw_curves(run: CategoryRun, path: Path) -> None:
 
 
 def draw_examples(run: CategoryRun, path: Path) -> bool:
-    """Per example: the network's view, the ground truth, the heatmap overlay and the prediction at the
-    pixel F1-max threshold (which also sets the heatmap's colour scale: that threshold sits mid-scale)."""
+    """Per example, in the frame's own pixels: the image, the ground truth, the heatmap overlay and the prediction
+    at the pixel F1-max threshold (which also sets the heatmap's colour scale: that threshold sits mid-scale)."""
     if not run.examples:
         return False
     import matplotlib
@@ -167,9 +167,9 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
     fig, axes = plt.subplots(len(run.examples), len(columns), figsize=(2.6 * len(columns), 2.6 * len(run.examples)),
                              squeeze=False)
     for row, example in zip(axes, run.examples):
-        panels = [example.view, example.mask, np.asarray(overlay(example.view, example.anomaly_map, threshold))]
+        panels = [example.view, example.mask, np.asarray(overlay(example.view, example.frame_map, threshold))]
         if threshold is not None:
-            panels.append(example.anomaly_map >= threshold)
+            panels.append(example.frame_map >= threshold)
         for ax, panel, title in zip(row, panels, columns):
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
             ax.set_xticks([])
