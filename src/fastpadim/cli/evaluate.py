@@ -14,7 +14,8 @@ from ..files import make_output_folder, write_text
 from .console import console, out, progress_bar, user_errors
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, ImageSizeOpt, LayersOpt,
-    MaxPixelsOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers,
+    MaxPixelsOpt, PoolOpt, SquashOpt, TileOpt, TileOverlapOpt, TileSharedOpt, WeightsOpt, apply_max_pixels,
+    check_options, parse_layers, shape_params,
 )
 
 
@@ -42,8 +43,14 @@ def evaluate(
     allow_download: AllowDownloadOpt = False,
     layers: LayersOpt = None,
     n_features: FeaturesOpt = None,
-    image_size: ImageSizeOpt = 256,
+    image_size: ImageSizeOpt = "256",
+    squash: SquashOpt = False,
     crop_size: CropSizeOpt = 0,
+    pool: PoolOpt = 1,
+    tile: TileOpt = None,
+    tile_overlap: TileOverlapOpt = None,
+    tile_shared: TileSharedOpt = False,
+    factor_dtype: Annotated[str, typer.Option(help="Factor precision: float32, float16 or bfloat16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random channel subset.")] = 0,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 32,
@@ -63,9 +70,11 @@ def evaluate(
     with user_errors():
         check_options(n_features=n_features, seed=seed)
         apply_max_pixels(max_pixels)
+        shape = shape_params(image_size, None, squash, pool, tile, tile_overlap, tile_shared, lambda: (0, 0))
         settings = Settings(backbone=backbone, weights=weights, layers=parse_layers(layers), n_features=n_features,
-                            image_size=image_size, crop_size=crop_size or None, device=device, batch_size=batch_size,
-                            reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec, allow_download=allow_download)
+                            crop_size=crop_size or None, device=device, batch_size=batch_size,
+                            reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec, allow_download=allow_download,
+                            factor_dtype=factor_dtype, **shape)
         settings.check()
         run_seeds = parse_seeds(seeds) if rd_mvtec else [seed]
         folders = find_categories(root, parse_names(categories))

@@ -43,6 +43,12 @@ class Settings:
     layer_mode: str = "joint"
     rd_mvtec: bool = False
     allow_download: bool = False
+    squash: bool = False
+    pool: int = 1
+    tile: int | None = None
+    tile_overlap: int | None = None
+    tile_shared: bool = False
+    factor_dtype: str = "float32"
 
     def check(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -58,7 +64,8 @@ class Settings:
         size, crop = (RD_CROP_SIZE, None) if self.rd_mvtec else (self.image_size, self.crop_size)
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
                       device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False,
-                      allow_download=self.allow_download)
+                      allow_download=self.allow_download, squash=self.squash, pool=self.pool, tile=self.tile,
+                      tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype)
         if self.layer_mode == "summed":
             from ..backbone import resolve_preset
 
