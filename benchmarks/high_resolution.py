@@ -12,9 +12,8 @@ score the 80 test frames, compute the metrics), so its figures include decoding 
 - peak RSS: the process's ``ru_maxrss`` from ``os.wait4`` (its whole life, children included; an upper bound that
   may include this small runner's own RSS at the fork, reported as ``runner_rss_mb``).
 
-Pixel metrics are taken in the anomaly map's geometry: fastpadim resizes each mask to the model's input size with
-nearest neighbour, so at 256 squashed (1280 → 256 across, 960 → 256 down) a 1–2 px scratch or a 3 px spot can
-lose pixels or vanish from the downsized mask; image AUROC does not depend on masks.
+Pixel metrics are taken at the frames' own resolution: ``fastpadim evaluate`` puts each anomaly map back in its
+frame's pixels and compares it with the mask at its own size, so a 1–2 px scratch counts as the pixels it has.
 
 Configurations are named (see CONFIGS, ``--list``); ``{H}`` and ``{W}`` stand for the frames' height and width.
 A configuration whose options this fastpadim lacks is reported as skipped. Custom ones: ``--configs

@@ -111,15 +111,16 @@ def ray_session():
     ray.shutdown()
 
 
-def small_images(folder: Path, n: int, size: int = 64, seed: int = 0) -> list[Path]:
+def small_images(folder: Path, n: int, size: int | tuple[int, int] = 64, seed: int = 0) -> list[Path]:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if isinstance(size, int) else (*size, 3)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
         path = folder / f"img_{i:02d}.png"
-        Image.fromarray((np.full((size, size, 3), 110) + rng.integers(0, 60, (size, size, 3))).astype(np.uint8)).save(path)
+        Image.fromarray((np.full(shape, 110) + rng.integers(0, 60, shape)).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
 
@@ -194,6 +195,36 @@ def test_predict_on_ray_writes_parquet_and_resumes(ray_session, tmp_path):
         assert row["verdict"] == ("anomalous" if row["score"] > loaded.threshold_ else "good")
         saved = np.load(row["map"])
         assert saved.shape == (64, 64) and float(saved.max()) == pytest.approx(row["score"], rel=1e-4)
+
+
+# Rectangular frames, pooled, tiled: the shards build the same model (the parameters travel to the workers), and
+# with shared tiles every tile is a sample of the merged statistics (the driver counts images, not tiles).
+FRAME_MODELS = {
+    "rectangular pooled": dict(image_size=(48, 64), pool=2),
+    "shared tiles": dict(image_size=(64, 96), tile=32, tile_shared=True),
+}
+
+
+@pytest.mark.parametrize("kind", FRAME_MODELS)
+def test_ray_fit_and_predict_of_frame_models_equal_the_single_process(ray_session, tmp_path, kind):
+    params = dict(weights="random", n_features=20, device="cpu", batch_size=4, holdout=0.2, workers=1,
+                  **FRAME_MODELS[kind])
+    size = params["image_size"]
+    paths = small_images(tmp_path / "imgs", 12, size=size)
+    single = Padim(**params).fit(paths)
+    on_ray = fit_items(Padim(**params), items(paths), ray_target="local:2", shards=2)
+    assert on_ray.positions_ == single.positions_ and on_ray.n_samples_seen_ == single.n_samples_seen_ == 10
+    assert_same_model(single, on_ray)
+    on_ray.save(tmp_path / "m.padim")
+    test = small_images(tmp_path / "test", 3, size=size, seed=5)
+    counts = predict_on_ray(tmp_path / "m.padim", items(test), tmp_path / "out", "local:2", maps=True,
+                            root=tmp_path / "test")
+    assert counts["scored"] == 3
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = {r["name"]: r for r in pq.read_table(tmp_path / "out" / "scores").to_pylist()}
+    for path, score in zip(test, single.score_images(test)[0]):
+        assert rows[str(path)]["score"] == pytest.approx(float(score), rel=1e-4)
+        assert np.load(rows[str(path)]["map"]).shape == size
 
 
 @pytest.mark.slow

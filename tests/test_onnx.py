@@ -320,7 +320,8 @@ def setter(*keys, value):
 HOSTILE_METADATA = {
     "threshold.image": setter("threshold", "image", value=float("nan")),
     "preprocessing.std[0]": setter("preprocessing", "std", value=[0.0, 0.2, 0.2]),
-    "preprocessing.image_size": setter("preprocessing", "image_size", value=100000),
+    "preprocessing.image_size[0]": setter("preprocessing", "image_size", value=100000),  # a square: both sides
+    "preprocessing.image_size[1]": setter("preprocessing", "image_size", value=[64, 100000]),
     "export.opset": setter("export", "opset", value=99),
     "export.weights_dtype": setter("export", "weights_dtype", value="int8"),
     "export.input.shape": setter("export", "input", "shape", value=["batch", 3, 100000, 100000]),
@@ -540,6 +541,78 @@ def test_export_at_large_input_sizes(tmp_path, size):
     assert_same_outputs(expected, got, rtol=1e-4)
 
 
+# --------------------------------------------------------------------------- camera frames (h != w)
+FRAME = (48, 64)  # height, width
+FRAME_MODELS = {
+    "rectangular": {},
+    "pooled": dict(pool=2),
+    "tiles per position": dict(tile=32),  # 2x2 tiles of 32 px over 48x64, overlapping by 16 rows
+    "shared tiles": dict(tile=32, tile_shared=True),
+}
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Generated surfaces cut to FRAME (height x width)."""
+    return [image[: FRAME[0], : FRAME[1]] for image in surfaces(n, size=max(FRAME), seed=seed)]
+
+
+@pytest.fixture(scope="module")
+def frame_tests() -> list[np.ndarray]:
+    images = frames(2, seed=5)
+    return images + [with_spot(images[0])]
+
+
+@pytest.fixture(scope="module", params=list(FRAME_MODELS))
+def frame_export(request, tmp_path_factory) -> tuple[Padim, Path]:
+    model = Padim(weights="random", image_size=FRAME, n_features=20, holdout=0, device="cpu", workers=1,
+                  **FRAME_MODELS[request.param]).fit(frames(5))
+    path = tmp_path_factory.mktemp("frames") / "frame.onnx"
+    export_onnx(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_frame_models_export_and_score_as_torch(frame_export, frame_tests, engine):
+    if engine == "openvino":
+        openvino()
+    model, path = frame_export
+    meta = read_metadata(path)
+    assert meta["export"]["input"]["shape"] == ["batch", 3, *FRAME]
+    assert meta["export"]["outputs"]["anomaly_map"] == ["batch", *FRAME]
+    assert meta["positions"] == model.positions_ and meta["grid"] == list(model.grid_)
+    onnx_model = load(path, engine=engine)
+    assert onnx_model.preprocessing_ == model.preprocessing_
+    expected, got = model.predict(frame_tests), onnx_model.predict(frame_tests)
+    assert got.maps.shape == (3, *FRAME)
+    assert_same_outputs(expected, got, rtol=1e-4)
+    assert got.scores[2] > got.scores[0]  # the spot is found at its place in the frame
+
+
+def test_frame_export_refuses_other_shapes_as_torch_does(frame_export):
+    # the same preprocessing from the metadata: a square frame would be squashed into 48x64, refused by both
+    model, path = frame_export
+    square = surfaces(1, size=64, seed=4)
+    expected, got = model.predict(square), load(path).predict(square)
+    assert len(got.scores) == 0 and got.skipped[0][1] == expected.skipped[0][1]
+    assert "squashed" in got.skipped[0][1]
+
+
+def test_export_command_takes_height_x_width(frame_export, tmp_path):
+    model, _ = frame_export
+    model_file = tmp_path / "m.padim"
+    model.save(model_file)
+    result = runner.invoke(app, ["export", str(model_file), "-o", str(tmp_path / "m.onnx"), "--image-size", "48x64"])
+    assert result.exit_code == 0, result.output
+    assert "input 48x64 px" in result.output
+    info = runner.invoke(app, ["info", str(tmp_path / "m.onnx")])
+    assert info.exit_code == 0 and "resize 48x64" in info.output and f"{model.positions_} Gaussians" in info.output
+    assert ("tiles of 32 px" in info.output) == (model.tiler_ is not None)
+    line = one_line_error(runner.invoke(app, ["export", str(model_file), "-o", str(tmp_path / "x.onnx"), "--image-size", "64x48"]))
+    assert "48x64 px inputs" in line and "fitted at that size" in line
+    assert "HxW" in one_line_error(runner.invoke(app, ["export", str(model_file), "-o", str(tmp_path / "x.onnx"), "--image-size", "big"]))
+    assert not list(tmp_path.glob("x.onnx*"))
+
+
 # ------------------------------------------------------------------------------------ real images
 @pytest.fixture(scope="module")
 def bottle_model() -> Padim:
@@ -564,7 +637,7 @@ def bottle_masks(model, files: list[Path]) -> np.ndarray:
     for path in files:
         kind = path.parent.name
         if kind == "good":
-            masks.append(np.zeros((size, size), bool))
+            masks.append(np.zeros(size, bool))
         else:
             mask = Image.open(BOTTLE / "ground_truth" / kind / f"{path.stem}_mask.png").convert("L")
             masks.append(np.array(model.preprocessing_.mask_geometry(mask)) > 127)

@@ -1,9 +1,10 @@
 """``fastpadim export``: the whole scoring pipeline as one ONNX graph, to deploy without PyTorch.
 
-The graph maps a preprocessed batch (N, 3, S, S) to anomaly maps (N, S, S) and image scores (N,): the model's
-own feature extractor (backbone cut after the deepest used layer, channel subset; traced by PyTorch's ONNX
-exporter), then the Mahalanobis distance as batched products with the factor stored at fit time, bicubic
-upsampling, the Gaussian blur and the max. The factor is stored as packed lower triangles, half the bytes of
+The graph maps a preprocessed batch (N, 3, H, W) to anomaly maps (N, H, W) and image scores (N,): the model's
+own feature extractor (backbone cut after the deepest used layer, channel subset, average pooling; traced by
+PyTorch's ONNX exporter, with a tiled model's tile split in front, the N·T tiles one batch), then the
+Mahalanobis distance as batched products with the factor stored at fit time, the tiles' distance maps stitched
+back into the frame's grid, bicubic upsampling, the Gaussian blur and the max. The factor is stored as packed lower triangles, half the bytes of
 the full matrices; the runtime unpacks it once when it loads the model (a Gather on constants, which
 onnxruntime and OpenVINO fold at load time). Every large tensor is written to one external data file beside
 the .onnx, streamed position block by position block, so neither the 2 GB protobuf limit nor the memory of a
@@ -90,25 +91,43 @@ class ExternalData:
 
 
 # ------------------------------------------------------------------------------------------- graph
-def backbone_graph(model: Padim, opset: int) -> onnx.ModelProto:
-    """The model's feature extractor (images → embeddings (N, P, D)) as ONNX, traced on the CPU."""
+def _embedding_module(model: Padim):
+    """Images (N, 3, H, W) → embeddings as ``Padim._embed`` gives them, as one module to trace: (N, P, D), or
+    with tiles the extractor on the N·T tiles as one batch, then (N, T·p, D) (tile-major, per-tile Gaussians) or
+    (N·T, p, D) (one shared set)."""
     import copy
+
+    import torch
+
+    class Embedding(torch.nn.Module):
+        def __init__(self, extractor, tiler, shared: bool):
+            super().__init__()
+            self.extractor, self.tiler, self.shared = extractor, tiler, shared
+
+        def forward(self, images):
+            if self.tiler is None:
+                return self.extractor(images)
+            embeddings = self.extractor(self.tiler.split(images))
+            return embeddings if self.shared else embeddings.reshape(images.shape[0], -1, embeddings.shape[-1])
+
+    module = Embedding(model.extractor_, model.tiler_, model.tile_shared)
+    return module if model.device_.type == "cpu" else copy.deepcopy(module).cpu()
+
+
+def backbone_graph(model: Padim, opset: int) -> onnx.ModelProto:
+    """The model's embedding (images → embeddings, see ``_embedding_module``) as ONNX, traced on the CPU."""
     import io
     import warnings
 
     import onnx
     import torch
 
-    extractor = model.extractor_
-    if model.device_.type != "cpu":
-        extractor = copy.deepcopy(extractor).cpu()
-    size = model.preprocessing_.output_size
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's tracer and deprecation notes say nothing to users
         torch.onnx.export(
-            extractor.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=["embeddings"],
+            _embedding_module(model).eval(), (torch.zeros(1, 3, *model.preprocessing_.output_size),), buffer,
+            dynamo=False, opset_version=opset, input_names=[INPUT_NAME], output_names=["embeddings"],
             dynamic_axes={INPUT_NAME: {0: "batch"}, "embeddings": {0: "batch"}}, do_constant_folding=True,
         )
     return onnx.load_from_string(buffer.getvalue())
@@ -136,13 +155,15 @@ def transposed_unpack_index(dim: int) -> np.ndarray:
 
 
 def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> tuple[list, list]:
-    """Embeddings (N, P, D) → anomaly maps (N, S, S) and scores (N,), as in ``Padim._score_tensor``."""
+    """Embeddings → anomaly maps (N, H, W) and scores (N,), as in ``Padim._score_tensor``."""
     from onnx import TensorProto, helper, numpy_helper
 
     from .anomaly_map import gaussian_kernel1d
 
     positions, dim = model.mean_.shape
-    h, w = model.grid_
+    tiler = model.tiler_
+    # distances as (N, T, h, w): the tiles' grids (T = 1 and the frame's grid without tiles)
+    tiles, (h, w) = (tiler.n_tiles, tiler.tile_grid) if tiler is not None else (1, model.grid_)
     size = model.preprocessing_.output_size
     factor_dtype = np.float16 if fp16 else np.float32
     packed_width = 1 + dim * (dim + 1) // 2
@@ -156,12 +177,12 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
         store.add("padim/factor_packed", factor_dtype, (positions, packed_width), factor_blocks(model.whitener_, factor_dtype)),
         store.add("padim/unpack_index", np.int64, (dim * dim,), [transposed_unpack_index(dim)]),
         const("padim/factor_shape", np.array([positions, dim, dim], np.int64)),
-        const("padim/grid_shape", np.array([-1, 1, h, w], np.int64)),
+        const("padim/grid_shape", np.array([-1, tiles, h, w], np.int64)),
         const("padim/reduce_axis", np.array([2], np.int64)),
         const("padim/squeeze_axis", np.array([1], np.int64)),
         const("padim/slice_start", np.array([0], np.int64)),
         const("padim/slice_end", np.array([2], np.int64)),
-        const("padim/map_size", np.array([size, size], np.int64)),
+        const("padim/map_size", np.array(size, np.int64)),
     ]
     node = helper.make_node
     factor = "padim/factor_packed"
@@ -182,11 +203,17 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
         node("Sqrt", ["padim/sq_dist"], ["padim/dist_pn"]),
         node("Transpose", ["padim/dist_pn"], ["padim/dist_np"], perm=[1, 0]),
         node("Reshape", ["padim/dist_np", "padim/grid_shape"], ["padim/dist_grid"]),
-        # bicubic as PyTorch's (a = -0.75, half-pixel centres, borders replicated): (N, 1, S, S)
-        node("Shape", ["padim/dist_grid"], ["padim/grid_dims"]),
+    ]
+    grid = "padim/dist_grid"
+    if tiler is not None:
+        stitch_nodes, stitch_inits = stitching_nodes(tiler, grid, "padim/frame_grid", store)
+        nodes, inits, grid = nodes + stitch_nodes, inits + stitch_inits, "padim/frame_grid"
+    nodes += [
+        # bicubic as PyTorch's (a = -0.75, half-pixel centres, borders replicated): (N, 1, H, W)
+        node("Shape", [grid], ["padim/grid_dims"]),
         node("Slice", ["padim/grid_dims", "padim/slice_start", "padim/slice_end"], ["padim/batch_channel"]),
         node("Concat", ["padim/batch_channel", "padim/map_size"], ["padim/resize_to"], axis=0),
-        node("Resize", ["padim/dist_grid", "", "", "padim/resize_to"], ["padim/upsampled"], mode="cubic",
+        node("Resize", [grid, "", "", "padim/resize_to"], ["padim/upsampled"], mode="cubic",
              cubic_coeff_a=-0.75, coordinate_transformation_mode="half_pixel", exclude_outside=0),
     ]
     current = "padim/upsampled"
@@ -216,6 +243,26 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
         nodes.append(node("ReduceMax", [MAP_OUTPUT, "padim/map_axes"], [SCORE_OUTPUT], keepdims=0))
     else:
         nodes.append(node("ReduceMax", [MAP_OUTPUT], [SCORE_OUTPUT], axes=[1, 2], keepdims=0))
+    return nodes, inits
+
+
+def stitching_nodes(tiler, source: str, target: str, store: ExternalData) -> tuple[list, list]:
+    """``Tiler.stitch`` as ONNX: (N, T, h, w) tile maps → (N, 1, GH, GW), each tile split off, padded into its
+    place in the frame's grid, summed, and weighted by 1 / the tiles covering each cell (the Tiler's own weight)."""
+    from onnx import helper, numpy_helper
+
+    (grid_h, grid_w), (tile_h, tile_w) = tiler.grid, tiler.tile_grid
+    names = [f"padim/tile{index}" for index in range(tiler.n_tiles)]
+    inits = [numpy_helper.from_array(np.ones(tiler.n_tiles, np.int64), "padim/tile_split"),
+             store.add("padim/stitch_weight", np.float32, tuple(tiler.grid), [tiler.weight.cpu().numpy()])]
+    nodes = [helper.make_node("Split", [source, "padim/tile_split"], names, axis=1)]
+    for name, (top, left) in zip(names, tiler.origins):
+        top, left = top // tiler.cell, left // tiler.cell
+        pads = np.array([0, 0, top, left, 0, 0, grid_h - top - tile_h, grid_w - left - tile_w], np.int64)
+        inits.append(numpy_helper.from_array(pads, f"{name}/pads"))
+        nodes.append(helper.make_node("Pad", [name, f"{name}/pads"], [f"{name}/placed"]))
+    nodes += [helper.make_node("Sum", [f"{name}/placed" for name in names], ["padim/tile_sum"]),
+              helper.make_node("Mul", ["padim/tile_sum", "padim/stitch_weight"], [target])]
     return nodes, inits
 
 
@@ -250,9 +297,9 @@ def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str) -> dic
         "format_version": EXPORT_FORMAT_VERSION,
         "opset": opset,
         "weights_dtype": "float16" if fp16 else "float32",
-        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, *size],
                   "description": "RGB, preprocessed as in 'preprocessing' (resize, crop, (x/255 - mean)/std), NCHW float32"},
-        "outputs": {MAP_OUTPUT: ["batch", size, size], SCORE_OUTPUT: ["batch"]},
+        "outputs": {MAP_OUTPUT: ["batch", *size], SCORE_OUTPUT: ["batch"]},
         "data_file": data_name,
     }
     return meta
@@ -296,7 +343,7 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
         graph.initializer.extend(inits)
         del graph.output[:]
         graph.output.extend([
-            helper.make_tensor_value_info(MAP_OUTPUT, TensorProto.FLOAT, ["batch", size, size]),
+            helper.make_tensor_value_info(MAP_OUTPUT, TensorProto.FLOAT, ["batch", *size]),
             helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, ["batch"]),
         ])
         graph.name = "fastpadim"

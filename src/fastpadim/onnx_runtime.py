@@ -19,7 +19,9 @@ from .errors import FastpadimError
 from .files import folder_of
 from .images import Preprocessing
 from .metadata import refuse_field, shown, validate
+from .plan import CPU_FORWARD_IMAGES
 from .results import ScoringMixin
+from .sizes import format_size
 
 METADATA_KEY = "fastpadim"
 EXPORT_FORMAT_VERSION = 1
@@ -140,15 +142,16 @@ def check_metadata(meta, path: str | os.PathLike = "model") -> dict:
         refuse_field(path, "export.opset", f"must be an integer from {OPSETS.start} to {OPSETS.stop - 1}, got {shown(opset)}")
     if ex.get("weights_dtype") not in WEIGHTS_DTYPES:
         refuse_field(path, "export.weights_dtype", f"must be one of {', '.join(WEIGHTS_DTYPES)}, got {shown(ex.get('weights_dtype'))}")
-    pre = meta["preprocessing"]
-    side = pre["crop_size"] or pre["image_size"]
+    # the graph's input is the preprocessing's output (height, width): both bounded by validate's size limits
+    size = Preprocessing.from_dict(meta["preprocessing"]).output_size
+    height, width = size
     inputs = ex.get("input")
     if not isinstance(inputs, dict) or inputs.get("name") != INPUT_NAME:
         refuse_field(path, "export.input", f"must describe the graph input {INPUT_NAME!r}, got {shown(inputs)}")
-    if inputs.get("shape") != ["batch", 3, side, side]:
-        refuse_field(path, "export.input.shape", f"must be ['batch', 3, {side}, {side}] (the preprocessing gives {side} px "
-                                           f"images), got {shown(inputs.get('shape'))}")
-    outputs = {MAP_OUTPUT: ["batch", side, side], SCORE_OUTPUT: ["batch"]}
+    if inputs.get("shape") != ["batch", 3, height, width]:
+        refuse_field(path, "export.input.shape", f"must be ['batch', 3, {height}, {width}] (the preprocessing gives "
+                                                 f"{format_size(size)} px images), got {shown(inputs.get('shape'))}")
+    outputs = {MAP_OUTPUT: ["batch", height, width], SCORE_OUTPUT: ["batch"]}
     if ex.get("outputs") != outputs:
         refuse_field(path, "export.outputs", f"must be {outputs}, got {shown(ex.get('outputs'))}")
     if not plain_file_name(ex.get("data_file")):
@@ -282,7 +285,6 @@ def write_metadata(path: str | os.PathLike, meta: dict) -> None:
         raise FastpadimError(f"{path}: the metadata's 'export' section describes the graph and cannot be edited; "
                              "export the model again instead")
     check_metadata(meta, path)  # a bad edit (NaN threshold, std 0, ...) fails here, not when the model is next used
-    Preprocessing.from_dict(meta["preprocessing"])
     for entry in proto.metadata_props:
         if entry.key == METADATA_KEY:
             entry.value = json.dumps(meta)
@@ -428,8 +430,14 @@ class OnnxPadim(ScoringMixin):
         self.precision = self._runner.precision
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Preprocessed images (B, 3, S, S) → image scores (B,) and anomaly maps (B, S, S)."""
-        return self._runner.run(batch)
+        """Preprocessed images (B, 3, H, W) → image scores (B,) and anomaly maps (B, H, W)."""
+        if self.device != "cpu":
+            return self._runner.run(batch)
+        # On the CPU, as many pixels per engine call as Padim's CPU forward: a batch of large frames would
+        # otherwise hold gigabytes of activations, and smaller calls were no slower (8 vs 32 images of 256 px).
+        count = max(1, CPU_FORWARD_IMAGES * 256 * 256 // (batch.shape[2] * batch.shape[3]))
+        parts = [self._runner.run(batch[start : start + count]) for start in range(0, len(batch), count)]
+        return np.concatenate([scores for scores, _ in parts]), np.concatenate([maps for _, maps in parts])
 
     def save_metadata(self) -> None:
         """Write the current threshold (e.g. after ``set_threshold``) into the file's metadata."""

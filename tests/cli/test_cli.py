@@ -84,7 +84,7 @@ def test_fit_predict_info(model_file, test_folder, tmp_path):
     assert min(score["spot/0.png"], score["spot/1.png"]) > max(score["good/0.png"], score["good/1.png"])
 
     info = assert_ok(run("info", model_file)).stdout
-    for text in ("resnet18", "random", "100 channels", "12 images", "resize 64, crop none", "false-alarm rate"):
+    for text in ("resnet18", "random", "100 channels", "12 images", "resize 64x64, crop none", "false-alarm rate"):
         assert text in info
     meta = json.loads(assert_ok(run("info", model_file, "--json")).stdout)
     assert meta["format_version"] == FORMAT_VERSION and meta["n_train_images"] == 12

@@ -11,6 +11,7 @@ from ..errors import FastpadimError
 from ..export import DEFAULT_OPSET
 from ..onnx_runtime import OPSETS
 from ..results import check_threshold
+from ..sizes import format_size, parse_size
 from .console import progress_bar, say, user_errors
 from .options import AllowDownloadOpt, PrecisionOpt, WeightsOpt
 
@@ -20,7 +21,7 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="ONNX file to write (default: MODEL with .onnx); its tensors go to OUTPUT.data beside it.")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Store weights and the Gaussian factor in half precision (half the size; computed in float32).")] = False,
     opset: Annotated[int, typer.Option(help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1}).")] = DEFAULT_OPSET,
-    image_size: Annotated[Optional[int], typer.Option(help="Expected network input side; the export fails if the model was fitted at another.")] = None,
+    image_size: Annotated[Optional[str], typer.Option(help="Expected network input, N (a square) or HxW (height x width); the export fails if the model was fitted at another.")] = None,
     weights: WeightsOpt = None,
     allow_download: AllowDownloadOpt = False,
 ) -> None:
@@ -33,12 +34,14 @@ def export(
         if model_path.suffix.lower() == ".onnx":
             raise FastpadimError(f"{model_path} is already an ONNX export; export takes a .padim model file")
         check_export_target(output, opset)  # before the (slower) model load
+        expected = parse_size(image_size) if image_size is not None else None
         model = Padim.load(model_path, device="cpu", weights=weights, allow_download=allow_download)
-        size = model.preprocessing_.output_size
-        if image_size is not None and image_size != size:
+        size = format_size(model.preprocessing_.output_size)
+        if expected is not None and expected != model.preprocessing_.output_size:
+            asked = format_size(expected)
             raise FastpadimError(
-                f"{model_path} takes {size} px inputs; its Gaussians are per position of that grid, so a {image_size} px "
-                f"export needs a model fitted at that size (fastpadim fit --image-size {image_size} --crop-size 0 ...)"
+                f"{model_path} takes {size} px inputs; its Gaussians are per position of that grid, so a {asked} px "
+                f"export needs a model fitted at that size (fastpadim fit --image-size {asked} --crop-size 0 ...)"
             )
         with progress_bar("exporting", None):
             result = export_onnx(model, output, fp16=fp16, opset=opset)

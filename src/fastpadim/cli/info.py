@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..sizes import as_size, format_size
 from .console import out, user_errors
 
 
@@ -32,7 +33,9 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             f"file            {model_path} ({size:.1f} MB, format v{meta['format_version']}, fastpadim {meta['fastpadim_version']})",
             f"backbone        {bb['name']} (timm {bb['timm_name']}, layers {bb['layers']}, {bb['n_features']} channels)",
             f"weights         {bb['weights_id']}",
-            f"preprocessing   resize {pre['image_size']}, crop {pre['crop_size'] or 'none'}; grid {meta['grid'][0]}x{meta['grid'][1]}",
+            f"preprocessing   {preprocessing_line(pre)}",
+            (f"positions       {meta['positions']} Gaussians; grid {format_size(meta['grid'])}, pool {meta.get('pool', 1)}, "
+             f"tiling {tiling_line(meta.get('tiling'))}"),
             f"gaussian        epsilon {meta['epsilon']}, factor {meta['factor_dtype']}, blur sigma {meta['blur_sigma']}",
             f"training        {meta['n_train_images']} images" + (" (statistics kept)" if "stats.scatter" in tensors else ""),
             f"threshold       {threshold_line(th)}",
@@ -44,6 +47,19 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             lines.append(f"onnx export     opset {ex['opset']}, {ex['weights_dtype']} weights, input {ex['input']['shape']}; "
                          f"data {ex['data_file']} ({data_size})")
         out.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def preprocessing_line(pre: dict) -> str:
+    """Sizes as HxW (height x width), as --image-size takes them."""
+    crop = format_size(as_size(pre["crop_size"])) if pre["crop_size"] is not None else "none"
+    return f"resize {format_size(as_size(pre['image_size']))}, crop {crop}" + (", squash" if pre.get("squash") else "")
+
+
+def tiling_line(tiling: dict | None) -> str:
+    if tiling is None:
+        return "none"
+    kind = "one shared set of Gaussians" if tiling.get("shared") else "Gaussians per tile position"
+    return f"tiles of {tiling['tile']} px overlapping by {tiling['overlap']} px, {kind}"
 
 
 def threshold_line(th: dict) -> str:
