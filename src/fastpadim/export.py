@@ -107,8 +107,7 @@ def _embedding_module(model: Padim):
         def forward(self, images):
             if self.tiler is None:
                 return self.extractor(images)
-            embeddings = self.extractor(self.tiler.split(images))
-            return embeddings if self.shared else embeddings.reshape(images.shape[0], -1, embeddings.shape[-1])
+            return self.tiler.arrange(self.extractor(self.tiler.split(images)), images.shape[0], self.shared)
 
     module = Embedding(model.extractor_, model.tiler_, model.tile_shared)
     return module if model.device_.type == "cpu" else copy.deepcopy(module).cpu()

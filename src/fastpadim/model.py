@@ -277,9 +277,7 @@ class Padim(ScoringMixin):
             # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
             parts = [self.extractor_(part) for part in inputs.split(self._forward_count)]
             embeddings = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if self.tiler_ is not None and not self.tile_shared:
-            embeddings = embeddings.reshape(batch.shape[0], -1, embeddings.shape[-1])  # tile-major positions
-        return embeddings
+        return self.tiler_.arrange(embeddings, len(batch), self.tile_shared) if self.tiler_ is not None else embeddings
 
     def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.device_.type != "cpu":

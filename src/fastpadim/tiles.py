@@ -70,6 +70,11 @@ class Tiler(nn.Module):
         tiles = [images[:, :, top: top + height, left: left + width] for top, left in self.origins]
         return torch.stack(tiles, dim=1).flatten(0, 1)
 
+    def arrange(self, embeddings: torch.Tensor, frames: int, shared: bool) -> torch.Tensor:
+        """The tiles' embeddings (B·T, p, D) as the Gaussians take them: one sample per tile (``shared``), or per
+        frame with tile-major positions (B, T·p, D), each tile position its own Gaussians."""
+        return embeddings if shared else embeddings.reshape(frames, -1, embeddings.shape[-1])
+
     def stitch(self, tile_maps: torch.Tensor) -> torch.Tensor:
         """(B, T, gh, gw) → (B, GH, GW): each frame cell the mean of the tiles that cover it."""
         (grid_h, grid_w), (tile_h, tile_w) = self.grid, self.tile_grid
