@@ -15,7 +15,7 @@ from ..sources import Item, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
-    ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
+    BlurSigmaOpt, ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
     TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers, shape_params,
 )
 
@@ -39,6 +39,7 @@ def fit(
     tile_overlap: TileOverlapOpt = None,
     tile_shared: TileSharedOpt = False,
     epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
+    blur_sigma: BlurSigmaOpt = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
     holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,
     threshold_dir: Annotated[Optional[Path], typer.Option(help="Separate folder of good images for the threshold (then no hold-out).")] = None,
@@ -74,7 +75,7 @@ def fit(
                              lambda: first_frame_size(files))
         params = dict(
             backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
-            crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
+            blur_sigma=blur_sigma, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
             holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
             keep_stats=keep_stats, allow_download=allow_download, **shape,
         )

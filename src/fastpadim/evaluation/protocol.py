@@ -49,6 +49,7 @@ class Settings:
     tile_overlap: int | None = None
     tile_shared: bool = False
     factor_dtype: str = "float32"
+    blur_sigma: float = 4.0
 
     def check(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -65,7 +66,8 @@ class Settings:
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
                       device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False,
                       allow_download=self.allow_download, squash=self.squash, pool=self.pool, tile=self.tile,
-                      tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype)
+                      tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype,
+                      blur_sigma=self.blur_sigma)
         if self.layer_mode == "summed":
             from ..backbone import resolve_preset
 
