@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from conftest import SMALL
 from typer.testing import CliRunner
 
@@ -148,3 +150,30 @@ def test_fit_over_the_limit_refuses_before_any_image_is_read(tmp_path, monkeypat
     monkeypatch.undo()
     result = runner.invoke(app, ["fit", str(source), "-o", str(target), *FAST])
     assert result.exit_code == 1 and "unreadable" in result.stderr and "this fit needs" not in result.stderr
+
+
+def test_a_memory_limit_refuses_a_plan_above_it_with_levers_below_it():
+    plan = plan_memory((240, 320), 176, "float32", image_size=(960, 1280), baseline=800 * 10**6,
+                       available=100 * 10**9, limit=10 * 10**9)
+    assert plan.peak > plan.limit and not plan.fits
+    with pytest.raises(FastpadimError, match=r"above the --max-memory limit of 10.0 GB; try fewer channels") as info:
+        check_plan(plan)
+    message = str(info.value)
+    assert "\n" not in message and "--pool 2" in message and "--image-size" in message
+    within_limit = plan_memory((120, 160), 176, "float32", image_size=(960, 1280), baseline=800 * 10**6,
+                               available=100 * 10**9, limit=10 * 10**9)
+    assert within_limit.fits  # pooling 2x2: a quarter of the positions
+
+
+def test_fit_max_memory_refuses_before_any_image_is_read(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((48, 64, 3), 90 + i, np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not an image")  # would be skipped with a line, if any image were read
+    target = tmp_path / "m.padim"
+    result = runner.invoke(app, ["fit", str(folder), "-o", str(target), *FAST, "--image-size", "48x64",
+                                 "--max-memory", "0.5"])
+    assert result.exit_code != 0 and not target.exists()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "above the --max-memory limit of 0.50 GB" in lines[0], result.stderr

@@ -76,6 +76,7 @@ class MemoryPlan:
     phase: str  # the phase that sets the peak
     available: int | None = None
     n_positions: int | None = None  # Gaussians, when not one per grid cell (tiles)
+    limit: int | None = None  # the most peak memory the user allows the fit (--max-memory)
 
     @property
     def positions(self) -> int:
@@ -94,7 +95,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.available is None or self.need <= self.available * (1 - SAFETY_MARGIN)
+        within_limit = self.limit is None or self.peak <= self.limit
+        return within_limit and (self.available is None or self.need <= self.available * (1 - SAFETY_MARGIN))
 
     def describe(self) -> str:
         """One line: the plan and the machine's memory."""
@@ -104,12 +106,14 @@ class MemoryPlan:
         available = f"{_gb(self.available)} {where} available" if self.available is not None else f"{where} available unknown"
         return (f"plan: {self.shape} x {self.dim} channels: statistics {_gb(self.statistics)}, "
                 f"{factor}, model file {_gb(self.model_file)}, fit peak about {_gb(self.peak)} "
-                f"({_gb(self.baseline)} runtime + {_gb(self.need)}, at {self.phase}) of {available}")
+                f"({_gb(self.baseline)} runtime + {_gb(self.need)}, at {self.phase}) of {available}"
+                + (f" (limit {_gb(self.limit)})" if self.limit is not None else ""))
 
 
 def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = "float32", keep_stats: bool = False,
                 *, image_size: int | Size = 256, batch_size: int = 32, device: str = "cpu", threads: int | None = None,
                 baseline: int = RUNTIME_BYTES, available: int | None = None, n_positions: int | None = None,
+                limit: int | None = None,
                 forward_pixels: int | None = None) -> MemoryPlan:
     """The memory plan of a fit on ``positions`` (P or the grid (h, w)) × ``dim`` (D) channels, from shapes only.
 
@@ -170,7 +174,7 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
         batch_size=batch_size, device="cuda" if not cpu else "cpu", threads=threads, statistics=statistics,
         factor=factor, factor_in_statistics=not keep_stats, compute_copy=compute_copy, embedding_buffer=buffer,
         working=phases[phase][1], model_file=model_file, baseline=baseline if cpu else 0,
-        peak=(baseline if cpu else 0) + phases[phase][0], phase=phase, available=available,
+        peak=(baseline if cpu else 0) + phases[phase][0], phase=phase, available=available, limit=limit,
         n_positions=n_positions if n_positions and n_positions != grid[0] * grid[1] else None,
     )
 
@@ -223,7 +227,7 @@ def gpu_available(device) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ a model's plan
-def plan_for(model: Padim, available: int | None = None) -> MemoryPlan:
+def plan_for(model: Padim, available: int | None = None, limit: int | None = None) -> MemoryPlan:
     """The plan of ``model.fit`` with its parameters: builds the network (``prepare``) to learn the grid and D,
     measures this process as the baseline, and checks the machine's available memory (or ``available``)."""
     import torch
@@ -235,7 +239,7 @@ def plan_for(model: Padim, available: int | None = None) -> MemoryPlan:
     return plan_memory(
         tuple(model.grid_), int(model.channel_indices_.numel()), model.factor_dtype, bool(model.keep_stats),
         image_size=model.preprocessing_.output_size, batch_size=model.batch_size, device=device,
-        threads=torch.get_num_threads(), baseline=process_memory() or RUNTIME_BYTES, available=available,
+        threads=torch.get_num_threads(), baseline=process_memory() or RUNTIME_BYTES, available=available, limit=limit,
         n_positions=model.positions_,
     )
 
@@ -262,7 +266,7 @@ def _pooled(plan: MemoryPlan, pool: int) -> MemoryPlan:
 def _again(plan: MemoryPlan, **changes) -> MemoryPlan:
     args = {"positions": plan.grid, "dim": plan.dim, "factor_dtype": plan.factor_dtype, "keep_stats": plan.keep_stats,
             "image_size": plan.image_size, "batch_size": plan.batch_size, "device": plan.device,
-            "threads": plan.threads, "baseline": plan.baseline, "available": plan.available,
+            "threads": plan.threads, "baseline": plan.baseline, "available": plan.available, "limit": plan.limit,
             "n_positions": plan.n_positions}
     if "grid" in changes:
         args["positions"] = changes.pop("grid")
@@ -312,8 +316,12 @@ def check_plan(plan: MemoryPlan, crop: bool = False) -> MemoryPlan:
     levers = alternatives(plan, crop)
     change = "; or ".join(levers) if levers else "no smaller setting fits either: free memory or use a larger machine"
     where = "GPU memory" if plan.device == "cuda" else "memory"
+    shape = f"{plan.shape} x {plan.dim} channels, {plan.factor_dtype} factor"
+    what = f"({shape}; peak about {_gb(plan.peak)})"
+    if plan.limit is not None and plan.peak > plan.limit:
+        raise FastpadimError(f"this fit would peak at about {_gb(plan.peak)} ({shape}), above the --max-memory limit "
+                             f"of {_gb(plan.limit)}; try {change}")
     raise FastpadimError(
-        f"this fit needs about {_gb(plan.need)} more {where} ({plan.shape} x {plan.dim} "
-        f"channels, {plan.factor_dtype} factor; peak about {_gb(plan.peak)}), but {_gb(plan.available)} is available "
+        f"this fit needs about {_gb(plan.need)} more {where} {what}, but {_gb(plan.available)} is available "
         f"(keeping {SAFETY_MARGIN:.0%} free); try {change}"
     )

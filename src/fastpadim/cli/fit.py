@@ -51,6 +51,7 @@ def fit(
     frame_stride: FrameStrideOpt = 1,
     per_video: Annotated[bool, typer.Option(help="One model per video, written into the --output folder as <video name>.padim.")] = False,
     cpus_per_task: CpusPerTaskOpt = 1,
+    max_memory: Annotated[Optional[float], typer.Option(help="Refuse a fit whose planned peak memory is above this many GB (10^9 bytes), naming the levers that fit.")] = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (statistics, factor, model file, fit peak against the available memory) and exit without fitting.")] = False,
 ) -> None:
     """Fit a model on good images (or video frames)."""
@@ -83,7 +84,9 @@ def fit(
         # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
         # that fits prints nothing more (one line per message: the result line).
         planned = Padim(**params)
-        memory = plan_for(planned)
+        if max_memory is not None and not max_memory > 0:
+            raise FastpadimError(f"--max-memory must be a positive number of GB, got {max_memory}")
+        memory = plan_for(planned, limit=None if max_memory is None else int(max_memory * 1e9))
         shown_input = input_line(planned, shape["image_size"], crop_size or None)
         if plan:
             out.print(shown_input, highlight=False, soft_wrap=True)
