@@ -51,9 +51,14 @@ CONFIGS: dict[str, list[str]] = {
     "full-pool2": ["--image-size", "{H}x{W}", "--pool", "2"],
     "full-fp16": ["--image-size", "{H}x{W}", "--factor-dtype", "float16"],
     "full-d100-pool2-fp16": ["--image-size", "{H}x{W}", "-d", "100", "--pool", "2", "--factor-dtype", "float16"],
-    "tile320": ["--tile", "320"],
+    # the first two levels only (strides 4 and 8, 64 channels): finer features, a third of the paper's D
+    "full-l12": ["--image-size", "{H}x{W}", "--layers", "1,2"],
+    "full-l12-s1": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1"],
+    "full-l12-s1-fp16": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--factor-dtype", "float16"],
+    "tile320-l12-s1": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--tile", "320"],
+    "tile320": ["--image-size", "{H}x{W}", "-d", "100", "--tile", "320"],
 }
-DEFAULT_CONFIGS = "256-squash,full-d100,full-pool2,full-fp16,tile320"
+DEFAULT_CONFIGS = "256-squash,full-d100,full-pool2,full-l12,full-l12-s1,tile320-l12-s1"
 FIELDS = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "fit_s", "images_per_s")
 
 
@@ -92,12 +97,20 @@ def frame_size(data: Path) -> tuple[int, int]:
         return image.height, image.width
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def run_config(name: str, args: list[str], data: Path, out: Path, opts, timeout: float) -> dict:
     """One fresh ``fastpadim evaluate`` process; its metrics, times and peak RSS."""
     folder = out / name
     command = [str(opts.fastpadim), "evaluate", str(data), "-o", str(folder), "--device", opts.device,
                "--examples", "0", *args]
-    record: dict = {"config": name, "args": args, "command": shlex.join(command)}
+    record: dict = {"config": name, "args": args, "command": shlex.join(command),
+                    "load_before": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M")}
     print(f"\n$ {record['command']}", flush=True)
     log = (out / f"{name}.log").open("w")
     start = time.perf_counter()
@@ -194,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             records.append(run_config(name, args, opts.data, opts.out, opts, opts.timeout))
         payload = {"data": str(opts.data), "size_hw": [height, width], "machine": {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu": cpu_model(), "avx512_bf16": "avx512_bf16" in Path("/proc/cpuinfo").read_text()},
             "runner_rss_mb": peak_rss_mb(), "records": records}
         (opts.out / "high_resolution.json").write_text(json.dumps(payload, indent=2))
     print()
