@@ -135,3 +135,24 @@ def test_a_tile_as_large_as_the_frame_is_the_untiled_model():
 def test_bad_shape_parameters_are_one_line(bad, match):
     with pytest.raises(FastpadimError, match=match):
         Padim(**{**SMALL, **bad}).prepare()
+
+
+def test_fit_long_side_keeps_the_frames_aspect_and_skips_other_shapes(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from fastpadim.cli import app
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(frames(6, (96, 128))):
+        Image.fromarray(frame).save(folder / f"{i}.png")
+    Image.fromarray(make_surfaces(1, 96, seed=7)[0]).save(folder / "square.png")  # another shape: skipped, said
+    target = tmp_path / "m.padim"
+    result = CliRunner().invoke(app, ["fit", str(folder), "-o", str(target), "--backbone", "resnet18", "--weights",
+                                      "random", "--device", "cpu", "--holdout", "0", "--long-side", "64"])
+    assert result.exit_code == 0, result.output
+    assert "input 48x64 (height x width)" in result.stderr
+    assert "square.png: 96x96 (width x height) would be squashed" in result.stderr
+    model = Padim.load(target, device="cpu")
+    assert model.preprocessing_.output_size == (48, 64) and model.n_samples_seen_ == 6
