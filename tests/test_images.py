@@ -429,3 +429,11 @@ def test_exif_rotated_large_jpeg_at_reduced_scale_is_upright():
     out = rgb_of(open_image(jpeg, reduce_to=128))
     assert out.shape == (256, 192, 3)  # 1/4 scale, width and height swapped
     assert (out[:100, :, 0] > 200).all() and (out[-100:, :, 2] > 200).all()  # red on top, blue below
+
+
+def test_read_size_is_the_size_as_decoded_after_an_exif_quarter_turn():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: a 64x48 JPEG is shown 48x64
+    jpeg = png_bytes(np.zeros((48, 64, 3), np.uint8), "JPEG", exif=exif)
+    assert read_size(jpeg) == open_image(jpeg).size == (48, 64)
+    assert read_size(png_bytes(np.zeros((48, 64, 3), np.uint8))) == (64, 48)

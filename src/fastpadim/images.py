@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+EXIF_ORIENTATION = 0x0112
 MIN_IMAGE_SIDE = 32  # below this an image carries too little detail for stride-16 features to mean anything
 # Most decoded pixels in one image, checked from the header before anything is decoded: an RGB image costs 3 bytes
 # a pixel (and copies while it is converted), so a 255 KB PNG of 9000x9000 would cost gigabytes. Change it with
@@ -299,8 +300,9 @@ def _decode(source, label: str, max_pixels: int | None = None, reduce_to: int | 
 
 def read_size(item: str | os.PathLike | bytes, name: str | None = None,
               max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) of an encoded image from its header alone, nothing decoded; ImageError when it cannot be
-    read, ImageTooLarge when above ``max_pixels`` (default ``MAX_IMAGE_PIXELS``)."""
+    """(width, height) of an encoded image from its header alone, nothing decoded, as it is decoded (an EXIF
+    rotation by a quarter turn swaps them); ImageError when it cannot be read, ImageTooLarge when above
+    ``max_pixels`` (default ``MAX_IMAGE_PIXELS``)."""
     label = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(item, (bytes, bytearray, memoryview)):
@@ -310,7 +312,8 @@ def read_size(item: str | os.PathLike | bytes, name: str | None = None,
     _quiet_pillow_bomb_warning()
     with _image_errors(label, limit), Image.open(item) as handle:
         check_pixels(handle.size, label, limit)
-        return handle.size
+        quarter_turn = handle.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)  # as to_rgb's exif_transpose
+        return (handle.height, handle.width) if quarter_turn else handle.size
 
 
 def first_line(exc: BaseException) -> str:
