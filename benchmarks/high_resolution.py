@@ -55,6 +55,10 @@ CONFIGS: dict[str, list[str]] = {
     "full-l12": ["--image-size", "{H}x{W}", "--layers", "1,2"],
     "full-l12-s1": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1"],
     "full-l12-s1-fp16": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--factor-dtype", "float16"],
+    # a larger covariance regularisation (these upscaled frames vary little between good parts)
+    "full-l12-s1-e1": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--epsilon", "1"],
+    "full-l12-s1-e10": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--epsilon", "10"],
+    "full-d100-e10": ["--image-size", "{H}x{W}", "-d", "100", "--epsilon", "10"],
     "tile320-l12-s1": ["--image-size", "{H}x{W}", "--layers", "1,2", "--blur-sigma", "1", "--tile", "320"],
     "tile320": ["--image-size", "{H}x{W}", "-d", "100", "--tile", "320"],
 }

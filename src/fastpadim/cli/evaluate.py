@@ -13,7 +13,7 @@ from ..errors import FastpadimError
 from ..files import make_output_folder, write_text
 from .console import console, out, progress_bar, user_errors
 from .options import (
-    AllowDownloadOpt, BackboneOpt, BlurSigmaOpt, BatchSizeOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, ImageSizeOpt, LayersOpt,
+    AllowDownloadOpt, BackboneOpt, BlurSigmaOpt, EpsilonOpt, BatchSizeOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, ImageSizeOpt, LayersOpt,
     MaxPixelsOpt, PoolOpt, SquashOpt, TileOpt, TileOverlapOpt, TileSharedOpt, WeightsOpt, apply_max_pixels,
     check_options, parse_layers, shape_params,
 )
@@ -46,6 +46,7 @@ def evaluate(
     image_size: ImageSizeOpt = "256",
     squash: SquashOpt = False,
     crop_size: CropSizeOpt = 0,
+    epsilon: EpsilonOpt = 0.01,
     blur_sigma: BlurSigmaOpt = 4.0,
     pool: PoolOpt = 1,
     tile: TileOpt = None,
@@ -75,7 +76,7 @@ def evaluate(
         settings = Settings(backbone=backbone, weights=weights, layers=parse_layers(layers), n_features=n_features,
                             crop_size=crop_size or None, device=device, batch_size=batch_size,
                             reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec, allow_download=allow_download,
-                            factor_dtype=factor_dtype, blur_sigma=blur_sigma, **shape)
+                            factor_dtype=factor_dtype, blur_sigma=blur_sigma, epsilon=epsilon, **shape)
         settings.check()
         run_seeds = parse_seeds(seeds) if rd_mvtec else [seed]
         folders = find_categories(root, parse_names(categories))

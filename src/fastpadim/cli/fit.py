@@ -15,7 +15,7 @@ from ..sources import Item, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
-    BlurSigmaOpt, ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
+    BlurSigmaOpt, EpsilonOpt, ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
     TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers, shape_params,
 )
 
@@ -38,7 +38,7 @@ def fit(
     tile: TileOpt = None,
     tile_overlap: TileOverlapOpt = None,
     tile_shared: TileSharedOpt = False,
-    epsilon: Annotated[float, typer.Option(help="Covariance regularisation εI.")] = 0.01,
+    epsilon: EpsilonOpt = 0.01,
     blur_sigma: BlurSigmaOpt = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
     holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,

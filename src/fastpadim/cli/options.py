@@ -22,6 +22,7 @@ ImageSizeOpt = Annotated[str, typer.Option(help="Network input: N (a square) or 
 LongSideOpt = Annotated[Optional[int], typer.Option(help="Keep the training frames' own aspect ratio, with this many pixels on the long side (instead of --image-size).")]
 SquashOpt = Annotated[bool, typer.Option("--squash", help="Resize frames of another aspect ratio than the model's anyway (stretched); by default they are refused.")]
 PoolOpt = Annotated[int, typer.Option(help="Average the embedding over PxP positions: a P² smaller Gaussian state and model, coarser maps.")]
+EpsilonOpt = Annotated[float, typer.Option(help="Covariance regularisation εI (the paper: 0.01); larger values shrink each position's covariance, which helps when the good images vary little.")]
 BlurSigmaOpt = Annotated[float, typer.Option(help="Gaussian blur of the anomaly map, in input pixels (the paper: 4); smaller keeps the peaks of defects a few pixels wide.")]
 TileOpt = Annotated[Optional[int], typer.Option(help="Cut the input into tiles of this side (fixed grid, each tile position with its own Gaussians): bounds the network's memory for large frames.")]
 TileOverlapOpt = Annotated[Optional[int], typer.Option(help="Overlap of neighbouring tiles in pixels (default: a quarter of --tile).")]

@@ -50,6 +50,7 @@ class Settings:
     tile_shared: bool = False
     factor_dtype: str = "float32"
     blur_sigma: float = 4.0
+    epsilon: float = 0.01
 
     def check(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -67,7 +68,7 @@ class Settings:
                       device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False,
                       allow_download=self.allow_download, squash=self.squash, pool=self.pool, tile=self.tile,
                       tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype,
-                      blur_sigma=self.blur_sigma)
+                      blur_sigma=self.blur_sigma, epsilon=self.epsilon)
         if self.layer_mode == "summed":
             from ..backbone import resolve_preset
 
