@@ -18,13 +18,12 @@ from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
-from .sizes import Size, as_size, format_size, round_to
+from .sizes import CPU_FORWARD_IMAGES, Size, as_size, format_size, inputs_per_call, round_to  # noqa: F401
 from .sources import expand
 from .tiles import Tiler
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
-CPU_FORWARD_IMAGES = 8  # images per backbone call on the CPU (bounds activation memory)
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 
 
@@ -239,9 +238,7 @@ class Padim(ScoringMixin):
             self.grid_ = self.extractor_.grid_for(network)
             self.positions_ = self.grid_[0] * self.grid_[1]
         self.map_generator_ = AnomalyMapGenerator(network, self.blur_sigma).to(self.device_)
-        # images per backbone call on the CPU: as many pixels as 8 images of 256x256 (bounds activation memory)
-        pixels = math.prod(self.tiler_.tile_size if self.tiler_ else network)
-        self._forward_count = max(1, CPU_FORWARD_IMAGES * 256 * 256 // pixels)
+        self._forward_count = inputs_per_call(math.prod(self.tiler_.tile_size if self.tiler_ else network))
 
     def _preprocessing(self, preset: BackbonePreset, alignment: int) -> Preprocessing:
         """The network's input rounded to multiples of ``alignment`` (a crop is rounded; the resize it is cut
@@ -441,8 +438,7 @@ class Padim(ScoringMixin):
         # On the CPU, a few frames at a time (as many pixels as the network's forward part): the embeddings and
         # products of a batch of large frames would otherwise take gigabytes, for no gain in speed.
         frames = torch.from_numpy(batch)
-        count = len(frames) if self.device_.type != "cpu" else max(1, self._forward_count * math.prod(
-            self.tiler_.tile_size if self.tiler_ is not None else frames.shape[-2:]) // math.prod(frames.shape[-2:]))
+        count = len(frames) if self.device_.type != "cpu" else inputs_per_call(math.prod(frames.shape[-2:]))
         parts = [self._score_tensor(part) for part in frames.split(count)]
         return (torch.cat([s for s, _ in parts]).cpu().numpy(), torch.cat([m for _, m in parts]).cpu().numpy())
 

@@ -19,9 +19,8 @@ from .errors import FastpadimError
 from .files import folder_of
 from .images import Preprocessing
 from .metadata import refuse_field, shown, validate
-from .plan import CPU_FORWARD_IMAGES
 from .results import ScoringMixin
-from .sizes import format_size
+from .sizes import format_size, inputs_per_call
 
 METADATA_KEY = "fastpadim"
 EXPORT_FORMAT_VERSION = 1
@@ -435,7 +434,7 @@ class OnnxPadim(ScoringMixin):
             return self._runner.run(batch)
         # On the CPU, as many pixels per engine call as Padim's CPU forward: a batch of large frames would
         # otherwise hold gigabytes of activations, and smaller calls were no slower (8 vs 32 images of 256 px).
-        count = max(1, CPU_FORWARD_IMAGES * 256 * 256 // (batch.shape[2] * batch.shape[3]))
+        count = inputs_per_call(batch.shape[2] * batch.shape[3])
         parts = [self._runner.run(batch[start : start + count]) for start in range(0, len(batch), count)]
         return np.concatenate([scores for scores, _ in parts]), np.concatenate([maps for _, maps in parts])
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import FastpadimError
-from .sizes import Size, as_size, format_size
+from .sizes import CPU_FORWARD_IMAGES, FORWARD_PIXELS, Size, as_size, format_size  # noqa: F401 - the engine's own
 
 if TYPE_CHECKING:
     from .model import Padim
@@ -38,9 +38,8 @@ RUNTIME_BYTES = 800 * 10**6
 # EfficientNet-Lite0 at 256 px: a 32-96 channel map at half resolution and its neighbours).
 ACTIVATION_FACTOR = 14
 SAFETY_MARGIN = 0.10  # share of the available memory the plan leaves free (the OS, other processes, estimate error)
-# Kept in step with model.CPU_FORWARD_IMAGES / UPDATE_BUFFER_BYTES and gaussian's chunk sizes (checked by the
+# Kept in step with model.UPDATE_BUFFER_BYTES and gaussian's chunk sizes (checked by the
 # tests, so the plan does not import torch for arithmetic).
-CPU_FORWARD_IMAGES = 8
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024
 CHUNK_ELEMENTS = 4 * 1024 * 1024
 FACTOR_CHUNK_CAP = 64  # positions per factorisation chunk on the CPU (gaussian.FACTOR_CHUNK_CAP)
@@ -140,7 +139,7 @@ def plan_memory(positions: int | tuple[int, int], dim: int, factor_dtype: str = 
     # accumulate: statistics + buffer + update temporaries + one forward part + input batches
     per_image = 4 * max(p, grid[0] * grid[1]) * d
     # one network call on the CPU: as many pixels as CPU_FORWARD_IMAGES inputs of 256x256 (model._forward_count)
-    budget = forward_pixels or CPU_FORWARD_IMAGES * 256 * 256
+    budget = forward_pixels or FORWARD_PIXELS
     part = max(1, min(batch_size, budget // pixels)) if cpu else batch_size
     capacity = max(part, UPDATE_BUFFER_BYTES // per_image)
     buffer = capacity * per_image

@@ -11,6 +11,8 @@ import re
 from .errors import FastpadimError
 
 Size = tuple[int, int]  # (height, width)
+CPU_FORWARD_IMAGES = 8  # 256x256 inputs per network call on the CPU (bounds activation memory)
+FORWARD_PIXELS = CPU_FORWARD_IMAGES * 256 * 256  # input pixels of one network call on the CPU
 ASPECT_TOLERANCE = 0.02  # relative aspect difference still taken as "the same shape" (rounding to a stride moves it)
 
 
@@ -48,7 +50,7 @@ def to_json(size: Size) -> int | list[int]:
 
 def round_to(size: Size, step: int) -> Size:
     """The nearest multiple of ``step`` on each side (at least one step): feature maps then tile the input exactly."""
-    return tuple(max(step, int(math.floor(side / step + 0.5)) * step) for side in size)  # type: ignore[return-value]
+    return tuple(max(step, math.floor(side / step + 0.5) * step) for side in size)  # type: ignore[return-value]
 
 
 def for_long_side(long_side: int, frame: Size) -> Size:
@@ -62,3 +64,9 @@ def aspect_differs(frame: Size, model: Size, tolerance: float = ASPECT_TOLERANCE
     """Whether resizing ``frame`` to ``model`` would stretch it by more than ``tolerance`` (relative)."""
     ratio = (frame[1] / frame[0]) / (model[1] / model[0])
     return abs(math.log(ratio)) > math.log1p(tolerance)
+
+
+def inputs_per_call(pixels: int) -> int:
+    """Inputs of ``pixels`` each in one network call on the CPU, at least one: the network runs as fast on 8 images
+    of 256x256 as on 32, with a quarter of the activations, so large frames go a few (or one) at a time."""
+    return max(1, FORWARD_PIXELS // pixels)
