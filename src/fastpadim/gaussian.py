@@ -92,6 +92,8 @@ class GaussianStats:
             raise FastpadimError(f"embedding shape {(positions, dim)} does not match the model's {tuple(self.mean.shape)}")
         if batch == 0:
             return
+        if self.scatter.dtype != torch.float64:
+            raise FastpadimError("compacted (float32) statistics take no more images: widen them first")
         # Centred on the batch's own mean, float32 products lose nothing that matters (no large-mean
         # cancellation); the running sums are float64.
         x = embeddings if embeddings.dtype in (torch.float32, torch.float64) else embeddings.float()
@@ -141,11 +143,40 @@ class GaussianStats:
             scatter.add_(delta[:, rows] * delta[:, cols], alpha=weight)
         return GaussianStats(n, mean, scatter)
 
+    def without(self, part: GaussianStats) -> GaussianStats:
+        """The statistics with ``part`` (a subset of the samples they hold) taken out: the exact inverse of ``merge``
+        (float64), written into ``part``'s memory, which is consumed. Out-of-fold models come from it: all the
+        images' statistics without one fold's, with no second pass over the other folds."""
+        n = self.count - part.count
+        if n < 0 or self.mean.shape != part.mean.shape:
+            raise FastpadimError("cannot take out statistics that are not part of these")
+        rest_mean = (self.mean * self.count - part.mean * part.count) / max(n, 1)
+        delta = part.mean - rest_mean
+        weight = n * part.count / self.count if self.count else 0.0
+        scatter = torch.sub(self.scatter, part.scatter, out=part.scatter)
+        if weight:
+            rows, cols = tril_index(self.dim, delta.device)
+            for sl in _position_chunks(scatter.shape[0], self.dim):
+                scatter[sl].sub_(delta[sl][:, rows] * delta[sl][:, cols], alpha=weight)
+        part.count, part.mean, part.scatter = -1, torch.empty(0), torch.empty(0)
+        return GaussianStats(n, rest_mean, scatter)
+
+    def compacted(self) -> GaussianStats:
+        """The statistics as a model file stores them: mean and packed scatter rounded to float32 (half the size;
+        scores move by about 1e-6 relative). The mean stays a float64 tensor for exact merges from here on."""
+        return GaussianStats(self.count, self.mean.float().double(), self.scatter.float())
+
+    def widened(self) -> GaussianStats:
+        """float64 statistics, ready for ``update`` (a compacted state is widened before more images are added)."""
+        if self.scatter.dtype == torch.float64:
+            return self
+        return GaussianStats(self.count, self.mean.double(), self.scatter.double())
+
     def covariance(self, epsilon: float, positions: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
         """Σ = M / (N − 1) + εI for the given positions: full (p, D, D) float64 matrices (in ``out`` if given)."""
         if self.count < 2:
             raise FastpadimError(f"PaDiM needs at least 2 training images, got {self.count}")
-        cov = unpack(self.scatter[positions], self.dim, out).div_(self.count - 1)
+        cov = unpack(self.scatter[positions].double(), self.dim, out).div_(self.count - 1)
         cov.diagonal(dim1=-2, dim2=-1).add_(epsilon)
         return cov
 
@@ -159,6 +190,8 @@ class GaussianStats:
         """
         positions, dim = self.mean.shape
         if consume:
+            if self.scatter.dtype != torch.float64:
+                raise FastpadimError("only float64 statistics can be consumed by their factor")
             result = self.scatter.view(-1).view(dtype)[: positions * dim * dim].view(positions, dim, dim)
         else:
             result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)

@@ -23,6 +23,11 @@ MAX_BLUR_SIGMA = 64.0
 MAX_EPSILON = 1e6
 MIN_STRIDE, MAX_STRIDE = 2, 32  # the first used map's stride: input side / grid side
 FACTOR_DTYPES = ("float32", "float16", "bfloat16")
+MAX_FOLDS = 100
+MAX_SCORES = 100_000  # good scores a calibration keeps (the metadata stays a few MB)
+CALIBRATION_METHODS = ("out-of-fold", "hold-out", "good images", "labelled")
+MAX_HISTORY = 10_000  # fits and updates recorded
+_TARGET = re.compile(r"^(fpr=[0-9.eE+-]{1,24}|recall=[0-9.eE+-]{1,24}|f1|manual)$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")  # timm names and tags (no paths, no URLs)
 
 
@@ -167,4 +172,49 @@ def validate(meta, path: str | Path = "model") -> dict:
         refuse_field(path, p + "false_alarm_rate", "must be below 1")
     _int(path, {"n_good_images": th.get("n_good_images")}, "n_good_images", 1, 2**53, p, optional=True)
     _int(path, {"n_train_images": th.get("n_train_images")}, "n_train_images", 1, 2**53, p, optional=True)
+    target = th.get("target")
+    if target is not None and (not isinstance(target, str) or not _TARGET.match(target)):
+        refuse_field(path, p + "target", f"must be fpr=R, recall=R, f1 or manual, got {shown(target)}")
+    if not isinstance(th.get("extrapolated", False), bool):
+        refuse_field(path, p + "extrapolated", f"must be true or false, got {shown(th['extrapolated'])}")
+    _int(path, {"folds": meta.get("folds", 0)}, "folds", 0, MAX_FOLDS)
+    _calibration(path, meta.get("calibration"))
+    _history(path, meta.get("history"))
     return meta
+
+
+def _calibration(path, calibration) -> None:
+    """Good scores (bounded in count, finite) and the tail model fitted to them."""
+    if calibration is None:
+        return
+    p = "calibration."
+    if _get(path, calibration, "method", p) not in CALIBRATION_METHODS:
+        refuse_field(path, p + "method", f"must be one of {', '.join(CALIBRATION_METHODS)}, got {shown(calibration['method'])}")
+    _int(path, {"folds": calibration.get("folds")}, "folds", 2, MAX_FOLDS, p, optional=True)
+    scores = _get(path, calibration, "scores", p)
+    if not isinstance(scores, list) or not 1 <= len(scores) <= MAX_SCORES:
+        refuse_field(path, p + "scores", f"must be a list of 1 to {MAX_SCORES} numbers")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores):
+        refuse_field(path, p + "scores", "must hold only finite numbers")
+    tail = calibration.get("tail")
+    if tail is not None:
+        t = p + "tail."
+        _float(path, tail, "start", -1e30, 1e30, t)
+        _float(path, tail, "shape", -1e3, 1e3, t)
+        _float(path, tail, "scale", 0.0, 1e30, t, open_low=True)
+        _float(path, tail, "share", 0.0, 1.0, t, open_low=True)
+
+
+def _history(path, history) -> None:
+    """One entry per fit and update: version, date, image count, digest of the inputs."""
+    if history is None:
+        return
+    if not isinstance(history, list) or len(history) > MAX_HISTORY:
+        refuse_field(path, "history", f"must be a list of at most {MAX_HISTORY} entries")
+    for i, entry in enumerate(history):
+        p = f"history[{i}]."
+        for field in ("fastpadim_version", "date", "digest"):
+            value = _get(path, entry, field, p)
+            if not isinstance(value, str) or len(value) > 100:
+                refuse_field(path, p + field, f"must be a short string, got {shown(value)}")
+        _int(path, entry, "images", 0, 2**53, p)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import inspect
 import math
 import os
@@ -14,6 +16,7 @@ import torch
 from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
+from .calibration import Calibration, fold_assignment
 from .gaussian import GaussianStats, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
@@ -25,6 +28,16 @@ from .tiles import Tiler
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
+FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (larger folds are embedded again)
+MAX_FOLDS = 100
+
+
+def history_entry(images: int, digest: str) -> dict:
+    """One fit or update as a model records it: version, UTC date, images added, digest of the inputs as seen."""
+    from . import __version__
+
+    return {"fastpadim_version": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "images": int(images), "digest": f"sha256:{digest}"}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -44,8 +57,9 @@ class Padim(ScoringMixin):
     Parameters follow the paper (ε = 0.01, σ = 4, resize 256) except that the whole resized image is inspected
     by default: the paper's centre crop (``crop_size=224``) would leave a border band of every image unseen, so
     it is opt-in, for reproducing the paper's tables (anomalib's PaDiM does not crop either). The decision
-    threshold is set from good images only: ``holdout`` of the training images (or ``threshold_images`` given to
-    ``fit``) are scored, and the threshold is their (1 − ``false_alarm_rate``) quantile.
+    threshold is set from good images only, none of them lost to the Gaussians: by default the training images'
+    out-of-fold scores (``folds``; ``fastpadim.calibration``), or ``threshold_images`` given to ``fit``, or a
+    ``holdout`` fraction; the threshold is their (1 − ``false_alarm_rate``) quantile (a tail model's beyond them).
 
     ``n_features``: the random channel subset's size (None: the preset's Rd; "all": every channel of the layers).
 
@@ -59,10 +73,11 @@ class Padim(ScoringMixin):
     Learned attributes end with ``_``: ``mean_`` (P, D), ``whitener_`` (P, D, D; the inverse Cholesky factor),
     ``channel_indices_``, ``grid_`` (the frame's embedding grid, known once the model is built), ``positions_`` (the
     Gaussians' count), ``tiler_`` (None without tiles), ``n_samples_seen_`` (training images),
-    ``threshold_``, ``threshold_rate_``, ``stats_`` (streaming state, for ``partial_fit``; None with
-    ``keep_stats=False``, which lowers the peak memory of ``fit``).
+    ``threshold_``, ``threshold_rate_``, ``calibration_`` (the good scores the threshold came from; they give each
+    score its false-alarm probability), ``stats_`` (the statistics, float32 once fitted, for ``partial_fit``),
+    ``history_`` (one entry per fit and update).
 
-    ``fit`` is ``prepare`` → ``accumulate`` → ``finish``, each public, so that other paths (a Ray fit whose shards
+    ``fit`` is ``prepare`` → ``accumulate`` → (``out_of_fold_scores``) → ``finish``, each public, so that other paths (a Ray fit whose shards
     accumulate in other processes, a model file being loaded) assemble a model the same way; ``install`` is the
     one place where fitted state is set.
     """
@@ -80,11 +95,11 @@ class Padim(ScoringMixin):
         seed: int = 0,
         device: str = "auto",
         batch_size: int = 32,
-        holdout: float = 0.1,
+        folds: int = 5,
+        holdout: float = 0.0,
         false_alarm_rate: float = 0.01,
         workers: int = 2,
         factor_dtype: str = "float32",
-        keep_stats: bool = True,
         allow_download: bool = False,
         squash: bool = False,
         pool: int = 1,
@@ -103,11 +118,11 @@ class Padim(ScoringMixin):
         self.seed = seed
         self.device = device
         self.batch_size = batch_size
+        self.folds = folds
         self.holdout = holdout
         self.false_alarm_rate = false_alarm_rate
         self.workers = workers
         self.factor_dtype = factor_dtype
-        self.keep_stats = keep_stats
         self.allow_download = allow_download
         self.squash = squash
         self.pool = pool
@@ -147,6 +162,9 @@ class Padim(ScoringMixin):
         number("batch_size", 1, integer=True)
         number("workers", 1, integer=True)
         number("false_alarm_rate", 0.0, 1.0, closed=False)
+        number("folds", 0, MAX_FOLDS, integer=True)
+        if self.folds == 1:
+            raise FastpadimError("folds must be 0 (no out-of-fold threshold) or at least 2, got 1")
         if self.n_features not in (None, "all"):
             number("n_features", 1, integer=True)  # 0 is no shorthand: "all" keeps every channel, None the preset's
         image_size = self._side_checked("image_size", MAX_IMAGE_SIZE)
@@ -179,7 +197,8 @@ class Padim(ScoringMixin):
         learned state. ``channel_indices`` reuses a channel subset (a Ray shard, a loaded model); by default it is
         drawn from ``seed``."""
         self._check_params()
-        for name in ("mean_", "whitener_", "n_samples_seen_", "_whitener_compute"):
+        for name in ("mean_", "whitener_", "n_samples_seen_", "_whitener_compute", "calibration_",
+                     "threshold_target_", "threshold_extrapolated_"):
             self.__dict__.pop(name, None)
         # The network built for the same parameters is reused (a memory plan, then the fit, build it once).
         key = (repr(sorted(self.get_params().items())), None if channel_indices is None else channel_indices.tolist())
@@ -299,21 +318,18 @@ class Padim(ScoringMixin):
     ) -> Padim:
         """Learn the per-position Gaussians from good images, then set the decision threshold.
 
-        With ``threshold_images`` (good images kept apart), those set the threshold; otherwise a seeded
-        ``holdout`` fraction of ``images`` is kept out of the Gaussians for it (0 disables the threshold).
-        ``images`` may also be a folder, a glob or a list file, as on the command line.
+        The threshold comes from good images the Gaussians did not see: ``threshold_images`` (kept apart) if
+        given; else a seeded ``holdout`` fraction of ``images`` if it is above 0; else (the default) the
+        out-of-fold scores of all the images, each fold scored by the model of the other ``folds`` (0: no
+        threshold). ``images`` may also be a folder, a glob or a list file, as on the command line.
         """
         self.prepare()
+        self.history_ = []
         images, self.skipped_ = expand(images)
-        if threshold_images is not None:
-            threshold_images, unusable = expand(threshold_images)
-            self.skipped_ += unusable
-        elif self.holdout > 0:
+        if threshold_images is None and self.holdout > 0:
             images, threshold_images = self.holdout_split(list(images))
-        self.accumulate(images, progress).finish()
-        if threshold_images is not None:
-            self.set_threshold(threshold_images, progress=progress)
-        return self
+            return self._add(images, threshold_images, progress, "hold-out")
+        return self._add(images, threshold_images, progress, "good images")
 
     def holdout_split(self, images: Sequence) -> tuple[list, list]:
         """The seeded hold-out split: (images for the Gaussians, images for the threshold)."""
@@ -331,34 +347,70 @@ class Padim(ScoringMixin):
 
     def partial_fit(self, images: Iterable[ImageInput], threshold_images: Iterable[ImageInput] | None = None,
                     progress: Progress | None = None) -> Padim:
-        """Add good images to the Gaussians: the same Gaussians as one fit on all the images (no hold-out here).
+        """Add good images: the same Gaussians as one fit on all the images, and a threshold set again.
 
-        A threshold set before no longer matches the updated Gaussians: with ``threshold_images`` it is set
-        again from them; without, predicting refuses until ``set_threshold`` is called.
+        With ``threshold_images`` the threshold is set from them. Otherwise, with ``folds`` ≥ 2, the new images'
+        out-of-fold scores (each fold scored by the model of all the other images) join the good scores the
+        threshold came from, and the threshold is their quantile again. With ``folds=0`` a threshold set before
+        no longer matches the Gaussians: predicting refuses until ``set_threshold`` is called.
         """
         if not self._is_fitted():
             self.prepare()
+            self.history_ = []
         elif self.stats_ is None:
             raise FastpadimError(
-                "this model does not hold its training statistics (fitted with keep_stats=False, or saved "
-                "without them), so it cannot take more images; fit with keep_stats=True and save with "
-                "keep_stats=True (--keep-stats) to allow partial_fit"
+                "this model holds no training statistics (a model file of format 1, written before fastpadim "
+                "0.5), so it cannot take more images; fit it again once to make it updatable"
             )
         images, unusable = expand(images)
         self.skipped_ += unusable
-        self.accumulate(images, progress).finish()
+        return self._add(images, threshold_images, progress, "good images")
+
+    def _add(self, images, threshold_images, progress: Progress | None, method: str) -> Padim:
+        """Accumulate ``images``; calibrate (from ``threshold_images``, else out of fold); factor; record it."""
+        if self.folds >= 2 and threshold_images is None:
+            images = images if isinstance(images, Sequence) else list(images)  # read twice: fit, then fold scores
+        digest = hashlib.sha256()
+        before = self.stats_.count if self.stats_ is not None else 0
+        self.accumulate(images, progress, digest)
+        added = (self.stats_.count - before) // self._samples_per_image if self.stats_ is not None else 0
+        fold_scores = None
+        if threshold_images is None and self.folds >= 2 and added:
+            fold_scores = self.out_of_fold_scores(images, progress)
+        self.finish()
+        self.history_ = [*getattr(self, "history_", []), history_entry(added, digest.hexdigest())]
         if threshold_images is not None:
-            self.set_threshold(threshold_images, progress=progress)
+            self.set_threshold_from_scores(self._good_scores(threshold_images, progress), self.false_alarm_rate,
+                                           method)
+        elif fold_scores is not None:
+            previous: Calibration | None = self.__dict__.get("calibration_")
+            calibration = (previous.merged(fold_scores) if previous is not None
+                           else Calibration(fold_scores, "out-of-fold", self.folds))
+            self.calibrate(calibration, self.threshold_rate_ if previous is not None else None)
         return self
 
-    def accumulate(self, images: Iterable[ImageInput], progress: Progress | None = None) -> Padim:
+    def _good_scores(self, images, progress: Progress | None) -> list[float]:
+        scores = []
+        for batch in self.iter_scored(images, progress=progress):
+            for r in batch:
+                if r.error:
+                    self.skipped_.append((r.name, r.error))
+                else:
+                    scores.append(r.score)
+        if not scores:
+            raise FastpadimError("no readable good images to set the threshold from")
+        return scores
+
+    def accumulate(self, images: Iterable[ImageInput], progress: Progress | None = None, digest=None) -> Padim:
         """Add the embeddings of good images to the running statistics ``stats_`` (no factorisation yet);
-        unreadable images are listed in ``skipped_``."""
+        unreadable images are listed in ``skipped_``; ``digest`` (a hashlib object) takes each input as seen."""
         # Embeddings gather in one preallocated buffer of bounded size and are merged in one update when
         # it is full: each update touches the whole (P, D, D) state, so fewer, larger updates are faster,
         # and memory stays the same whatever the number of images.
         buffer: torch.Tensor | None = None
         filled = 0
+        if self.stats_ is not None:
+            self.stats_ = self.stats_.widened()  # a fitted model's statistics are kept compact (float32)
 
         def flush():
             nonlocal filled
@@ -371,6 +423,9 @@ class Padim(ScoringMixin):
         for batch in self._batches(images):
             self.skipped_.extend((item.name, item.error) for item in batch if item.error)
             good = [item for item in batch if item.tensor is not None]
+            if digest is not None:
+                for item in good:
+                    digest.update(item.array.tobytes())
             # part by part into the buffer: a whole batch's embeddings are never held at once
             for part in self._forward_parts(stack(good)) if good else ():
                 embeddings = self._embed(part)
@@ -389,18 +444,75 @@ class Padim(ScoringMixin):
         flush()
         return self
 
+    def out_of_fold_scores(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
+        """Scores of ``images`` (already in ``stats_``), each fold by the model of all the other images.
+
+        Statistics merge exactly, so a fold's model is ``stats_`` without the fold's own statistics (one more
+        pass over the fold's images, which also gives their embeddings to score) and one factorisation: k folds
+        cost k factorisations and one more forward pass, not k fits."""
+        folds = min(self.folds, len(images))
+        assignment = fold_assignment(len(images), folds, self.seed)
+        scores: list[float] = []
+        for fold in range(folds):
+            members = [image for image, f in zip(images, assignment) if f == fold]
+            part, cached = self._fold_statistics(members)
+            if part is None:
+                continue  # no readable image in this fold
+            rest = self.stats_.without(part)
+            if rest.count // self._samples_per_image < 2:
+                raise FastpadimError(f"{folds} folds leave fewer than 2 images to fit the other folds' model on; "
+                                     "add images or lower folds")
+            mean = rest.mean.float()
+            whitener = rest.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype], consume=True)
+            compute = whitener.float() if whitener.dtype != torch.float32 and self.device_.type == "cpu" else whitener
+            del rest
+            for embeddings, count in cached if cached is not None else self._embedded(members):
+                # (a fold whose embeddings were too large to keep is embedded again)
+                scores.extend(self._score_embeddings(embeddings, count, mean, compute)[0].cpu().tolist())
+            del whitener, compute, cached
+            if progress:
+                progress(len(members))
+        return np.asarray(scores, np.float64)
+
+    def _fold_statistics(self, images: Sequence[ImageInput]) -> tuple[GaussianStats | None, list | None]:
+        """A fold's statistics, and its embeddings (with their image counts) while they fit FOLD_CACHE_BYTES."""
+        stats, cached, size = None, [], 0
+        for embeddings, frames in self._embedded(images):
+            if stats is None:
+                stats = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], self.device_)
+            stats.update(embeddings)
+            size += embeddings.numel() * embeddings.element_size()
+            cached = cached if cached is not None and size <= FOLD_CACHE_BYTES else None
+            if cached is not None:
+                cached.append((embeddings, frames))
+        return stats, cached
+
+    def _embedded(self, images: Iterable[ImageInput]) -> Iterator[tuple[torch.Tensor, int]]:
+        """(embeddings, frame count) part by part over the readable ``images``."""
+        for batch in self._batches(images):
+            good = [item for item in batch if item.tensor is not None]
+            for part in self._forward_parts(stack(good)) if good else ():
+                yield self._embed(part), len(part)
+
     def finish(self, stats: GaussianStats | None = None) -> Padim:
         """Factor the statistics (``stats``, e.g. merged from Ray shards, else ``stats_``) and install them: one
-        Cholesky per position, at fit time; scoring only multiplies. Without ``keep_stats`` the factor takes the
-        statistics' memory (lower peak memory; no partial_fit afterwards)."""
+        Cholesky per position, at fit time; scoring only multiplies. The statistics are kept as a model file
+        stores them (float32, ``GaussianStats.compacted``), so a fitted model and its saved file score alike
+        and either can take more images."""
         stats = self.stats_ if stats is None else stats
         count = stats.count // self._samples_per_image if stats is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
             raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
-        mean = stats.mean.float()
-        whitener = stats.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype], consume=not self.keep_stats)
-        return self.install(mean, whitener, count, stats if self.keep_stats else None)
+        self.stats_ = None
+        compact = stats.compacted()
+        del stats  # the float64 statistics are freed here unless the caller holds them
+        return self.install_statistics(compact)
+
+    def install_statistics(self, stats: GaussianStats) -> Padim:
+        """Fitted state from (compacted) statistics: the factor is computed here, once (fit, load, Ray)."""
+        whitener = stats.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype])
+        return self.install(stats.mean.float(), whitener, stats.count // self._samples_per_image, stats)
 
     def install(self, mean: torch.Tensor, whitener: torch.Tensor, n_samples_seen: int,
                 stats: GaussianStats | None = None) -> Padim:
@@ -424,10 +536,15 @@ class Padim(ScoringMixin):
     # -------------------------------------------------------------------------------------- scoring
     @torch.inference_mode()
     def _score_tensor(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        embeddings = self._embed(batch)
-        distances = mahalanobis(embeddings, self.mean_, self._whitener_compute)  # (B, P)
+        return self._score_embeddings(self._embed(batch), len(batch), self.mean_, self._whitener_compute)
+
+    @torch.inference_mode()
+    def _score_embeddings(self, embeddings: torch.Tensor, frames: int, mean: torch.Tensor,
+                          whitener: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of ``frames`` images → image scores (B,) and maps (B, H, W) against (mean, whitener)."""
+        distances = mahalanobis(embeddings, mean, whitener)  # (B, P), or (B·T, p) with shared tiles
         if self.tiler_ is not None:
-            grid = self.tiler_.stitch(distances.view(batch.shape[0], self.tiler_.n_tiles, *self.tiler_.tile_grid))
+            grid = self.tiler_.stitch(distances.view(frames, self.tiler_.n_tiles, *self.tiler_.tile_grid))
         else:
             grid = distances.view(-1, *self.grid_)
         maps = self.map_generator_(grid)
@@ -443,14 +560,16 @@ class Padim(ScoringMixin):
         return (torch.cat([s for s, _ in parts]).cpu().numpy(), torch.cat([m for _, m in parts]).cpu().numpy())
 
     # ----------------------------------------------------------------------------------- persistence
-    def save(self, path: str | os.PathLike, keep_stats: bool = False) -> None:
-        """Write one safetensors file atomically; ``keep_stats`` also stores what ``partial_fit`` needs."""
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file atomically: the mean and the packed statistics (float32), from which loading
+        computes the factor; every saved model can take more images (``partial_fit``, ``fastpadim update``)."""
         from .modelfile import write_model_file
 
         self.check_fitted()
-        if keep_stats and self.stats_ is None:
-            raise FastpadimError("this model holds no training statistics to keep (it was fitted with keep_stats=False)")
-        write_model_file(path, self.to_metadata(), self._tensors(keep_stats))
+        if self.stats_ is None:
+            raise FastpadimError("this model holds no training statistics to save (it was loaded from a format-1 "
+                                 "model file); fit it again")
+        write_model_file(path, self.to_metadata(), self._tensors())
 
     def to_metadata(self) -> dict:
         """What a model file records besides the tensors (the schema of ``fastpadim.metadata``)."""
@@ -458,6 +577,7 @@ class Padim(ScoringMixin):
         from .modelfile import FORMAT_NAME, FORMAT_VERSION
 
         preset: BackbonePreset = self.preset_
+        calibration: Calibration | None = self.__dict__.get("calibration_")
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -482,31 +602,34 @@ class Padim(ScoringMixin):
             "blur_sigma": self.blur_sigma,
             "seed": self.seed,
             "factor_dtype": self.factor_dtype,
+            "folds": self.folds,
             "n_train_images": int(self.n_samples_seen_),
             "threshold": {
                 "image": self.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, refused on use
                 "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
                 "n_good_images": getattr(self, "threshold_count_", None),
                 "n_train_images": self.__dict__.get("_threshold_for"),
+                "target": getattr(self, "threshold_target_", None),
+                "extrapolated": bool(getattr(self, "threshold_extrapolated_", False)),
             },
+            "calibration": None if calibration is None else calibration.to_dict(),
+            "history": list(getattr(self, "history_", [])),
         }
 
-    def _tensors(self, keep_stats: bool) -> dict[str, torch.Tensor]:
-        tensors = {
-            "mean": self.mean_.detach().cpu().contiguous(),
-            "whitener": self.whitener_.detach().cpu().contiguous(),
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        stats = self.stats_
+        return {
+            "mean": stats.mean.float().cpu().contiguous(),
+            "scatter": stats.scatter.float().cpu().contiguous(),
             "channel_indices": self.channel_indices_.detach().cpu().long().contiguous(),
         }
-        if keep_stats:
-            tensors["stats.mean"] = self.stats_.mean.cpu().contiguous()
-            tensors["stats.scatter"] = self.stats_.scatter.cpu().contiguous()
-        return tensors
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
              allow_download: bool = False) -> Padim:
-        """Read a model file. Backbone weights: the offline package or timm's cache as recorded at fit time, or the
-        ``weights`` file the user gives (checked by its SHA-256); the network only with ``allow_download``."""
+        """Read a model file and compute its factor. Backbone weights: the offline package or timm's cache as
+        recorded at fit time, or the ``weights`` file the user gives (checked by its SHA-256); the network only
+        with ``allow_download``."""
         from .modelfile import read_model_file, weights_source
 
         path = Path(path)
@@ -518,7 +641,7 @@ class Padim(ScoringMixin):
         model = cls(
             backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
             epsilon=meta["epsilon"], image_size=pre.image_size, crop_size=pre.crop_size, squash=pre.squash,
-            blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device,
+            blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device, folds=meta.get("folds", 0),
             false_alarm_rate=th["false_alarm_rate"], factor_dtype=meta["factor_dtype"], allow_download=allow_download,
             pool=meta.get("pool", 1), tile=tiling.get("tile"), tile_overlap=tiling.get("overlap"),
             tile_shared=tiling.get("shared", False),
@@ -534,16 +657,28 @@ class Padim(ScoringMixin):
             raise FastpadimError(f"{path}: model metadata fields 'preprocessing' and 'grid' ({meta['grid']}) do not "
                                  f"match what the network gives ({list(model.grid_)} at "
                                  f"{format_size(model.preprocessing_.output_size)} px)")
-        stats = None
-        if "stats.scatter" in tensors:
-            samples = meta["n_train_images"] * model._samples_per_image
-            stats = GaussianStats(samples, tensors["stats.mean"].to(model.device_),
-                                  tensors["stats.scatter"].to(model.device_))
         model.skipped_ = []
-        model.install(tensors["mean"], tensors["whitener"], meta["n_train_images"], stats)
+        if "scatter" in tensors:
+            samples = meta["n_train_images"] * model._samples_per_image
+            stats = GaussianStats(samples, tensors["mean"].double().to(model.device_), tensors["scatter"].to(model.device_))
+            try:
+                model.install_statistics(stats)
+            except FastpadimError as exc:
+                raise FastpadimError(f"{path}: {exc}") from None
+        else:  # format 1: the factor itself, and the statistics only if they were kept (--keep-stats)
+            stats = None
+            if "stats.scatter" in tensors:
+                samples = meta["n_train_images"] * model._samples_per_image
+                stats = GaussianStats(samples, tensors["stats.mean"], tensors["stats.scatter"]).compacted()
+            model.install(tensors["mean"], tensors["whitener"], meta["n_train_images"], stats)
         model._install_threshold(th["image"], th.get("n_train_images"))
         model.threshold_rate_ = th["false_alarm_rate"]
         model.threshold_count_ = th.get("n_good_images")
+        model.threshold_target_ = th.get("target")
+        model.threshold_extrapolated_ = th.get("extrapolated", False)
+        if meta.get("calibration"):
+            model.calibration_ = Calibration.from_dict(meta["calibration"])
+        model.history_ = list(meta.get("history") or [])
         model.metadata_ = meta
         return model
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .backbone import BackbonePreset
 
 FORMAT_NAME = "fastpadim"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: packed float32 statistics instead of the factor (every model can be updated)
 
 
 def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -36,13 +36,17 @@ def _expected_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, 
     positions = meta["positions"]
     dim = meta["backbone"]["n_features"]
     factor = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[meta["factor_dtype"]]
-    return {
+    shapes = {
         "mean": ((positions, dim), ("F32",)),
-        "whitener": ((positions, dim, dim), (factor,)),
         "channel_indices": ((dim,), ("I64", "I32")),
-        "stats.mean": ((positions, dim), ("F64",)),
-        "stats.scatter": ((positions, dim * (dim + 1) // 2), ("F64",)),
     }
+    if meta["format_version"] >= 2:
+        shapes["scatter"] = ((positions, dim * (dim + 1) // 2), ("F32",))
+    else:
+        shapes["whitener"] = ((positions, dim, dim), (factor,))
+        shapes["stats.mean"] = ((positions, dim), ("F64",))
+        shapes["stats.scatter"] = ((positions, dim * (dim + 1) // 2), ("F64",))
+    return shapes
 
 
 def _check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
@@ -69,7 +73,8 @@ def _check_tensors(path: Path, meta: dict, handle) -> None:
             raise FastpadimError(f"{path}: tensor {name!r} has shape {shape}, but the metadata implies {expected[name][0]}")
         if view.get_dtype() not in dtypes:
             raise FastpadimError(f"{path}: tensor {name!r} is {view.get_dtype()}, expected {' or '.join(dtypes)}")
-    for name in ("mean", "whitener", "channel_indices"):
+    required = ("mean", "scatter" if meta["format_version"] >= 2 else "whitener", "channel_indices")
+    for name in required:
         if name not in handle.keys():
             raise FastpadimError(f"{path}: model file lacks the tensor {name!r}")
     if ("stats.mean" in handle.keys()) != ("stats.scatter" in handle.keys()):
@@ -112,7 +117,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     indices = tensors["channel_indices"]
     if int(indices.min()) < 0 or (indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all())):
         raise FastpadimError(f"{path}: the model's channel indices must be sorted, unique and non-negative")
-    if "stats.mean" in tensors and meta["n_train_images"] < 2:
+    if ("stats.mean" in tensors or "scatter" in tensors) and meta["n_train_images"] < 2:
         raise FastpadimError(f"{path}: model metadata field 'n_train_images' must be at least 2 with statistics kept")
     return meta, tensors
 

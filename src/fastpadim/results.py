@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .calibration import Calibration
 from .errors import FastpadimError
 from .images import iter_batches, single_or_many, stack_arrays
 from .sources import expand
@@ -64,6 +65,8 @@ class ScoredImage:
     view: np.ndarray | None = None  # the frame as decoded (RGB, its own size), with keep_view
     error: str | None = None
     frame_map: np.ndarray | None = None  # the anomaly map in the frame's pixels, with keep_view
+    normalized: float | None = None  # score / threshold: 1.0 is the threshold (None without one)
+    false_alarm_probability: float | None = None  # of a good part scoring this high (None without calibration)
 
     def __post_init__(self) -> None:
         # A NaN/Inf score (a broken model, or numbers that overflowed) is an error for this image, never a score
@@ -72,6 +75,7 @@ class ScoredImage:
             self.error = (f"{self.name}: the model produced a non-finite score ({self.score}); no verdict "
                           "(the model file or this image gives invalid numbers)")
             self.score, self.anomaly_map, self.frame_map = None, None, None
+            self.normalized, self.false_alarm_probability = None, None
 
 
 @dataclass
@@ -85,6 +89,8 @@ class Predictions:
     threshold: float | None
     names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    normalized: np.ndarray | None = None  # scores / threshold (None without a threshold)
+    false_alarm_probability: np.ndarray | None = None  # per image (None without a calibration)
 
 
 class ScoringMixin:
@@ -109,6 +115,7 @@ class ScoringMixin:
         self.skipped_ += unusable
         batches = iter_batches(single_or_many(images), self.preprocessing_, batch_size or self.batch_size,
                                self.workers, keep_view)
+        threshold = self._valid_threshold()
         for batch in batches:
             good = [item for item in batch if item.array is not None]
             results = {item.index: ScoredImage(item.index, item.name, error=item.error) for item in batch if item.error}
@@ -117,10 +124,26 @@ class ScoringMixin:
                 for item, score, amap in zip(good, scores, maps):
                     frame_map = None if item.view is None else self.preprocessing_.to_frame(amap, item.view.shape[:2])
                     results[item.index] = ScoredImage(item.index, item.name, float(score), amap, item.view,
-                                                      frame_map=frame_map)
+                                                      frame_map=frame_map, **self._readable(float(score), threshold))
             if progress:
                 progress(len(batch))
             yield [results[item.index] for item in batch]
+
+    def _valid_threshold(self) -> float | None:
+        """The threshold, or None where there is none or it is stale (scoring for a new threshold goes on)."""
+        try:
+            return self.threshold_
+        except FastpadimError:
+            return None
+
+    def _readable(self, score: float, threshold: float | None) -> dict:
+        """The score as people on the line read it: ``normalized`` (score / threshold) and the estimated
+        ``false_alarm_probability`` of a good part scoring this high."""
+        calibration: Calibration | None = getattr(self, "calibration_", None)
+        if not math.isfinite(score):
+            return {}
+        return {"normalized": score / threshold if threshold else None,
+                "false_alarm_probability": calibration.false_alarm_probability(score) if calibration else None}
 
     @property
     def threshold_(self) -> float | None:
@@ -172,7 +195,10 @@ class ScoringMixin:
         threshold = self.threshold_  # finite or None: checked when it was set
         verdicts = scores > threshold if threshold is not None else None
         skipped = [(r.name, r.error) for r in results if r.error]
-        return Predictions(scores, maps, verdicts, self.threshold_, [r.name for r in ok], skipped)
+        normalized = np.array([r.normalized for r in ok], np.float64) if threshold else None
+        probability = (np.array([r.false_alarm_probability for r in ok], np.float64)
+                       if getattr(self, "calibration_", None) is not None else None)
+        return Predictions(scores, maps, verdicts, threshold, [r.name for r in ok], skipped, normalized, probability)
 
     def set_threshold(self, good_images: Iterable, false_alarm_rate: float | None = None,
                       progress: Progress | None = None) -> float:
@@ -189,9 +215,20 @@ class ScoringMixin:
             raise FastpadimError("no readable good images to set the threshold from")
         return self.set_threshold_from_scores(scores, rate)
 
-    def set_threshold_from_scores(self, scores, rate: float) -> float:
-        """Threshold = the (1 − rate) quantile of good images' scores; records the rate and the count."""
-        self.threshold_ = float(np.quantile(np.asarray(scores, dtype=np.float64), 1.0 - rate, method="higher"))
-        self.threshold_count_ = len(scores)
+    def set_threshold_from_scores(self, scores, rate: float, method: str = "good images") -> float:
+        """Threshold = the (1 − rate) quantile of good images' scores (``calibrate``)."""
+        return self.calibrate(Calibration(scores, method), rate)
+
+    def calibrate(self, calibration: Calibration, rate: float | None = None) -> float:
+        """Install a calibration (good images' scores the model did not learn from) and the threshold it gives
+        for the false-alarm ``rate`` (default ``false_alarm_rate``); beyond the scores, the tail model's
+        (``threshold_extrapolated_``)."""
+        rate = self.false_alarm_rate if rate is None else rate
+        value, extrapolated = calibration.threshold(rate)
+        self.calibration_ = calibration
+        self.threshold_ = value
+        self.threshold_count_ = calibration.n
         self.threshold_rate_ = rate
-        return self.threshold_
+        self.threshold_extrapolated_ = extrapolated
+        self.threshold_target_ = f"fpr={rate:g}"
+        return value
