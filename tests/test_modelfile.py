@@ -56,18 +56,32 @@ def test_metadata_describes_the_model(fitted, saved):
     assert meta["grid"] == [16, 16] and meta["positions"] == 256 and meta["pool"] == 1 and meta["tiling"] is None
     assert meta["epsilon"] == 0.01 and meta["n_train_images"] == 12
     assert meta["threshold"]["image"] == fitted.threshold_ and meta["threshold"]["n_good_images"] == 4
-    assert set(tensors) == {"mean", "whitener", "channel_indices"}  # no training statistics unless asked
+    assert set(tensors) == {"mean", "scatter", "channel_indices"}  # statistics, not the factor (computed at load)
 
 
-def test_keep_stats_allows_partial_fit_after_load(train_arrays, test_arrays, saved, tmp_path):
+def test_every_saved_model_takes_more_images_after_load(train_arrays, test_arrays, tmp_path):
     model = Padim(**SMALL).fit(train_arrays[:8])
-    model.save(tmp_path / "stats.padim", keep_stats=True)
-    loaded = Padim.load(tmp_path / "stats.padim", device="cpu").partial_fit(train_arrays[8:])
+    model.save(tmp_path / "m.padim")
+    loaded = Padim.load(tmp_path / "m.padim", device="cpu").partial_fit(train_arrays[8:])
     whole = Padim(**SMALL).fit(train_arrays)
-    np.testing.assert_allclose(loaded.score_images(test_arrays)[0], whole.score_images(test_arrays)[0], rtol=1e-4)
-    without = Padim.load(saved, device="cpu")
-    with pytest.raises(FastpadimError, match="keep_stats"):
-        without.partial_fit(train_arrays[:2])
+    np.testing.assert_allclose(loaded.score_images(test_arrays)[0], whole.score_images(test_arrays)[0], rtol=1e-5)
+
+
+def test_a_format_1_file_still_scores_but_takes_no_more_images(fitted, test_arrays, tmp_path):
+    """Format 1 stored the factor itself (and the statistics only with --keep-stats)."""
+    from fastpadim.modelfile import write_model_file
+
+    meta = {**fitted.to_metadata(), "format_version": 1}
+    for key in ("calibration", "history", "folds"):
+        meta.pop(key)
+    tensors = {"mean": fitted.mean_.cpu(), "whitener": fitted.whitener_.cpu(),
+               "channel_indices": fitted.channel_indices_.cpu()}
+    write_model_file(tmp_path / "v1.padim", meta, tensors)
+    old = Padim.load(tmp_path / "v1.padim", device="cpu")
+    np.testing.assert_array_equal(old.anomaly_scores(test_arrays), fitted.anomaly_scores(test_arrays))
+    with pytest.raises(FastpadimError, match="no training statistics") as exc_info:
+        old.partial_fit(test_arrays)
+    assert "\n" not in str(exc_info.value)
 
 
 def assert_clear(exc_info, *words) -> None:
@@ -117,9 +131,9 @@ def test_newer_format_version(saved, tmp_path):
 def test_missing_tensor_and_missing_version(saved, tmp_path):
     with safe_open(str(saved), framework="pt") as handle:
         metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name != "whitener"}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys() if name != "scatter"}
     save_file(tensors, str(tmp_path / "lacking.padim"), metadata=metadata)
-    with pytest.raises(FastpadimError, match="whitener"):
+    with pytest.raises(FastpadimError, match="scatter"):
         Padim.load(tmp_path / "lacking.padim", device="cpu")
     rewrite_metadata(saved, tmp_path / "nover.padim", lambda meta: meta.pop("format_version"))
     with pytest.raises(FastpadimError, match="format version"):
@@ -225,7 +239,7 @@ def test_bad_metadata_is_refused_at_load_naming_the_field(saved, tmp_path, dotte
         Padim.load(target, device="cpu")
 
 
-@pytest.mark.parametrize("name", ["mean", "whitener"])
+@pytest.mark.parametrize("name", ["mean", "scatter"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_tensors_are_refused_at_load(saved, tmp_path, name, value):
     target = tmp_path / "nan.padim"

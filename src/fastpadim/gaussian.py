@@ -241,3 +241,21 @@ def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitener: torch.Te
     centred = (embeddings.to(whitener.dtype) - mean.to(whitener.dtype)).permute(1, 2, 0)  # (P, D, B)
     whitened = torch.bmm(whitener, centred)  # (P, D, B)
     return whitened.square().sum(dim=1).sqrt().transpose(0, 1).float()
+
+
+def leave_one_out(distances: torch.Tensor, count: int) -> torch.Tensor:
+    """Distances of training samples to each position's Gaussian fitted without them, from their distances to the
+    Gaussian fitted on all ``count`` samples: every fold model of leave-one-out in closed form, no factorisation.
+
+    Taking sample z = x − μ out of n: M₍ᵢ₎ = M − n/(n−1)·zzᵀ, μ₍ᵢ₎ = μ − z/(n−1), so with Σ = M/(n−1) + εI,
+    Σ₍ᵢ₎ = cΣ − a·zzᵀ − (c−1)εI (c = (n−1)/(n−2), a = n/((n−1)(n−2))). Sherman–Morrison gives the distance under
+    cΣ − a·zzᵀ from m = zᵀΣ⁻¹z alone: d² = (n/(n−1))² · m / (c·(1 − n·m/(n−1)²)). The dropped (c−1)εI makes the
+    covariance at most 1 + 1/(n−2) times too large, so the distances are at most that factor too small (0.3 %
+    at n = 180): not exact like the k-fold models, but unbiased in the number of images they rest on."""
+    n = float(count)
+    if n < 3:
+        raise FastpadimError(f"leave-one-out needs at least 3 training images, got {count}")
+    m = distances.double().square()
+    # m < (n−1)²/n for a sample of the fit (its leverage is below 1); the clamp only guards rounding
+    remaining = (1.0 - n * m / (n - 1) ** 2).clamp_min(1e-12)
+    return (m * (n * n * (n - 2) / (n - 1) ** 3) / remaining).sqrt().to(distances.dtype)

@@ -177,7 +177,8 @@ def validate(meta, path: str | Path = "model") -> dict:
         refuse_field(path, p + "target", f"must be fpr=R, recall=R, f1 or manual, got {shown(target)}")
     if not isinstance(th.get("extrapolated", False), bool):
         refuse_field(path, p + "extrapolated", f"must be true or false, got {shown(th['extrapolated'])}")
-    _int(path, {"folds": meta.get("folds", 0)}, "folds", 0, MAX_FOLDS)
+    if meta.get("folds", 0) != "all":
+        _int(path, {"folds": meta.get("folds", 0)}, "folds", 0, MAX_FOLDS)
     _calibration(path, meta.get("calibration"))
     _history(path, meta.get("history"))
     return meta
@@ -190,7 +191,8 @@ def _calibration(path, calibration) -> None:
     p = "calibration."
     if _get(path, calibration, "method", p) not in CALIBRATION_METHODS:
         refuse_field(path, p + "method", f"must be one of {', '.join(CALIBRATION_METHODS)}, got {shown(calibration['method'])}")
-    _int(path, {"folds": calibration.get("folds")}, "folds", 2, MAX_FOLDS, p, optional=True)
+    if calibration.get("folds") != "all":
+        _int(path, {"folds": calibration.get("folds")}, "folds", 2, MAX_FOLDS, p, optional=True)
     scores = _get(path, calibration, "scores", p)
     if not isinstance(scores, list) or not 1 <= len(scores) <= MAX_SCORES:
         refuse_field(path, p + "scores", f"must be a list of 1 to {MAX_SCORES} numbers")

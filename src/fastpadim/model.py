@@ -17,7 +17,7 @@ from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
 from .calibration import Calibration, fold_assignment
-from .gaussian import GaussianStats, mahalanobis
+from .gaussian import GaussianStats, leave_one_out, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
@@ -58,7 +58,8 @@ class Padim(ScoringMixin):
     by default: the paper's centre crop (``crop_size=224``) would leave a border band of every image unseen, so
     it is opt-in, for reproducing the paper's tables (anomalib's PaDiM does not crop either). The decision
     threshold is set from good images only, none of them lost to the Gaussians: by default the training images'
-    out-of-fold scores (``folds``; ``fastpadim.calibration``), or ``threshold_images`` given to ``fit``, or a
+    out-of-fold scores (``folds``: "all" is leave-one-out, in closed form; k ≥ 2 exact k-fold models; 0 none;
+    ``fastpadim.calibration``), or ``threshold_images`` given to ``fit``, or a
     ``holdout`` fraction; the threshold is their (1 − ``false_alarm_rate``) quantile (a tail model's beyond them).
 
     ``n_features``: the random channel subset's size (None: the preset's Rd; "all": every channel of the layers).
@@ -95,7 +96,7 @@ class Padim(ScoringMixin):
         seed: int = 0,
         device: str = "auto",
         batch_size: int = 32,
-        folds: int = 5,
+        folds: int | str = "all",
         holdout: float = 0.0,
         false_alarm_rate: float = 0.01,
         workers: int = 2,
@@ -162,9 +163,10 @@ class Padim(ScoringMixin):
         number("batch_size", 1, integer=True)
         number("workers", 1, integer=True)
         number("false_alarm_rate", 0.0, 1.0, closed=False)
-        number("folds", 0, MAX_FOLDS, integer=True)
-        if self.folds == 1:
-            raise FastpadimError("folds must be 0 (no out-of-fold threshold) or at least 2, got 1")
+        if self.folds != "all":
+            number("folds", 0, MAX_FOLDS, integer=True)
+            if self.folds == 1:
+                raise FastpadimError("folds must be 0 (no out-of-fold threshold), at least 2, or 'all', got 1")
         if self.n_features not in (None, "all"):
             number("n_features", 1, integer=True)  # 0 is no shorthand: "all" keeps every channel, None the preset's
         image_size = self._side_checked("image_size", MAX_IMAGE_SIZE)
@@ -368,16 +370,19 @@ class Padim(ScoringMixin):
 
     def _add(self, images, threshold_images, progress: Progress | None, method: str) -> Padim:
         """Accumulate ``images``; calibrate (from ``threshold_images``, else out of fold); factor; record it."""
-        if self.folds >= 2 and threshold_images is None:
+        out_of_fold = threshold_images is None and self.folds != 0
+        if out_of_fold:
             images = images if isinstance(images, Sequence) else list(images)  # read twice: fit, then fold scores
         digest = hashlib.sha256()
         before = self.stats_.count if self.stats_ is not None else 0
         self.accumulate(images, progress, digest)
         added = (self.stats_.count - before) // self._samples_per_image if self.stats_ is not None else 0
         fold_scores = None
-        if threshold_images is None and self.folds >= 2 and added:
+        if out_of_fold and added and self.folds != "all":
             fold_scores = self.out_of_fold_scores(images, progress)
         self.finish()
+        if out_of_fold and added and self.folds == "all":
+            fold_scores = self.leave_one_out_scores(images, progress)
         self.history_ = [*getattr(self, "history_", []), history_entry(added, digest.hexdigest())]
         if threshold_images is not None:
             self.set_threshold_from_scores(self._good_scores(threshold_images, progress), self.false_alarm_rate,
@@ -474,6 +479,23 @@ class Padim(ScoringMixin):
                 progress(len(members))
         return np.asarray(scores, np.float64)
 
+    @torch.inference_mode()
+    def leave_one_out_scores(self, images: Iterable[ImageInput], progress: Progress | None = None) -> np.ndarray:
+        """Scores of ``images`` (in the fitted model) by the model of all the other images: ``folds="all"``, each
+        fold model in closed form (``gaussian.leave_one_out``), one more forward pass and no factorisation."""
+        self.check_fitted()
+        samples = self.stats_.count
+        if samples < 3:
+            raise FastpadimError(f"a leave-one-out threshold needs at least 3 training images, got {samples}; add "
+                                 "images, give good images for the threshold, or set folds to 0 (no threshold)")
+        scores: list[float] = []
+        for embeddings, frames in self._embedded(images):
+            distances = mahalanobis(embeddings, self.mean_, self._whitener_compute)
+            scores.extend(self._score_distances(leave_one_out(distances, samples), frames)[0].cpu().tolist())
+            if progress:
+                progress(frames)
+        return np.asarray(scores, np.float64)
+
     def _fold_statistics(self, images: Sequence[ImageInput]) -> tuple[GaussianStats | None, list | None]:
         """A fold's statistics, and its embeddings (with their image counts) while they fit FOLD_CACHE_BYTES."""
         stats, cached, size = None, [], 0
@@ -542,7 +564,10 @@ class Padim(ScoringMixin):
     def _score_embeddings(self, embeddings: torch.Tensor, frames: int, mean: torch.Tensor,
                           whitener: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings of ``frames`` images → image scores (B,) and maps (B, H, W) against (mean, whitener)."""
-        distances = mahalanobis(embeddings, mean, whitener)  # (B, P), or (B·T, p) with shared tiles
+        return self._score_distances(mahalanobis(embeddings, mean, whitener), frames)
+
+    def _score_distances(self, distances: torch.Tensor, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position distances (B, P), or (B·T, p) with shared tiles → image scores (B,) and maps (B, H, W)."""
         if self.tiler_ is not None:
             grid = self.tiler_.stitch(distances.view(frames, self.tiler_.n_tiles, *self.tiler_.tile_grid))
         else:
