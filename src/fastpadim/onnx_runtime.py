@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import FastpadimError
 from .files import folder_of
+from .calibration import Calibration
 from .images import Preprocessing
 from .metadata import refuse_field, shown, validate
 from .results import ScoringMixin
@@ -292,10 +293,11 @@ def write_metadata(path: str | os.PathLike, meta: dict) -> None:
 
 
 def write_threshold(path: str | os.PathLike, threshold: float | None) -> None:
-    """Set (or with None, remove) the image threshold stored in an ONNX export."""
+    """Set by hand (target "manual"), or with None remove, the image threshold stored in an ONNX export."""
+    from .targets import manual_threshold
+
     meta = read_metadata(path)
-    meta["threshold"] = {**meta["threshold"], "image": None if threshold is None else float(threshold),
-                         "n_good_images": None}
+    meta["threshold"] = manual_threshold(meta["threshold"], threshold, meta["n_train_images"])
     write_metadata(path, meta)
 
 
@@ -391,8 +393,9 @@ class OnnxPadim(ScoringMixin):
     and CPU); OpenVINO also takes "bf16" or "f16", opt-in and only on a CPU that has them natively (faster,
     but scores move: on bottle by 0.7 % to 68 % in bf16). ``self.precision`` is the precision the engine
     actually compiled (read back from OpenVINO's compiled model). Attributes as on ``Padim``: ``threshold_``,
-    ``preprocessing_``, ``false_alarm_rate``, ``n_samples_seen_``, ``metadata_`` (the stored metadata),
-    ``batch_size``, ``workers``.
+    ``threshold_target_``, ``threshold_extrapolated_``, ``calibration_`` (the good scores behind the threshold:
+    the same ``false_alarm_probability`` as the .padim), ``history_``, ``preprocessing_``, ``false_alarm_rate``,
+    ``n_samples_seen_``, ``metadata_`` (the stored metadata), ``batch_size``, ``workers``.
     """
 
     def __init__(self, path: str | os.PathLike, engine: str = "onnxruntime", device: str = "auto",
@@ -414,10 +417,17 @@ class OnnxPadim(ScoringMixin):
         del proto
         meta = self.metadata_
         self.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])  # its size matches the graph (checked)
-        self.threshold_ = meta["threshold"]["image"]
-        self.threshold_count_ = meta["threshold"].get("n_good_images")
-        self.false_alarm_rate = self.threshold_rate_ = meta["threshold"]["false_alarm_rate"]
+        th = meta["threshold"]
         self.n_samples_seen_ = meta["n_train_images"]
+        self._install_threshold(th["image"], th.get("n_train_images"))  # as Padim.load: a stale one is refused on use
+        self.threshold_count_ = th.get("n_good_images")
+        self.false_alarm_rate = self.threshold_rate_ = th["false_alarm_rate"]
+        self.threshold_target_ = th.get("target")
+        self.threshold_extrapolated_ = th.get("extrapolated", False)
+        # the good scores behind the threshold: the same false-alarm probabilities as the .padim it came from
+        # (the stored tail is used as it is, so loading fits nothing)
+        self.calibration_ = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        self.history_ = list(meta.get("history") or [])
         self.backbone = meta["backbone"]["name"]
         self.batch_size = batch_size
         self.workers = workers
@@ -439,9 +449,19 @@ class OnnxPadim(ScoringMixin):
         return np.concatenate([scores for scores, _ in parts]), np.concatenate([maps for _, maps in parts])
 
     def save_metadata(self) -> None:
-        """Write the current threshold (e.g. after ``set_threshold``) into the file's metadata."""
-        self.metadata_["threshold"] = {"image": self.threshold_, "false_alarm_rate": self.threshold_rate_,
-                                       "n_good_images": getattr(self, "threshold_count_", None)}
+        """Write the current threshold and calibration (e.g. after ``set_threshold`` or ``fastpadim calibrate``)
+        into the file's metadata, as ``Padim.to_metadata`` records them."""
+        calibration: Calibration | None = getattr(self, "calibration_", None)
+        self.metadata_["threshold"] = {
+            **self.metadata_["threshold"],
+            "image": self.__dict__.get("_threshold"),
+            "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
+            "n_good_images": getattr(self, "threshold_count_", None),
+            "n_train_images": self.__dict__.get("_threshold_for"),
+            "target": getattr(self, "threshold_target_", None),
+            "extrapolated": bool(getattr(self, "threshold_extrapolated_", False)),
+        }
+        self.metadata_["calibration"] = None if calibration is None else calibration.to_dict()
         write_metadata(self.path, self.metadata_)
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 bundles click
 from typer.core import TyperGroup
 
-from . import demo, evaluate, export, fit, info, predict, serve
+from . import calibrate, demo, evaluate, export, fit, info, predict, serve, update
 from .console import missing_module, out, print_error, state
 
 
@@ -81,6 +81,8 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 COMMANDS = [
     ("fit", fit.fit),
     ("predict", predict.predict),
+    ("calibrate", calibrate.calibrate),
+    ("update", update.update),
     ("info", info.info),
     ("demo", demo.demo),
     ("evaluate", evaluate.evaluate),

@@ -1,4 +1,4 @@
-"""``fastpadim export`` and ``fastpadim set-threshold``: ONNX exports and their threshold."""
+"""``fastpadim export`` and ``fastpadim set-threshold``: ONNX exports, and a model's threshold (.padim or .onnx)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..onnx_runtime import OPSETS
 from ..results import check_threshold
 from ..sizes import format_size, parse_size
 from .console import progress_bar, say, user_errors
-from .options import AllowDownloadOpt, PrecisionOpt, WeightsOpt
+from .options import AllowDownloadOpt, DeviceOpt, PrecisionOpt, WeightsOpt
 
 
 def export(
@@ -52,38 +52,61 @@ def export(
 
 
 def set_threshold(
-    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="An ONNX export (.onnx).")],
-    value: Annotated[Optional[float], typer.Argument(help="The new image threshold.")] = None,
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model file (.padim) or an ONNX export (.onnx).")],
+    value: Annotated[Optional[float], typer.Argument(help="The new image threshold (set by hand: target 'manual').")] = None,
     good: Annotated[Optional[Path], typer.Option("--good", help="Set it from these good images instead (a folder or an image).")] = None,
     false_alarm_rate: Annotated[Optional[float], typer.Option(help="With --good: share of good images flagged (default: the model's).")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove the threshold (verdicts become 'unknown').")] = False,
-    engine: Annotated[str, typer.Option(help="With --good: onnxruntime or openvino.")] = "onnxruntime",
+    engine: Annotated[Optional[str], typer.Option(help="With --good, for .onnx models: onnxruntime (default) or openvino.")] = None,
     precision: PrecisionOpt = None,
+    weights: WeightsOpt = None,
+    allow_download: AllowDownloadOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Change an ONNX export's threshold in its metadata, without re-exporting (the graph does not hold it)."""
-    from ..onnx_runtime import OnnxPadim, read_metadata, write_threshold
-
+    """Change a model's threshold in its file, without refitting or re-exporting (neither the Gaussians nor the
+    graph hold it): a value, one set from good images for a false-alarm rate, or none."""
     with user_errors():
         if sum([value is not None, good is not None, clear]) != 1:
             raise FastpadimError("give exactly one of: a VALUE, --good FOLDER, or --clear")
-        if model_path.suffix.lower() != ".onnx":
-            raise FastpadimError(f"{model_path}: set-threshold edits ONNX exports; for a .padim model use predict --threshold")
-        if precision is not None and good is None:
-            raise FastpadimError("--precision applies with --good only (it sets how the good images are scored)")
+        for name, given in (("--precision", precision), ("--engine", engine), ("--false-alarm-rate", false_alarm_rate)):
+            if given is not None and good is None:
+                raise FastpadimError(f"{name} applies with --good only (it sets how the good images are scored)")
         if good is not None:
             from ..images import list_images
+            from .calibrate import check_write_back, load_model, write_back
 
             files = list_images(good)
-            model = OnnxPadim(model_path, engine=engine, precision=precision)
             if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
                 raise FastpadimError(f"false alarm rate must be in (0, 1), got {false_alarm_rate}")
+            model = load_model(model_path, device, weights, engine, precision, allow_download)
+            check_write_back(model, model_path)
             with progress_bar("scoring", len(files)) as advance:
                 model.set_threshold(files, false_alarm_rate, progress=advance)
-            model.save_metadata()
-            meta = model.metadata_
+            write_back(model, model_path)
+            th = {"image": model.threshold_, "target": model.threshold_target_}
         else:
-            check_threshold(value, "the threshold")
-            write_threshold(model_path, value)
-            meta = read_metadata(model_path)
-        th = meta["threshold"]["image"]
-        say(f"{model_path}: threshold {'none' if th is None else f'{th:.6g}'}")
+            if weights is not None or allow_download:
+                raise FastpadimError("--weights and --allow-download apply with --good only (a value is written "
+                                     "without loading the network)")
+            th = write_manual_threshold(model_path, None if clear else check_threshold(value, "the threshold"))
+        shown = "none" if th["image"] is None else f"{th['image']:.6g} ({th['target']})"
+        say(f"{model_path}: threshold {shown}")
+
+
+def write_manual_threshold(path: Path, value: float | None) -> dict:
+    """A threshold set by hand (None: removed) into the model file's metadata, atomically; the network is not
+    built (no weights needed) and the tensors are written back as they were read."""
+    from ..targets import manual_threshold
+
+    if path.suffix.lower() == ".onnx":
+        from ..onnx_runtime import read_metadata, write_threshold
+
+        write_threshold(path, value)
+        return read_metadata(path)["threshold"]
+    from ..metadata import validate
+    from ..modelfile import read_model_file, write_model_file
+
+    meta, tensors = read_model_file(path)
+    meta["threshold"] = manual_threshold(meta["threshold"], value, meta["n_train_images"])
+    write_model_file(path, validate(meta, path), tensors)
+    return meta["threshold"]
