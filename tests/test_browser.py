@@ -130,3 +130,29 @@ def test_page_keeps_a_wide_frame_wide(tmp_path):
         shown = heatmap.evaluate("img => img.getBoundingClientRect().width / img.getBoundingClientRect().height")
         assert shown == pytest.approx(2.0, rel=0.03)  # the frame's aspect on screen (borders aside)
     assert not foreign, f"the page fetched outside assets: {foreign}"
+
+
+def test_page_shows_the_normalized_score_and_false_alarm_probability(live_server):
+    """Beside the raw score: "1.23× threshold" and "p(good ≥ this) 0.4 %"; the model line says how the threshold
+    was set (calibration method and good images)."""
+    import re
+
+    image = sorted((BOTTLE / "test/broken_large").glob("*.png"))[0]
+    foreign: list[str] = []
+    with browser_page(live_server, foreign) as page:
+        assert re.search(r"threshold \d+\.\d{3} \((out-of-fold|hold-out|good images), \d+ good images",
+                         page.text_content("#model")), page.text_content("#model")
+        page.set_input_files("#file", str(image))
+        page.wait_for_selector("body[data-scored='1']", timeout=60_000)
+        assert not page.is_visible("#error"), page.text_content("#error")
+        score = float(page.text_content("#score"))
+        threshold = float(page.text_content("#threshold").removeprefix("threshold "))
+        normalized = page.text_content("#normalized")
+        assert re.fullmatch(r"\d+\.\d\d× threshold", normalized), normalized
+        assert float(normalized.split("×")[0]) == pytest.approx(score / threshold, abs=0.01)
+        assert (float(normalized.split("×")[0]) > 1) == (page.text_content("#verdict") == "anomalous")
+        probability = page.text_content("#probability")
+        match = re.fullmatch(r"p\(good ≥ this\) (?:([\d.]+) %|1 in [\d,]+)", probability)
+        assert match, probability
+        assert match.group(1) is None or 0 < float(match.group(1)) <= 100
+    assert not foreign, f"the page fetched outside assets: {foreign}"

@@ -798,3 +798,58 @@ def test_a_rectangular_model_answers_in_the_frame_pixels(rect_model):
     for entry in many["results"]:
         assert decode_png(entry["heatmap_png_base64"]).size == (128, 96)
         assert all(r["x"] + r["width"] <= 128 and r["y"] + r["height"] <= 96 for r in entry["regions"])
+
+
+# ------------------------------------------------------------------------------ readable scores
+def test_score_reply_has_the_normalized_score_and_false_alarm_probability(client, model, good_png, defect_png):
+    good = client.post("/v1/score", files={"file": ("g.png", good_png, "image/png")}).json()
+    defect = client.post("/v1/score", files={"file": ("d.png", defect_png, "image/png")}).json()
+    keys = list(good)
+    assert keys.index("score") + 1 == keys.index("normalized") and keys.index("normalized") + 1 == keys.index(
+        "false_alarm_probability")
+    for body in (good, defect):
+        assert body["normalized"] == pytest.approx(body["score"] / body["threshold"], rel=1e-6)
+        assert (body["normalized"] > 1) == body["is_anomalous"]
+        assert 0 < body["false_alarm_probability"] <= 1
+        assert body["false_alarm_probability"] == pytest.approx(model.calibration_.false_alarm_probability(body["score"]))
+    assert defect["score"] > good["score"] and defect["false_alarm_probability"] <= good["false_alarm_probability"]
+
+
+def test_batch_items_have_the_normalized_score_and_false_alarm_probability(client, good_png, defect_png):
+    files = [("file", ("g.png", good_png, "image/png")), ("file", ("x.png", b"junk", "image/png")),
+             ("file", ("d.png", defect_png, "image/png"))]
+    body = client.post("/v1/score/batch", files=files).json()
+    good, junk, defect = body["results"]
+    for item in (good, defect):
+        assert item["normalized"] == pytest.approx(item["score"] / body["threshold"], rel=1e-6)
+        assert 0 < item["false_alarm_probability"] <= 1
+    assert "normalized" not in junk and junk["error"]
+
+
+def test_model_info_says_where_the_threshold_comes_from(client, model):
+    calibration = client.get("/v1/model").json()["calibration"]
+    assert calibration["method"] == model.calibration_.method
+    assert calibration["n_good_images"] == model.calibration_.n > 0
+    assert calibration["target"] == "fpr=0.01" and calibration["extrapolated"] in (True, False)
+
+
+def test_without_calibration_the_readable_scores_are_null(images, good_png):
+    plain = Padim(weights="random", image_size=SIZE, crop_size=None, holdout=0.0, folds=0, device="cpu",
+                  workers=1).fit(images[:4])
+    with TestClient(create_app(plain)) as c:
+        body = c.post("/v1/score", files={"file": ("a.png", good_png, "image/png")}).json()
+        assert body["normalized"] is None and body["false_alarm_probability"] is None and body["verdict"] == "unknown"
+        assert c.get("/v1/model").json()["calibration"] is None
+
+
+def test_score_heatmap_has_the_verdict_drawn_on_it(client, model, defect_png):
+    from fastpadim.visualize import overlay
+
+    body = client.post("/v1/score?heatmap=true", files={"file": ("d.png", defect_png, "image/png")}).json()
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"]))))
+    (result,) = [r for batch in model.iter_scored([Image.open(io.BytesIO(defect_png))], keep_view=True) for r in batch]
+    plain = np.asarray(overlay(result.view, result.frame_map, model.threshold_))
+    assert drawn.shape == plain.shape
+    band = int(np.argmin(np.any(np.abs(drawn.astype(int) - plain.astype(int)) > 2, axis=(1, 2))))
+    assert 0 < band <= 0.4 * SIZE  # a dark band at the top, the heatmap as it was below it
+    assert drawn[:band].mean() < 0.6 * plain[:band].mean() and (drawn[:band].max(axis=2) > 200).any()

@@ -27,7 +27,7 @@ from .results import VERDICT_LABELS, verdict
 from .images import MAX_IMAGE_PIXELS
 from .serve import (
     MAX_BATCH_FILES, MAX_DECODING_PIXELS, MULTIPART_SLACK, RAW_TYPES, TRIM_AFTER_PIXELS, UPLOAD_HINT, check_options,
-    decode_upload, in_frame, model_summary, release_memory, score_batch,
+    decode_upload, in_frame, model_summary, readable_score, release_memory, score_batch,
 )
 
 
@@ -52,6 +52,8 @@ class Region(BaseModel):
 class Score(BaseModel):
     name: str
     score: float
+    normalized: Optional[float]  # score / threshold: 1.0 is the threshold (null without one)
+    false_alarm_probability: Optional[float]  # estimated chance a good part scores this high (null: no calibration)
     verdict: str  # anomalous, good, or unknown when the model has no threshold
     is_anomalous: Optional[bool]
     threshold: Optional[float]
@@ -64,6 +66,8 @@ class Score(BaseModel):
 class BatchItem(BaseModel):
     name: str
     score: Optional[float] = None
+    normalized: Optional[float] = None
+    false_alarm_probability: Optional[float] = None
     verdict: Optional[str] = None
     is_anomalous: Optional[bool] = None
     heatmap_png_base64: Optional[str] = None
@@ -254,7 +258,8 @@ async def health(request: Request) -> dict:
             "largest_batch": batcher.largest_batch}
 
 
-@router.get("/v1/model", summary="What the loaded model is: backbone, input size, training count, threshold")
+@router.get("/v1/model", summary="What the loaded model is: backbone, input size, training count, threshold and "
+                                 "its calibration")
 async def model_info(request: Request) -> dict:
     return service(request).summary
 
@@ -281,7 +286,7 @@ async def score_one(request: Request,
     if result.error:  # unreadable, or a non-finite score (results.ScoredImage turns it into an error)
         raise HTTPException(422, named(result, name))
     label, flagged = svc.judge(result.score)
-    response = {"name": name, "score": result.score, "verdict": label, "is_anomalous": flagged,
+    response = {"name": name, "score": result.score, **readable_score(result), "verdict": label, "is_anomalous": flagged,
                 "threshold": svc.model.threshold_, "batch_size": timing.batch_size}
     spent: dict = {}
     response.update(await svc.in_frame(upload, result, wants, spent))
@@ -316,7 +321,7 @@ async def score_many(request: Request,
         except FastpadimError as exc:  # no verdict for this image; the others keep theirs
             items[i]["error"] = f"{items[i]['name']}: {exc}"
             continue
-        items[i].update(score=result.score, verdict=label, is_anomalous=flagged)
+        items[i].update(score=result.score, **readable_score(result), verdict=label, is_anomalous=flagged)
         items[i].update(await svc.in_frame(upload, result, wants, spent))
     timings = {"decode": ms(sum(d for _, _, d in decoded)), "queue": ms(timing.queue_s),
                "model": ms(timing.model_s), **wants.timings(spent), "total": ms(time.perf_counter() - start)}

@@ -147,15 +147,18 @@ def warm_up(model: "Padim") -> None:
     height, width = model.preprocessing_.image_size
     frame = Image.new("RGB", (width, height), (128, 128, 128))
     (result,) = score_batch(model, [frame])
-    # loads the colour map (matplotlib) before the first heatmap
+    # loads the colour map (matplotlib) and the label's font before the first heatmap
     in_frame(model, Upload(frame, (height, width), frame), result, heatmap=True, regions=False)
 
 
-def overlay_png_base64(frame: np.ndarray, frame_map: np.ndarray, threshold: float | None) -> str:
-    from .visualize import overlay
+def overlay_png_base64(frame: np.ndarray, frame_map: np.ndarray, threshold: float | None,
+                       result: "ScoredImage | None" = None) -> str:
+    """The heatmap overlay as base64 PNG, labelled with ``result``'s verdict and score where given."""
+    from .visualize import Label, overlay
 
+    label = None if result is None else Label.of(result, threshold)
     buffer = io.BytesIO()
-    overlay(frame, frame_map, threshold).save(buffer, format="PNG")
+    overlay(frame, frame_map, threshold, label=label).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -170,12 +173,33 @@ def in_frame(model: "Padim | OnnxPadim", upload: Upload, result: "ScoredImage", 
     frame_map = model.preprocessing_.to_frame(result.anomaly_map, upload.frame_size)
     parts, seconds = {}, {}
     if heatmap:
-        parts["heatmap_png_base64"] = overlay_png_base64(np.asarray(upload.frame), frame_map, model.threshold_)
+        parts["heatmap_png_base64"] = overlay_png_base64(np.asarray(upload.frame), frame_map, model.threshold_, result)
         seconds["heatmap"], start = time.perf_counter() - start, time.perf_counter()
     if regions:
         parts.update(find_regions(frame_map, model.threshold_).to_dict())
         seconds["regions"] = time.perf_counter() - start
     return parts, seconds
+
+
+def readable_score(result: "ScoredImage") -> dict:
+    """A reply's readable score beside the raw one: ``normalized`` (score / threshold, 1.0 at the threshold) and
+    ``false_alarm_probability`` (of a good part scoring this high); null where the model has no threshold or no
+    calibration."""
+    return {"normalized": result.normalized, "false_alarm_probability": result.false_alarm_probability}
+
+
+def calibration_summary(model: "Padim | OnnxPadim") -> dict | None:
+    """Where the threshold and the false-alarm probabilities come from (None without a calibration): the method
+    (out-of-fold, hold-out, good images, labelled), folds, how many good scores, the target (e.g. fpr=0.01) and
+    whether the threshold was extrapolated beyond the good scores (a tail model). Only ``ScoringMixin``
+    attributes: the PyTorch model and the ONNX runtime alike."""
+    calibration = getattr(model, "calibration_", None)
+    if calibration is None:
+        return None
+    return {"method": calibration.method, "folds": calibration.folds, "n_good_images": calibration.n,
+            "target": getattr(model, "threshold_target_", None),
+            "false_alarm_rate": getattr(model, "threshold_rate_", None),
+            "extrapolated": bool(getattr(model, "threshold_extrapolated_", False))}
 
 
 def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
@@ -199,6 +223,7 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
         "n_train_images": meta["n_train_images"],
         "threshold": model.threshold_,
         "false_alarm_rate": th["false_alarm_rate"],
+        "calibration": calibration_summary(model),
         "device": device,
         "engine": engine,
     }

@@ -51,7 +51,8 @@ def predict(
     image's own pixels, to lay over it)."""
     from .. import load
     from ..regions import find_regions
-    from ..visualize import defect_mask, overlay
+    from ..serve import calibration_summary
+    from ..visualize import Label, defect_mask, overlay
 
     with user_errors():
         threshold = check_threshold(threshold, "--threshold")
@@ -98,11 +99,13 @@ def predict(
                             if result.error:
                                 skipped.append((name, result.error))
                                 continue
-                            row = {"image": name, "score": round(result.score, 6),
+                            row = {"image": name, "score": round(result.score, 6), **readable(result),
                                    "verdict": verdict_label(result.score, model.threshold_)}
                             if maps:
                                 stem = unique_name(name)
-                                write_png(overlay(result.view, result.frame_map, model.threshold_), staging / "overlays" / stem)
+                                label = Label.of(result, model.threshold_)
+                                write_png(overlay(result.view, result.frame_map, model.threshold_, label=label),
+                                          staging / "overlays" / stem)
                                 row["overlay"] = str(output / "overlays" / stem)
                                 if model.threshold_ is not None:
                                     write_png(defect_mask(result.frame_map, model.threshold_), staging / "masks" / stem)
@@ -114,8 +117,11 @@ def predict(
                 if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
                     raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
                 write_text(staging / "results.csv", results_csv(rows, regions))
-                summary = {"model": str(model_path), "threshold": model.threshold_, "images": rows,
-                           "skipped": [{"image": n, "error": e} for n, e in skipped]}
+                calibration = calibration_summary(model)
+                if calibration and threshold is not None:
+                    calibration["target"] = "manual"  # --threshold: the probabilities still come from the calibration
+                summary = {"model": str(model_path), "threshold": model.threshold_, "calibration": calibration,
+                           "images": rows, "skipped": [{"image": n, "error": e} for n, e in skipped]}
                 write_text(staging / "results.json", json.dumps(summary, indent=2))
                 move_into_place(staging, output)
                 done = True
@@ -127,7 +133,8 @@ def predict(
                     with suppress(OSError):
                         output.rmdir()  # only if empty
         flagged = sum(r["verdict"] == "anomalous" for r in rows)
-        say(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped); wrote {output}/results.csv")
+        say(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped){highest(rows)}; "
+            f"wrote {output}/results.csv")
 
 
 def write_png(image, path: Path) -> None:
@@ -138,11 +145,34 @@ def write_png(image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def readable(result) -> dict:
+    """The score as people read it, beside the raw one: ``normalized`` (score / threshold, 1.0 at the threshold) and
+    ``false_alarm_probability`` (of a good part scoring this high); None (empty in the CSV) where the model has no
+    threshold or no calibration. Significant digits, not decimals: a tail estimate can be 1e-9, and is not 0."""
+    def significant(value: float | None) -> float | None:
+        return None if value is None else float(f"{value:.6g}")
+
+    return {"normalized": significant(result.normalized),
+            "false_alarm_probability": significant(result.false_alarm_probability)}
+
+
+def highest(rows: list[dict]) -> str:
+    """The run's highest score in the words of the summary line ("" when there is no threshold)."""
+    scored = [r for r in rows if r["normalized"] is not None]
+    if not scored:
+        return ""
+    top = max(scored, key=lambda r: r["normalized"])
+    probability = top["false_alarm_probability"]
+    chance = "" if probability is None else f", p(good >= it) {probability * 100:.2g} %"
+    return f"; highest score {top['normalized']:.2f}x threshold{chance}"
+
+
 def results_csv(rows: list[dict], regions: bool = False) -> str:
     """One line per image; with ``regions`` a column of how many regions each image has (the boxes are in
-    results.json)."""
+    results.json). ``normalized`` and ``false_alarm_probability`` follow the score (empty when unknown)."""
     buffer = io.StringIO()
-    fields = ["image", "score", "verdict", "overlay", "mask"] + (["regions"] if regions else [])
+    fields = (["image", "score", "normalized", "false_alarm_probability", "verdict", "overlay", "mask"]
+              + (["regions"] if regions else []))
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for row in rows:

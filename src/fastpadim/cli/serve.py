@@ -48,6 +48,9 @@ def serve(
         warm_up(model)
         summary = model_summary(model, str(model_path))
     threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
+    calibration = summary["calibration"]
+    if calibration and model.threshold_ is not None:  # where the threshold and the replies' probabilities come from
+        threshold += f" set from {calibration['n_good_images']} good images, {calibration['method']}"
     say(f"serving {model_path} ({summary['backbone']}, {summary['engine']} on {summary['device']}, threshold {threshold}) "
         f"on http://{host}:{port}/  (API docs at /docs; Ctrl+C stops; images up to {megapixels(max_pixels)})")
     if host not in ("127.0.0.1", "localhost", "::1"):
