@@ -54,12 +54,11 @@ class Tail:
 def fit_tail(scores: np.ndarray) -> Tail | None:
     """Peaks over a threshold: a generalised Pareto distribution fitted (maximum likelihood) to the excesses of the
     top ``TAIL_SHARE`` of the scores over the next one. None with too few scores or a degenerate fit."""
-    from scipy.stats import genpareto
-
     scores = np.sort(np.asarray(scores, dtype=np.float64))
     n = len(scores)
     if n < TAIL_MIN_SCORES:
         return None
+    from scipy.stats import genpareto  # only here: loading a calibration with a stored tail needs no SciPy
     top = max(TAIL_MIN_EXCESSES, int(round(TAIL_SHARE * n)))
     start = float(scores[n - top - 1])
     excesses = scores[n - top:] - start
@@ -117,10 +116,12 @@ class Calibration:
         at_least = self.n - int(np.searchsorted(self.scores, score, side="left"))
         return (at_least + 1) / (self.n + 1)
 
-    def merged(self, scores: np.ndarray, method: str | None = None) -> Calibration:
-        """These scores and more good scores (an update's), the tail fitted again."""
-        return Calibration(np.concatenate([self.scores, np.asarray(scores, np.float64)]), method or self.method,
-                           self.folds)
+    def merged(self, scores: np.ndarray, method: str) -> Calibration:
+        """These scores and more good scores (an update's, obtained by ``method``), the tail fitted again; scores
+        of two methods are simply "good images"."""
+        same = method == self.method
+        return Calibration(np.concatenate([self.scores, np.asarray(scores, np.float64)]),
+                           self.method if same else "good images", self.folds if same else None)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "folds": self.folds, "scores": [float(s) for s in self.scores],

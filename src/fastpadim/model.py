@@ -389,7 +389,7 @@ class Padim(ScoringMixin):
                                            method)
         elif fold_scores is not None:
             previous: Calibration | None = self.__dict__.get("calibration_")
-            calibration = (previous.merged(fold_scores) if previous is not None
+            calibration = (previous.merged(fold_scores, "out-of-fold") if previous is not None
                            else Calibration(fold_scores, "out-of-fold", self.folds))
             self.calibrate(calibration, self.threshold_rate_ if previous is not None else None)
         return self
