@@ -338,14 +338,18 @@ def expected_outputs(model_file: Path, paths: list[Path]) -> tuple[dict, float]:
     """Per image, the overlay and mask the model gives it (one image per batch, as the CLI is run below), and a
     threshold in the middle of the scores, so that both verdicts occur and masks differ."""
     from fastpadim import Padim
-    from fastpadim.visualize import defect_mask, overlay
+    from fastpadim.results import verdict_label
+    from fastpadim.visualize import Label, defect_mask, overlay
 
     model = Padim.load(model_file, device="cpu")
     model.batch_size = 1
     scored = [r for batch in model.iter_scored([str(p) for p in paths], keep_view=True) for r in batch]
     threshold = float(np.median([r.score for r in scored]))
-    expected = {str(p): (np.asarray(overlay(r.view, r.anomaly_map, threshold)), np.asarray(defect_mask(r.anomaly_map, threshold)))
-                for p, r in zip(paths, scored)}
+    def drawn(r):  # the overlay as predict --threshold draws it: heatmap, then the verdict and the score
+        label = Label(verdict_label(r.score, threshold), r.score, r.score / threshold)
+        return np.asarray(overlay(r.view, r.anomaly_map, threshold, label=label))
+
+    expected = {str(p): (drawn(r), np.asarray(defect_mask(r.anomaly_map, threshold))) for p, r in zip(paths, scored)}
     return expected, threshold
 
 
@@ -662,7 +666,7 @@ def test_predict_regions_without_maps(rect_model_file, tmp_path):
     assert all("regions" in entry and "overlay" not in entry for entry in images)
     plain = tmp_path / "plain"  # without --regions: the CSV keeps its columns
     assert_ok(run("predict", rect_model_file, tmp_path / "frames", "-o", plain, "--no-maps"))
-    assert (plain / "results.csv").read_text().splitlines()[0] == "image,score,verdict,overlay,mask"
+    assert (plain / "results.csv").read_text().splitlines()[0] == "image,score,normalized,false_alarm_probability,verdict,overlay,mask"
 
 
 def test_predict_regions_refusals_are_one_line(image_folder, test_folder, tmp_path):

@@ -40,7 +40,7 @@ def run_demo(output: Path, device: str = "auto", seed: int = 0, progress: Progre
         on_data(data)
     category = load_category(data)  # MVTec AD layout: train/good, test/<type>, ground_truth/<type>
     train, test = category.train, category.test
-    model = Padim(device=device, holdout=0.1, seed=seed, keep_stats=False)
+    model = Padim(device=device, holdout=0.1, seed=seed)
     start = time.perf_counter()
     model.fit(train, progress=progress)
     fit_s = time.perf_counter() - start

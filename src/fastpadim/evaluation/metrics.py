@@ -47,12 +47,18 @@ def image_auroc(labels, scores) -> float:
 
 def f1_max(labels, scores) -> float:
     """The best F1 score over all thresholds on the scores."""
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels, scores) -> tuple[float, float]:
+    """(the best F1 over all thresholds, the threshold reaching it: flagged = score ≥ threshold, sklearn's rule)."""
     from sklearn.metrics import precision_recall_curve
 
     labels, scores = _binary_labels(labels, scores)
-    precision, recall, _ = precision_recall_curve(labels, scores)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    return float(f1.max())
+    best = int(np.argmax(f1[:-1]))  # the last point (recall 0) has no threshold; its F1 is 0
+    return float(f1[best]), float(thresholds[best])
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

@@ -1,7 +1,8 @@
-"""Evaluate one category: fit on its good training images (no hold-out, as the paper), score its test set,
-and compute the metrics on the raw anomaly maps, in each frame's own pixels against its mask at its own size.
-The network's maps go to a memory-mapped temporary file; the frame-size maps and masks are made from it and
-read one image at a time, so a large test set of large frames never sits in memory."""
+"""Evaluate one category: fit on its good training images (no hold-out, as the paper) or take a shipped model
+(``evaluate_model``), score its test set, and compute the metrics on the raw anomaly maps, in each frame's own
+pixels against its mask at its own size. The network's maps go to a memory-mapped temporary file; the
+frame-size maps and masks are made from it and read one image at a time, so a large test set of large frames
+never sits in memory."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
-from .ablation import LAYER_MODES, REDUCTIONS, PcaPadim, SummedPadim
-from .datasets import Category, frame_size, load_mask, open_mask
 from ..errors import FastpadimError
 from ..images import Preprocessing, open_image
 from ..model import Padim
+from ..results import verdict
 from ..sizes import Size
+from . import metrics
+from .ablation import LAYER_MODES, REDUCTIONS, PcaPadim, SummedPadim
+from .datasets import Category, frame_size, load_mask, open_mask
+from .model_settings import model_settings
 from .rd_mvtec import RD_CROP_SIZE, RdTransform, transformed_images
 
 METRICS = ("image_auroc", "pixel_auroc", "pro", "image_f1_max", "pixel_f1_max")
@@ -65,7 +68,8 @@ class Settings:
         self.check()
         size, crop = (RD_CROP_SIZE, None) if self.rd_mvtec else (self.image_size, self.crop_size)
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
-                      device=self.device, batch_size=self.batch_size, holdout=0.0, keep_stats=False,
+                      # evaluate sets its own thresholds on the test set: no out-of-fold pass (folds=0)
+                      device=self.device, batch_size=self.batch_size, holdout=0.0, folds=0,
                       allow_download=self.allow_download, squash=self.squash, pool=self.pool, tile=self.tile,
                       tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype,
                       blur_sigma=self.blur_sigma, epsilon=self.epsilon)
@@ -90,23 +94,68 @@ class Example:
 
 
 @dataclass
+class ImageScore:
+    """One test image's line in ``scores.csv``: ``verdict`` is against the model's own threshold (None: none)."""
+
+    name: str  # <defect type>/<file name>
+    anomalous: bool
+    score: float
+    normalized: float | None
+    verdict: bool | None
+
+
+@dataclass
+class Confusion:
+    """Test images flagged at one image threshold: false alarms among the good, misses among the anomalous."""
+
+    threshold: float
+    n_good: int
+    n_anomalous: int
+    false_alarms: int
+    misses: int
+
+    @classmethod
+    def of(cls, threshold: float, anomalous: np.ndarray, flagged: np.ndarray) -> Confusion:
+        return cls(float(threshold), int((~anomalous).sum()), int(anomalous.sum()),
+                   int((flagged & ~anomalous).sum()), int((~flagged & anomalous).sum()))
+
+    @property
+    def false_alarm_rate(self) -> float | None:
+        return self.false_alarms / self.n_good if self.n_good else None
+
+    @property
+    def miss_rate(self) -> float | None:
+        return self.misses / self.n_anomalous if self.n_anomalous else None
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "false_alarm_rate": self.false_alarm_rate, "miss_rate": self.miss_rate}
+
+
+@dataclass
 class CategoryRun:
-    """One fit-and-score of a category: metrics (None = skipped, see notes), their binning error bounds,
-    timings and what the report draws."""
+    """One fit-and-score (or a shipped model's scoring) of a category: metrics (None = skipped, see notes), their
+    binning error bounds, timings, the model's resolved settings, per-image scores, the confusion matrices at
+    the model's threshold and at the image F1-max threshold, and what the report draws."""
 
     category: str
     seed: int
     metrics: dict[str, float | None]
     bounds: dict[str, float]
-    fit_s: float
+    fit_s: float | None  # None: a shipped model, not fitted here
     images_per_s: float
     n_train: int
     n_test: int
     notes: list[str]
-    pixel_threshold: float | None = None
+    pixel_threshold: float | None = None  # pixel F1-max threshold on this test set (the examples' masks)
     weights_id: str = ""
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     examples: list[Example] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    scores: list[ImageScore] = field(default_factory=list)
+    model_threshold: float | None = None
+    threshold_target: str | None = None
+    at_model_threshold: Confusion | None = None
+    at_f1_max: Confusion | None = None
 
 
 def pick_examples(category: Category, count: int) -> set[int]:
@@ -133,12 +182,12 @@ def _downsample_curve(x: np.ndarray, y: np.ndarray, points: int = 2000) -> tuple
 
 def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_examples: int = 4,
                       progress=None) -> CategoryRun:
+    """Fit on the category's good training images, then score its test set (``score_category``)."""
     if not category.test:
         raise FastpadimError(f"{category.name}: no test images")
     model = settings.build(seed)
     rd_train, rd_test = RdTransform(seed, "train"), RdTransform(seed, "test")
     train = transformed_images(category.train, rd_train) if settings.rd_mvtec else category.train
-    test = transformed_images([t.path for t in category.test], rd_test) if settings.rd_mvtec else [t.path for t in category.test]
 
     start = time.perf_counter()
     model.fit(train, progress=progress)
@@ -146,28 +195,55 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
     if getattr(model, "skipped_", None):
         name, reason = model.skipped_[0]
         raise FastpadimError(f"{category.name}: {len(model.skipped_)} training images unreadable, first: {reason}")
+    return score_category(category, model, seed, n_examples, progress, rd_test if settings.rd_mvtec else None,
+                          fit_s, len(category.train))
 
+
+def evaluate_model(category: Category, model, n_examples: int = 4, progress=None) -> CategoryRun:
+    """Score the category's test set with a shipped model (a loaded ``Padim`` or ``OnnxPadim``), nothing
+    refitted: its training images are not read, its own threshold gives the verdicts."""
+    if not category.test:
+        raise FastpadimError(f"{category.name}: no test images")
+    return score_category(category, model, getattr(model, "seed", 0), n_examples, progress, None, None,
+                          int(model.n_samples_seen_))
+
+
+def _model_threshold(model, notes: list[str]) -> float | None:
+    """The model's image threshold; a stale one (partial_fit after it was set) gives no verdicts, said in a note."""
+    try:
+        return model.threshold_
+    except FastpadimError as exc:
+        notes.append(f"no verdicts: {exc}")
+        return None
+
+
+def score_category(category: Category, model, seed: int, n_examples: int, progress, rd_test: RdTransform | None,
+                   fit_s: float | None, n_train: int) -> CategoryRun:
+    """Score the test set with a fitted model and compute every metric and confusion matrix."""
+    test = transformed_images([t.path for t in category.test], rd_test) if rd_test else [t.path for t in category.test]
     labels = category.labels
     want_pixels = category.has_masks
-    frames = CategoryFrames(category, model.preprocessing_, rd_test if settings.rd_mvtec else None)
+    frames = CategoryFrames(category, model.preprocessing_, rd_test)
     notes = list(category.notes)
+    threshold = _model_threshold(model, notes)
     with tempfile.TemporaryDirectory(prefix="fastpadim-eval-") as tmp:
         n = len(category.test)
         # The network's maps are small (output_size); the frame-size maps are made from them one at a time.
         maps = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float32,
                                          shape=(n, *model.preprocessing_.output_size))
-        scores, scoring_s = _score(model, test, maps, category.name, progress)
+        scores, normalized, scoring_s = _score(model, test, maps, category.name, progress)
         frames.maps = maps
         examples = [frames.example(i) for i in sorted(pick_examples(category, n_examples))]
         result: dict[str, float | None] = {name: None for name in METRICS}
         bounds: dict[str, float] = {}
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        pixel_threshold = None
+        pixel_threshold = at_f1_max = None
         if labels.any() and not labels.all():
             from sklearn.metrics import roc_curve
 
             result["image_auroc"] = metrics.image_auroc(labels, scores)
-            result["image_f1_max"] = metrics.f1_max(labels, scores)
+            result["image_f1_max"], f1_threshold = metrics.f1_max_threshold(labels, scores)
+            at_f1_max = Confusion.of(f1_threshold, labels, scores >= f1_threshold)  # sklearn's rule: score ≥ t
             fpr, tpr, _ = roc_curve(labels, scores)
             curves["image_roc"] = (fpr, tpr)
         if want_pixels:
@@ -185,15 +261,23 @@ def evaluate_category(category: Category, settings: Settings, seed: int = 0, n_e
     empty = sum(1 for e in examples if e.defect_type != "good" and not e.mask.any())
     if empty:
         notes.append(f"{empty} shown anomalous example(s) have an empty mask")
-    return CategoryRun(category.name, seed, result, bounds, fit_s, n / max(scoring_s, 1e-9),
-                       len(category.train), n, notes, pixel_threshold, model.weights_id_, curves, examples)
+    # the verdicts are made as everywhere else (results.verdict: score > threshold), so they match predict's
+    verdicts = [verdict(float(s), threshold) for s in scores]
+    per_image = [ImageScore(f"{item.defect_type}/{Path(item.path).name}", bool(label), float(score), norm, v)
+                 for item, label, score, norm, v in zip(category.test, labels, scores, normalized, verdicts)]
+    at_model = None if threshold is None else Confusion.of(threshold, labels, np.array(verdicts, dtype=bool))
+    return CategoryRun(category.name, seed, result, bounds, fit_s, n / max(scoring_s, 1e-9), n_train, n, notes,
+                       pixel_threshold, model_settings(model)["weights"], curves, examples, model_settings(model),
+                       per_image, threshold, getattr(model, "threshold_target_", None), at_model, at_f1_max)
 
 
-def _score(model, test, maps: np.ndarray, name: str, progress) -> tuple[np.ndarray, float]:
-    """Score the test set into ``maps`` (the network's view); returns the image scores and the seconds spent in
-    the scoring loop (decoding, the network, the maps). No frames are kept (``keep_view``), so test images are
-    decoded as ``fit`` decoded the training images (a large JPEG at a reduced scale)."""
+def _score(model, test, maps: np.ndarray, name: str, progress) -> tuple[np.ndarray, list, float]:
+    """Score the test set into ``maps`` (the network's view); returns the image scores, their normalized values
+    (score / the model's threshold; None without one) and the seconds spent in the scoring loop (decoding, the
+    network, the maps). No frames are kept (``keep_view``), so test images are decoded as ``fit`` decoded the
+    training images (a large JPEG at a reduced scale)."""
     scores = np.zeros(len(maps), np.float64)
+    normalized: list[float | None] = [None] * len(maps)
     scoring_s = 0.0
     stream = model.iter_scored(test, progress=progress)
     while True:
@@ -201,11 +285,12 @@ def _score(model, test, maps: np.ndarray, name: str, progress) -> tuple[np.ndarr
         batch = next(stream, None)
         scoring_s += time.perf_counter() - tick
         if batch is None:
-            return scores, scoring_s
+            return scores, normalized, scoring_s
         for r in batch:
             if r.error:
                 raise FastpadimError(f"{name}: test image unreadable: {r.error}")
             scores[r.index] = r.score
+            normalized[r.index] = r.normalized
             maps[r.index] = r.anomaly_map
 
 

@@ -31,7 +31,17 @@ def category_row(name: str, runs: list[CategoryRun]) -> dict:
         if bounds:
             row[f"{key}_bin_error_bound"] = float(max(bounds))
     row["weights"] = runs[0].weights_id
-    row["fit_s"] = float(np.mean([r.fit_s for r in runs]))
+    fit_times = [r.fit_s for r in runs if r.fit_s is not None]
+    row["fit_s"] = float(np.mean(fit_times)) if fit_times else None  # None: a shipped model, not fitted here
+    first = runs[0]
+    # thresholds and their confusion matrices are one run's (several Rd-MVTec seeds: the first seed's)
+    row["threshold_seed"] = first.seed
+    row["model_threshold"] = first.model_threshold
+    row["threshold_target"] = first.threshold_target
+    row["at_model_threshold"] = None if first.at_model_threshold is None else first.at_model_threshold.to_dict()
+    row["at_f1_max"] = None if first.at_f1_max is None else first.at_f1_max.to_dict()
+    row["pixel_threshold"] = first.pixel_threshold
+    row["model_settings"] = first.settings
     row["images_per_s"] = float(np.mean([r.images_per_s for r in runs]))
     row["notes"] = sorted({note for r in runs for note in r.notes})
     return row
@@ -89,6 +99,71 @@ def to_csv(rows: list[dict], summaries: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def scores_csv(run: CategoryRun) -> str:
+    """Per test image: name (defect type/file), label, score, normalized (score / the model's threshold) and the
+    verdict at the model's threshold (empty without one)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["name", "label", "score", "normalized", "verdict"])
+    for item in run.scores:
+        verdict = "" if item.verdict is None else ("anomalous" if item.verdict else "good")
+        writer.writerow([item.name, "anomalous" if item.anomalous else "good", f"{item.score:.6g}",
+                         "" if item.normalized is None else f"{item.normalized:.6g}", verdict])
+    return buffer.getvalue()
+
+
+def format_settings(settings: dict) -> str:
+    """``key=value, ...`` with lists as ``1,2,3`` and floats to 6 digits (the JSON keeps them whole)."""
+    def value(v):
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(x) for x in v)
+        return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={value(v)}" for k, v in settings.items())
+
+
+def _confusion_text(c: dict) -> str:
+    def rate(value):
+        return "–" if value is None else f"{value:.1%}"
+
+    def count(n, word):
+        return f"{n} {word}" + ("" if n == 1 else ("es" if word.endswith("s") else "s"))
+
+    return (f"{count(c['false_alarms'], 'false alarm')} of {c['n_good']} good ({rate(c['false_alarm_rate'])}), "
+            f"{count(c['misses'], 'miss')} of {c['n_anomalous']} anomalous ({rate(c['miss_rate'])})")
+
+
+def threshold_lines(row: dict, shipped: bool) -> list[str]:
+    """What the row's image thresholds flag, and which threshold the example masks use, as sentences.
+    ``shipped``: the model was given (--model), not fitted here without a threshold."""
+    lines = []
+    model = row.get("at_model_threshold")
+    if model is not None:
+        target = f", target {row['threshold_target']}" if row.get("threshold_target") else ""
+        lines.append(f"image threshold of the model ({model['threshold']:.6g}{target}; anomalous = score > threshold): "
+                     + _confusion_text(model))
+    elif shipped:
+        lines.append("image threshold of the model: none (the model has no valid threshold), so no verdicts")
+    else:
+        lines.append("image threshold of the model: none (evaluate fits without one; 'fastpadim evaluate --model' "
+                     "tests a model's own threshold)")
+    f1 = row.get("at_f1_max")
+    if f1 is not None:
+        lines.append(f"image threshold at F1-max ({f1['threshold']:.6g}; anomalous = score ≥ threshold), chosen on "
+                     "this test set, so optimistic: " + _confusion_text(f1))
+    pixel = row.get("pixel_threshold")
+    if pixel is None:
+        lines.append("prediction masks: none (no pixel threshold without masks with defect pixels)")
+    else:
+        mask = (f"prediction masks (examples.png): pixel threshold {pixel:.6g} = F1-max over all inspected pixels of "
+                "this test set (binned; chosen on the test set), also the heatmap's mid-scale")
+        if model is not None:
+            mask += (f"; last column: pixels above the model's image threshold {model['threshold']:.6g}, what "
+                     "'fastpadim predict' marks")
+        lines.append(mask)
+    return lines
+
+
 def to_json(settings: dict, rows: list[dict], summaries: list[dict], failures: dict[str, str]) -> str:
     return json.dumps({"settings": settings, "categories": rows, "summary": summaries, "failed": failures}, indent=2)
 
@@ -100,9 +175,9 @@ def markdown_table(rows: list[dict]) -> list[str]:
 
 
 def to_markdown(command: str, settings: dict, rows: list[dict], summaries: list[dict], failures: dict[str, str],
-                figures: dict[str, list[str]]) -> str:
+                figures: dict[str, list[str]], shipped: bool = False) -> str:
     lines = ["# fastpadim evaluation", "", "Command:", "", f"    {command}", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+             "Settings: " + format_settings(settings), "",
              "Metrics are computed on the raw anomaly maps (no normalisation fitted on the test set). PRO is the "
              f"area under the per-region-overlap curve up to a false-positive rate of {FPR_LIMIT}, divided by "
              f"{FPR_LIMIT}. Pixel metrics are binned; the JSON file gives each one's error bound.", ""]
@@ -111,8 +186,12 @@ def to_markdown(command: str, settings: dict, rows: list[dict], summaries: list[
         lines += ["", "## Failed categories", ""] + [f"- {name}: {reason}" for name, reason in failures.items()]
     for row in rows:
         name = row["category"]
+        trained = (f"model fitted on {row['n_train']} images (not refitted)" if shipped
+                   else f"{row['n_train']} training images")
         lines += ["", f"## {name}", "",
-                  f"{row['n_train']} training images, {row['n_test']} test images; weights {row['weights']}; seeds {row['seeds']}."]
+                  f"{trained}, {row['n_test']} test images; weights {row['weights']}; seeds {row['seeds']}."]
+        lines += [f"- {line}" for line in threshold_lines(row, shipped)]
+        lines += [f"- scores per image: {name}/scores.csv"]
         lines += [f"- note: {note}" for note in row["notes"]]
         lines += [""] + [f"![{name} {Path(f).stem}]({f})" for f in figures.get(name, [])]
     return "\n".join(lines) + "\n"
@@ -161,8 +240,9 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
 
     from ..visualize import overlay
 
-    threshold = run.pixel_threshold
-    columns = ["image", "ground truth", "anomaly map", "prediction" if threshold is not None else None]
+    threshold, model_threshold = run.pixel_threshold, run.model_threshold
+    columns = ["image", "ground truth", "anomaly map", "pixel F1-max" if threshold is not None else None,
+               "> model threshold" if model_threshold is not None else None]
     columns = [c for c in columns if c]
     fig, axes = plt.subplots(len(run.examples), len(columns), figsize=(2.6 * len(columns), 2.6 * len(run.examples)),
                              squeeze=False)
@@ -170,6 +250,8 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
         panels = [example.view, example.mask, np.asarray(overlay(example.view, example.frame_map, threshold))]
         if threshold is not None:
             panels.append(example.frame_map >= threshold)
+        if model_threshold is not None:
+            panels.append(example.frame_map > model_threshold)  # the image verdict's rule, per pixel
         for ax, panel, title in zip(row, panels, columns):
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1 if panel.ndim == 2 else None)
             ax.set_xticks([])
@@ -183,13 +265,14 @@ def draw_examples(run: CategoryRun, path: Path) -> bool:
 
 
 def write_figures(run: CategoryRun, output: Path) -> list[str]:
-    """Draw a category's figures into a temporary folder and move it into place, so a failed category leaves
-    nothing behind; returns their names relative to ``output``."""
+    """Draw a category's figures and write its ``scores.csv`` into a temporary folder and move it into place, so
+    a failed category leaves nothing behind; returns the figures' names relative to ``output``."""
     final = output / run.category
     staging = output / f".{run.category}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        (staging / "scores.csv").write_text(scores_csv(run), encoding="utf-8")
         draw_curves(run, staging / "curves.png")
         names = [f"{run.category}/curves.png"]
         if draw_examples(run, staging / "examples.png"):
