@@ -26,10 +26,9 @@ import timm  # noqa: E402, F401
 
 
 def new_model(size: int) -> Padim:
-    # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold hold-out:
-    # the same work anomalib's PadimModel does.
-    return Padim(n_features=176, image_size=size, crop_size=None, holdout=0, device="cpu", batch_size=BATCH_SIZE,
-                 keep_stats=False)  # anomalib keeps no statistics after fit either
+    # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold (folds=0: no
+    # out-of-fold pass): the same work anomalib's PadimModel does.
+    return Padim(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE)
 
 
 def compare(args) -> dict:

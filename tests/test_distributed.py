@@ -152,6 +152,32 @@ def test_ray_fit_with_a_corrupt_image_equals_the_single_process_fit(ray_session,
     assert len(paths) == 15
 
 
+def test_ray_fit_sets_the_local_fits_out_of_fold_threshold(ray_session, tmp_path):
+    """The folds, their models and their scores are the local fit's: the threshold is the same number."""
+    paths = small_images(tmp_path / "imgs", 12, seed=4)
+    params = dict(weights="random", image_size=64, crop_size=None, n_features=20, device="cpu", batch_size=4,
+                  folds=2, false_alarm_rate=0.1, workers=1)
+    single = Padim(**params).fit(paths)
+    on_ray = fit_items(Padim(**params), items(paths), ray_target="local:2", shards=2)
+    assert on_ray.n_samples_seen_ == single.n_samples_seen_ == 12
+    assert on_ray.calibration_.method == single.calibration_.method == "out-of-fold"
+    assert on_ray.calibration_.folds == 2 and on_ray.threshold_count_ == single.threshold_count_ == 12
+    np.testing.assert_allclose(on_ray.calibration_.scores, single.calibration_.scores, rtol=1e-5)
+    assert on_ray.threshold_ == pytest.approx(single.threshold_, rel=1e-5)
+    assert on_ray.threshold_rate_ == single.threshold_rate_ == 0.1
+    assert_same_model(single, on_ray)
+    # leave-one-out (the default, folds="all"): scored after the fit, on the driver too
+    loo = dict(params, folds="all")
+    single, on_ray = Padim(**loo).fit(paths), fit_items(Padim(**loo), items(paths), ray_target="local:2", shards=2)
+    assert on_ray.calibration_.folds == single.calibration_.folds == "all"
+    assert on_ray.threshold_ == pytest.approx(single.threshold_, rel=1e-5)
+    # the workers score with the fitted (compacted) state the driver sends them: the hold-out threshold too
+    held = dict(params, folds=0, holdout=0.25)
+    single, on_ray = Padim(**held).fit(paths), fit_items(Padim(**held), items(paths), ray_target="local:2", shards=2)
+    assert on_ray.calibration_.method == single.calibration_.method == "hold-out"
+    assert on_ray.threshold_ == pytest.approx(single.threshold_, rel=1e-5)
+
+
 def test_a_worker_killed_mid_shard_is_retried_and_the_model_is_unchanged(ray_session, tmp_path):
     paths = small_images(tmp_path / "imgs", 16, seed=3)
     marker = tmp_path / "crashed-once"
@@ -235,19 +261,24 @@ def test_ray_fit_on_bottle_equals_the_single_process_fit(ray_session, tmp_path):
         pytest.skip(f"MVTec AD bottle not found at {BOTTLE}")
     single = Padim(device="cpu").fit(train)
     on_ray = fit_items(Padim(device="cpu"), items(train), ray_target="local:2")
-    single.save(tmp_path / "single.padim", keep_stats=True)
-    on_ray.save(tmp_path / "ray.padim", keep_stats=True)
+    single.save(tmp_path / "single.padim")
+    on_ray.save(tmp_path / "ray.padim")
 
     meta_a, tensors_a = read_model_file(tmp_path / "single.padim")
     meta_b, tensors_b = read_model_file(tmp_path / "ray.padim")
     threshold_a, threshold_b = meta_a.pop("threshold"), meta_b.pop("threshold")
+    calibration_a, calibration_b = meta_a.pop("calibration"), meta_b.pop("calibration")
+    meta_a.pop("history"), meta_b.pop("history")  # dates and the inputs' digest (the Ray fit records none)
     assert meta_a == meta_b
-    assert threshold_a["n_good_images"] == threshold_b["n_good_images"] == 3
-    assert threshold_b["image"] == pytest.approx(threshold_a["image"], rel=1e-4)
+    assert threshold_a["n_good_images"] == threshold_b["n_good_images"] == 30  # out-of-fold: every image
+    assert calibration_a["method"] == calibration_b["method"] == "out-of-fold"
+    # Leave-one-out divides by 1 − the image's leverage, which is near 1 with 30 images and 176 channels: the
+    # factor's float32 rounding differences (below) come out about ten times larger in these scores.
+    np.testing.assert_allclose(calibration_b["scores"], calibration_a["scores"], rtol=2e-3)
+    assert threshold_b["image"] == pytest.approx(threshold_a["image"], rel=2e-3)
     assert torch.equal(tensors_a["channel_indices"], tensors_b["channel_indices"])
     assert rel(tensors_a["mean"], tensors_b["mean"]) < MEAN_RTOL
-    assert rel(tensors_a["stats.mean"], tensors_b["stats.mean"]) < MEAN_RTOL
-    assert rel(tensors_a["stats.scatter"], tensors_b["stats.scatter"]) < COV_RTOL
+    assert rel(tensors_a["scatter"], tensors_b["scatter"]) < COV_RTOL
     # The factor is the inverse Cholesky factor: conditioning amplifies float32 feature rounding a little.
-    assert rel(tensors_a["whitener"], tensors_b["whitener"]) < 1e-3
+    assert rel(single.whitener_, on_ray.whitener_) < 1e-3
     np.testing.assert_allclose(on_ray.score_images(test)[0], single.score_images(test)[0], rtol=1e-4)

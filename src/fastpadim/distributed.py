@@ -4,8 +4,10 @@ Fit: the items are cut into contiguous shards; one Ray task per shard builds the
 shard through ``Padim.accumulate`` and returns its ``GaussianStats``; the driver merges them in shard order
 with ``GaussianStats.merge`` (fetching one at a time, so it never holds every worker's copy) and factors
 once. A shard is deterministic, so a task that Ray retries after its worker died returns the same
-statistics, and the model equals a fault-free run. The hold-out images that set the threshold are scored
-on the cluster too.
+statistics, and the model equals a fault-free run. The threshold is set as in one process: by default from
+the out-of-fold scores, computed on the driver from the merged statistics (one more pass over the images:
+``Padim.leave_one_out_scores`` for ``folds="all"``, ``Padim.out_of_fold_scores`` for k folds, each fold's model
+the merged statistics without the fold's), so the folds, their models and the threshold are the local fit's; hold-out or threshold images are scored on the cluster.
 
 Predict: Ray Data ``map_batches`` over the items with a pool of scoring actors (one model each); the driver
 writes the rows to Parquet part files as they arrive, so a re-run skips what was already scored.
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import Calibration
 from .errors import FastpadimError
 from .files import atomic_write, make_output_folder, output_name
 from .gaussian import GaussianStats
@@ -212,14 +215,17 @@ class _RayRunner:
 def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,
                progress: Callable[[int], None] | None = None, shards: int | None = None,
                cpus_per_task: float = 1, task_options: dict | None = None) -> Padim:
-    """``model.fit`` on the connected Ray cluster: same hold-out split, same statistics, one factorisation."""
+    """``model.fit`` on the connected Ray cluster: same statistics, one factorisation, the same threshold (the
+    same out-of-fold scores, hold-out split or threshold images)."""
     ray = require_ray()
     if not ray.is_initialized():
         connect("local")
     model.prepare()  # on the driver too: fails early on bad weights, draws the channel subset once
     images = list(images)
+    method = "good images"
     if threshold_images is None and model.holdout > 0:
         images, threshold_images = model.holdout_split(images)
+        method = "hold-out"
     # One shard per worker slot, but none so small that loading the backbone outweighs its images.
     slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
     n_shards = shards or max(1, min(slots, -(-len(images) // MIN_SHARD)))
@@ -238,8 +244,27 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
 
     bounds = shard_bounds(len(images), n_shards)
     runner.run(fit_shard, [(params, channels, images[a:b]) for a, b in bounds], progress, merge)
-    model.finish(merged.pop("stats"))
-    if threshold_images:
+    # On the model's device (as a local fit's), and held by the model alone, so that finish frees the float64
+    # statistics once it has compacted them.
+    stats = merged.pop("stats")
+    model.stats_ = None if stats is None else GaussianStats(stats.count, stats.mean.to(model.device_),
+                                                            stats.scatter.to(model.device_))
+    del stats
+    count = model.stats_.count // model._samples_per_image if model.stats_ is not None else 0
+    out_of_fold = threshold_images is None and model.folds != 0 and count >= 2
+    # the inputs as the local fit sees them (frames that do not decode left out), so the folds are its folds; the
+    # shards reported the skipped ones already. k folds are scored before the factorisation (they need the float64
+    # statistics), leave-one-out ("all") after it (the fitted model's distances, in closed form).
+    fold_inputs = list(sources.inputs(images, [])) if out_of_fold else None
+    fold_scores = None
+    if out_of_fold and model.folds != "all":
+        fold_scores = model.out_of_fold_scores(fold_inputs, progress)
+    model.finish()
+    if out_of_fold and model.folds == "all":
+        fold_scores = model.leave_one_out_scores(fold_inputs, progress)
+    if fold_scores is not None:
+        model.calibrate(Calibration(fold_scores, "out-of-fold", model.folds))
+    elif threshold_images:
         threshold_images = list(threshold_images)
         factors = ray.put({"mean": model.mean_.cpu().numpy(), "whitener": model.whitener_.cpu().numpy(),
                            "count": model.n_samples_seen_})
@@ -255,7 +280,7 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
                    progress, collect)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
-        model.set_threshold_from_scores(scores, model.false_alarm_rate)
+        model.set_threshold_from_scores(scores, model.false_alarm_rate, method)
     return model
 
 

@@ -16,7 +16,7 @@ from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
     BlurSigmaOpt, EpsilonOpt, ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
-    TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_layers, shape_params,
+    TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_folds, parse_layers, shape_params,
 )
 
 
@@ -40,12 +40,12 @@ def fit(
     tile_shared: TileSharedOpt = False,
     epsilon: EpsilonOpt = 0.01,
     blur_sigma: BlurSigmaOpt = 4.0,
-    seed: Annotated[int, typer.Option(help="Seed of the channel subset and hold-out split.")] = 0,
-    holdout: Annotated[float, typer.Option(help="Fraction of good images kept out to set the threshold (0: none).")] = 0.1,
-    threshold_dir: Annotated[Optional[Path], typer.Option(help="Separate folder of good images for the threshold (then no hold-out).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the channel subset, the folds and the hold-out split.")] = 0,
+    folds: Annotated[str, typer.Option(help="Out-of-fold calibration: each fold of the training images is scored by the model of the others, and the threshold set from those scores; all = leave-one-out (in closed form), K = K fold models, 0 = none (no threshold).")] = "all",
+    holdout: Annotated[float, typer.Option(help="The old hold-out threshold: this fraction of the good images is kept out of the Gaussians to set it (0: none); overrides --folds.")] = 0.0,
+    threshold_dir: Annotated[Optional[Path], typer.Option(help="Separate folder of good images for the threshold (then no folds or hold-out).")] = None,
     false_alarm_rate: Annotated[float, typer.Option(help="Target share of good images flagged by the threshold.")] = 0.01,
     factor_dtype: Annotated[str, typer.Option(help="Stored factor precision: float32, float16 or bfloat16.")] = "float32",
-    keep_stats: Annotated[bool, typer.Option(help="Also store the training statistics, so partial fits can continue later.")] = False,
     max_pixels: MaxPixelsOpt = None,
     ray_target: RayOpt = None,
     frame_stride: FrameStrideOpt = 1,
@@ -60,7 +60,8 @@ def fit(
     from ..results import threshold_caveat
 
     with user_errors():
-        check_options(n_features=n_features, seed=seed, holdout=holdout, false_alarm_rate=false_alarm_rate)
+        check_options(n_features=n_features, seed=seed, folds=folds, holdout=holdout, false_alarm_rate=false_alarm_rate)
+        folds = parse_folds(folds)
         apply_max_pixels(max_pixels)
 
         if ray_target is not None:
@@ -77,16 +78,19 @@ def fit(
         params = dict(
             backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
             blur_sigma=blur_sigma, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
-            holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate, factor_dtype=factor_dtype,
-            keep_stats=keep_stats, allow_download=allow_download, **shape,
+            folds=folds, holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate,
+            factor_dtype=factor_dtype, allow_download=allow_download, **shape,
         )
+        # the out-of-fold pass reads every training image a second time (none with a hold-out or threshold images)
+        fold_pass = folds != 0 and not threshold_files and not params["holdout"]
         # The memory plan (it builds the network, which the fit then reuses): --plan prints it and writes nothing;
         # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
         # that fits prints nothing more (one line per message: the result line).
         planned = Padim(**params)
         if max_memory is not None and not max_memory > 0:
             raise FastpadimError(f"--max-memory must be a positive number of GB, got {max_memory}")
-        memory = plan_for(planned, limit=None if max_memory is None else int(max_memory * 1e9))
+        memory = plan_for(planned, limit=None if max_memory is None else int(max_memory * 1e9), images=len(files),
+                          folds=folds if fold_pass else 0)
         shown_input = input_line(planned, shape["image_size"], crop_size or None)
         if plan:
             out.print(shown_input, highlight=False, soft_wrap=True)
@@ -99,20 +103,41 @@ def fit(
             say(f"Ray: {connect(ray_target)} CPUs")  # start-up is not fit time
         for n, (target, job) in enumerate(per_video_jobs(files, output) if per_video else [(output, files)]):
             model = planned if n == 0 else Padim(**params)
-            total = len(job) + (len(threshold_files) if threshold_files else 0)
+            total = len(job) * (2 if fold_pass else 1) + (len(threshold_files) if threshold_files else 0)
             start = time.perf_counter()
             with progress_bar("fitting", total, rate=ray_target is not None) as advance:
                 fit_items(model, job, threshold_files, progress=advance, ray_target=ray_target, cpus_per_task=cpus_per_task)
             elapsed = time.perf_counter() - start
             report_skipped(model.skipped_)
-            model.save(target, keep_stats=keep_stats)
-            threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none (no hold-out)"
+            model.save(target)
             say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
-                f"{model.preset_.name}, {model.device_.type}); {shown_input}; threshold {threshold}; wrote {target}")
-            if model.threshold_ is not None:
+                f"{model.preset_.name}, {model.device_.type}); {shown_input}; threshold {threshold_text(model)}; "
+                f"wrote {target}")
+            # a tail model extrapolates below 1/n; without one (too few scores) the threshold is their maximum
+            if model.threshold_ is not None and not getattr(model, "threshold_extrapolated_", False):
                 caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
                 if caveat:
                     warn(caveat)
+
+
+THRESHOLD_SOURCES = {"hold-out": "hold-out", "good images": "--threshold-dir"}
+
+
+def threshold_text(model) -> str:
+    """The threshold and how it was set, e.g. ``812.3 (out-of-fold, 5 folds, 209 good scores, false-alarm rate
+    0.01)``: the reader of the result line learns what the number rests on."""
+    if model.threshold_ is None:
+        return "none (--folds 0)"
+    calibration = getattr(model, "calibration_", None)
+    how = []
+    if calibration is not None:
+        how.append(THRESHOLD_SOURCES.get(calibration.method, calibration.method))
+        if calibration.method == "out-of-fold" and calibration.folds:
+            how.append("leave-one-out" if calibration.folds == "all" else f"{calibration.folds} folds")
+    how.append(f"{model.threshold_count_} good scores, false-alarm rate {model.threshold_rate_:g}")
+    if getattr(model, "threshold_extrapolated_", False):
+        how.append("extrapolated by the tail model")
+    return f"{model.threshold_:.4g} ({', '.join(how)})"
 
 
 def first_frame_size(files: Sequence[Item]) -> tuple[int, int]:
@@ -149,7 +174,7 @@ def input_line(model, requested: tuple[int, int], crop: int | None) -> str:
 def fit_items(model, images: Sequence[Item], threshold_images: Sequence[Item] | None = None,
               progress: Callable[[int], None] | None = None, ray_target: str | None = None, **ray_options):
     """Fit from source items, in this process (``ray_target`` None) or on Ray (``ray_options`` go to
-    ``fit_on_ray``); frames are decoded lazily, after the hold-out split."""
+    ``fit_on_ray``); frames are decoded lazily, after the hold-out split (the out-of-fold pass reads them again)."""
     if ray_target is not None:
         from ..distributed import connect, fit_on_ray
 

@@ -9,6 +9,8 @@ import typer
 
 from ..errors import FastpadimError
 
+MAX_FOLDS = 100  # model.MAX_FOLDS (not imported: the CLI's options load without torch)
+
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Preset (efficientnet_lite0, resnet18, wide_resnet50_2, efficientnet_b5) or a timm model name.")]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", help="Backbone weights file (.safetensors/.pth); default: the offline package or timm's hub cache.")]
 AllowDownloadOpt = Annotated[bool, typer.Option("--allow-download", help="Let timm download backbone weights from the model hub if they are not on this machine (never by default).")]
@@ -43,15 +45,31 @@ def parse_layers(layers: str | None) -> tuple[int, ...] | None:
         raise FastpadimError(f"--layers takes comma-separated integers, e.g. 1,2,3; got {layers!r}") from None
 
 
-def check_options(*, n_features: int | None = None, seed: int | None = None, holdout: float | None = None,
-                  false_alarm_rate: float | None = None) -> None:
+def parse_folds(folds: str) -> int | str:
+    """--folds: "all" (leave-one-out) or a number of folds, 0 for none; 1 would score a fold by no model."""
+    if folds.strip().lower() == "all":
+        return "all"
+    try:
+        value = int(folds)
+    except ValueError:
+        value = None
+    if value is None or not (value == 0 or 2 <= value <= MAX_FOLDS):
+        raise FastpadimError(f"--folds must be all (leave-one-out), 0 (no out-of-fold threshold) or from 2 to "
+                             f"{MAX_FOLDS}, got {folds}")
+    return value
+
+
+def check_options(*, n_features: int | None = None, seed: int | None = None, folds: str | None = None,
+                  holdout: float | None = None, false_alarm_rate: float | None = None) -> None:
     """Options that would otherwise mean something else (0 channels = all) or fail deep inside, refused up front."""
     if n_features is not None and n_features < 1:
         raise FastpadimError(f"--n-features must be at least 1, got {n_features}; omit it for the preset's")
     if seed is not None and not 0 <= seed < 2**63:
         raise FastpadimError(f"--seed must be a whole number from 0 to 2**63 - 1, got {seed}")
+    if folds is not None:
+        parse_folds(folds)
     if holdout is not None and not 0 <= holdout < 1:
-        raise FastpadimError(f"--holdout must be in [0, 1), got {holdout}; 0 sets no threshold")
+        raise FastpadimError(f"--holdout must be in [0, 1), got {holdout}; 0 holds no images out")
     if false_alarm_rate is not None and not 0 < false_alarm_rate < 1:
         raise FastpadimError(f"--false-alarm-rate must be between 0 and 1 (exclusive), e.g. 0.01; got {false_alarm_rate}")
 
