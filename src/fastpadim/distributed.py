@@ -15,6 +15,7 @@ writes the rows to Parquet part files as they arrive, so a re-run skips what was
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -30,7 +31,7 @@ from .calibration import Calibration
 from .errors import FastpadimError
 from .files import atomic_write, make_output_folder, output_name
 from .gaussian import GaussianStats
-from .model import Padim
+from .model import Padim, history_entry
 from .results import verdict_label
 from .sources import Item, Skipped
 from . import sources
@@ -255,11 +256,14 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     # the inputs as the local fit sees them (frames that do not decode left out), so the folds are its folds; the
     # shards reported the skipped ones already. k folds are scored before the factorisation (they need the float64
     # statistics), leave-one-out ("all") after it (the fitted model's distances, in closed form).
-    fold_inputs = list(sources.inputs(images, [])) if out_of_fold else None
+    fold_inputs = sources.Rereadable(images, []) if out_of_fold else None
     fold_scores = None
     if out_of_fold and model.folds != "all":
         fold_scores = model.out_of_fold_scores(fold_inputs, progress)
     model.finish()
+    # the shards saw the pixels; the driver records the inputs by name (a local fit digests the pixels)
+    names = hashlib.sha256("\n".join(item.name for item in images).encode())
+    model.history_ = [history_entry(model.n_samples_seen_, names.hexdigest(), "names-sha256")]
     if out_of_fold and model.folds == "all":
         fold_scores = model.leave_one_out_scores(fold_inputs, progress)
     if fold_scores is not None:

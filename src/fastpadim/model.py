@@ -32,12 +32,13 @@ FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring
 MAX_FOLDS = 100
 
 
-def history_entry(images: int, digest: str) -> dict:
-    """One fit or update as a model records it: version, UTC date, images added, digest of the inputs as seen."""
+def history_entry(images: int, digest: str, kind: str = "sha256") -> dict:
+    """One fit or update as a model records it: version, UTC date, images added, digest of the inputs as seen
+    (``kind`` sha256: of the network's input pixels, in order)."""
     from . import __version__
 
     return {"fastpadim_version": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "images": int(images), "digest": f"sha256:{digest}"}
+            "images": int(images), "digest": f"{kind}:{digest}"}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -372,7 +373,8 @@ class Padim(ScoringMixin):
         """Accumulate ``images``; calibrate (from ``threshold_images``, else out of fold); factor; record it."""
         out_of_fold = threshold_images is None and self.folds != 0
         if out_of_fold:
-            images = images if isinstance(images, Sequence) else list(images)  # read twice: fit, then fold scores
+            # read twice (the statistics, then the calibration scores): a one-shot iterator is kept in memory
+            images = list(images) if isinstance(images, Iterator) else images
         digest = hashlib.sha256()
         before = self.stats_.count if self.stats_ is not None else 0
         self.accumulate(images, progress, digest)
@@ -455,6 +457,7 @@ class Padim(ScoringMixin):
         Statistics merge exactly, so a fold's model is ``stats_`` without the fold's own statistics (one more
         pass over the fold's images, which also gives their embeddings to score) and one factorisation: k folds
         cost k factorisations and one more forward pass, not k fits."""
+        images = images if hasattr(images, "__len__") else list(images)
         folds = min(self.folds, len(images))
         assignment = fold_assignment(len(images), folds, self.seed)
         scores: list[float] = []

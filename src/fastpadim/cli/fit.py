@@ -11,7 +11,7 @@ import typer
 
 from ..errors import FastpadimError
 from ..files import check_writable_file, make_output_folder
-from ..sources import Item, Skipped, by_video, inputs, resolve
+from ..sources import Item, Rereadable, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
     AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
@@ -185,7 +185,7 @@ def fit_items(model, images: Sequence[Item], threshold_images: Sequence[Item] | 
         images, threshold_images = model.holdout_split(images)
     skipped: Skipped = []
     held = inputs(threshold_images, skipped) if threshold_images is not None else None
-    model.fit(inputs(images, skipped), threshold_images=held, progress=progress)
+    model.fit(Rereadable(images, skipped), threshold_images=held, progress=progress)
     model.skipped_ = skipped + model.skipped_
     return model
 

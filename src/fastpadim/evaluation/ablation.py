@@ -70,7 +70,7 @@ class PcaPadim(Padim):
         self._pending_pca = self.pca_mean_, self.components_ = (mean.float().to(self.device_), components)
         return super().fit(images, threshold_images, progress)
 
-    def save(self, path, keep_stats: bool = False) -> None:
+    def save(self, path) -> None:
         # The model file has no place for the projection; a file without it would score wrongly.
         raise FastpadimError("PCA-reduced models are for evaluation only and cannot be saved")
 
