@@ -46,8 +46,9 @@ def images() -> list[np.ndarray]:
     return [surface(rng, SIZE) for _ in range(8)]
 
 
-def small_model(images, holdout: float) -> Padim:
-    return Padim(weights="random", image_size=SIZE, crop_size=None, holdout=holdout, device="cpu", workers=1).fit(images)
+def small_model(images, holdout: float, folds: int | str = "all") -> Padim:
+    return Padim(weights="random", image_size=SIZE, crop_size=None, holdout=holdout, folds=folds, device="cpu",
+                 workers=1).fit(images)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +212,7 @@ def test_score_heatmap_is_a_png_overlay(client, defect_png):
 
 
 def test_score_without_threshold_says_unknown(images, good_png):
-    with TestClient(create_app(small_model(images, holdout=0.0))) as c:
+    with TestClient(create_app(small_model(images, holdout=0.0, folds=0))) as c:
         body = c.post("/v1/score", files={"file": ("a.png", good_png, "image/png")}).json()
         assert body["verdict"] == "unknown" and body["is_anomalous"] is None and body["threshold"] is None
         for path in ("/v1/score?regions=true", "/v1/score/batch?regions=true"):  # regions need a threshold
