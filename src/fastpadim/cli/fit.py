@@ -110,7 +110,8 @@ def fit(
             elapsed = time.perf_counter() - start
             report_skipped(model.skipped_)
             model.save(target)
-            say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({total / elapsed:.1f} images/s; "
+            images = len(job) + (len(threshold_files) if threshold_files else 0)  # each once, whatever the passes
+            say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({images / elapsed:.1f} images/s; "
                 f"{model.preset_.name}, {model.device_.type}); {shown_input}; threshold {threshold_text(model)}; "
                 f"wrote {target}")
             # a tail model extrapolates below 1/n; without one (too few scores) the threshold is their maximum
