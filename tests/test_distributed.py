@@ -219,6 +219,9 @@ def test_predict_on_ray_writes_parquet_and_resumes(ray_session, tmp_path):
         row = by_name[name]
         assert row["score"] == pytest.approx(float(score), rel=1e-4)
         assert row["verdict"] == ("anomalous" if row["score"] > loaded.threshold_ else "good")
+        assert row["normalized"] == pytest.approx(row["score"] / loaded.threshold_, rel=1e-6)
+        assert row["false_alarm_probability"] == pytest.approx(
+            loaded.calibration_.false_alarm_probability(row["score"]), rel=1e-3)
         saved = np.load(row["map"])
         assert saved.shape == (64, 64) and float(saved.max()) == pytest.approx(row["score"], rel=1e-4)
 

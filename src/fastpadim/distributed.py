@@ -16,6 +16,7 @@ writes the rows to Parquet part files as they arrive, so a re-run skips what was
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 import os
 import warnings
@@ -310,10 +311,13 @@ class Scorer:
         items = [Item(str(p), None if f < 0 else int(f)) for p, f in zip(batch["path"], batch["frame"])]
         skipped: Skipped = []
         names: list[str] = []
-        rows = {"name": [], "score": [], "verdict": [], "map": [], "error": []}
+        rows = {"name": [], "score": [], "normalized": [], "false_alarm_probability": [], "verdict": [], "map": [],
+                "error": []}
 
-        def add(name, score=float("nan"), verdict="", map_path="", error=""):
-            for key, value in zip(rows, (name, score, verdict, map_path, error)):
+        def add(name, score=float("nan"), verdict="", map_path="", error="", normalized=None, probability=None):
+            values = (name, score, math.nan if normalized is None else normalized,
+                      math.nan if probability is None else probability, verdict, map_path, error)
+            for key, value in zip(rows, values):
                 rows[key].append(value)
 
         threshold = self.model.threshold_
@@ -330,10 +334,12 @@ class Scorer:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(target, lambda tmp, m=r.anomaly_map: _save_npy(tmp, m))
                     map_path = str(target)
-                add(name, float(r.score), verdict, map_path)
+                add(name, float(r.score), verdict, map_path, normalized=r.normalized,
+                    probability=r.false_alarm_probability)
         for name, reason in skipped:
             add(name, verdict="error", error=reason)
-        return {key: np.array(values, dtype=np.float64 if key == "score" else str) for key, values in rows.items()}
+        numbers = ("score", "normalized", "false_alarm_probability")
+        return {key: np.array(values, dtype=np.float64 if key in numbers else str) for key, values in rows.items()}
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -398,6 +404,10 @@ def predict_on_ray(model_path: Path, items: Sequence[Item], output: Path, ray_ta
         table = pa.table({
             "name": pa.array(batch["name"].tolist(), pa.string()),
             "score": pa.array(batch["score"], pa.float64(), mask=failed),
+            # null without a threshold (normalized) or a calibration (false_alarm_probability)
+            "normalized": pa.array(batch["normalized"], pa.float64(), mask=np.isnan(batch["normalized"])),
+            "false_alarm_probability": pa.array(batch["false_alarm_probability"], pa.float64(),
+                                                mask=np.isnan(batch["false_alarm_probability"])),
             "verdict": pa.array(batch["verdict"].tolist(), pa.string()),
             "map": pa.array([m or None for m in batch["map"].tolist()], pa.string()),
             "error": pa.array([e or None for e in batch["error"].tolist()], pa.string()),

@@ -168,6 +168,17 @@ class ScoringMixin:
         self.__dict__["_threshold"] = check_threshold(value)
         self.__dict__["_threshold_for"] = set_for
 
+    def calibration_summary(self) -> dict | None:
+        """Where the threshold and the false-alarm probabilities come from (None without a calibration): the
+        method, folds, how many good scores, the target (e.g. fpr=0.01) and whether a tail model extrapolated it."""
+        calibration: Calibration | None = getattr(self, "calibration_", None)
+        if calibration is None:
+            return None
+        return {"method": calibration.method, "folds": calibration.folds, "n_good_images": calibration.n,
+                "target": getattr(self, "threshold_target_", None),
+                "false_alarm_rate": getattr(self, "threshold_rate_", None),
+                "extrapolated": bool(getattr(self, "threshold_extrapolated_", False))}
+
     def anomaly_scores(self, images) -> np.ndarray:
         """Image anomaly scores (N,), higher = more anomalous (the reverse of scikit-learn's ``score_samples``,
         hence another name); unreadable images raise."""

@@ -188,20 +188,6 @@ def readable_score(result: "ScoredImage") -> dict:
     return {"normalized": result.normalized, "false_alarm_probability": result.false_alarm_probability}
 
 
-def calibration_summary(model: "Padim | OnnxPadim") -> dict | None:
-    """Where the threshold and the false-alarm probabilities come from (None without a calibration): the method
-    (out-of-fold, hold-out, good images, labelled), folds, how many good scores, the target (e.g. fpr=0.01) and
-    whether the threshold was extrapolated beyond the good scores (a tail model). Only ``ScoringMixin``
-    attributes: the PyTorch model and the ONNX runtime alike."""
-    calibration = getattr(model, "calibration_", None)
-    if calibration is None:
-        return None
-    return {"method": calibration.method, "folds": calibration.folds, "n_good_images": calibration.n,
-            "target": getattr(model, "threshold_target_", None),
-            "false_alarm_rate": getattr(model, "threshold_rate_", None),
-            "extrapolated": bool(getattr(model, "threshold_extrapolated_", False))}
-
-
 def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
     if hasattr(model, "engine"):  # an ONNX export: the metadata stored in it (no torch needed)
         meta, engine, device = model.metadata_, model.engine, model.device
@@ -223,7 +209,7 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
         "n_train_images": meta["n_train_images"],
         "threshold": model.threshold_,
         "false_alarm_rate": th["false_alarm_rate"],
-        "calibration": calibration_summary(model),
+        "calibration": model.calibration_summary(),
         "device": device,
         "engine": engine,
     }

@@ -51,7 +51,6 @@ def predict(
     image's own pixels, to lay over it)."""
     from .. import load
     from ..regions import find_regions
-    from ..serve import calibration_summary
     from ..visualize import Label, defect_mask, overlay
 
     with user_errors():
@@ -117,7 +116,7 @@ def predict(
                 if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
                     raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
                 write_text(staging / "results.csv", results_csv(rows, regions))
-                calibration = calibration_summary(model)
+                calibration = model.calibration_summary()
                 if calibration and threshold is not None:
                     calibration["target"] = "manual"  # --threshold: the probabilities still come from the calibration
                 summary = {"model": str(model_path), "threshold": model.threshold_, "calibration": calibration,
