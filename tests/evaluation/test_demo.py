@@ -55,4 +55,5 @@ def test_demo_end_to_end(tmp_path):
         assert (out / "heatmaps" / kind / f"{path.stem}_mask.png").is_file()
     assert report.count("| anomalous |") + report.count("| good |") == 36
     model = Padim.load(out / "demo.padim", device="cpu")
-    assert model.threshold_ is not None and model.n_samples_seen_ == 54  # 60 generated, 10 % held out
+    assert model.threshold_ is not None and model.n_samples_seen_ == 60  # none held out (leave-one-out scores)
+    assert model.calibration_.method == "out-of-fold" and model.calibration_.n == 60

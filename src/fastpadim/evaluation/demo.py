@@ -14,7 +14,7 @@ from ..errors import FastpadimError
 from ..files import write_text
 from ..model import Padim
 from ..results import Progress, verdict
-from ..visualize import defect_mask, overlay
+from ..visualize import Label, defect_mask, overlay
 from .datasets import load_category, load_mask
 from .metrics import image_auroc, pixel_auroc, pro_auc
 from .synthetic import make_dataset
@@ -40,7 +40,7 @@ def run_demo(output: Path, device: str = "auto", seed: int = 0, progress: Progre
         on_data(data)
     category = load_category(data)  # MVTec AD layout: train/good, test/<type>, ground_truth/<type>
     train, test = category.train, category.test
-    model = Padim(device=device, holdout=0.1, seed=seed)
+    model = Padim(device=device, seed=seed)  # the threshold from every training image's leave-one-out score
     start = time.perf_counter()
     model.fit(train, progress=progress)
     fit_s = time.perf_counter() - start
@@ -58,13 +58,15 @@ def run_demo(output: Path, device: str = "auto", seed: int = 0, progress: Progre
             pixel_labels.append(load_mask(item))  # the frame's own pixels, as fastpadim evaluate
             pixel_scores.append(r.frame_map)
             (output / "heatmaps" / kind).mkdir(parents=True, exist_ok=True)
-            overlay(r.view, r.frame_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}.png")
+            overlay(r.view, r.frame_map, model.threshold_, label=Label.of(r, model.threshold_)).save(
+                output / "heatmaps" / kind / f"{path.stem}.png")
             defect_mask(r.frame_map, model.threshold_).save(output / "heatmaps" / kind / f"{path.stem}_mask.png")
-            rows.append((f"{kind}/{path.name}", r.score, verdict(r.score, model.threshold_)))
+            rows.append((f"{kind}/{path.name}", r.score, verdict(r.score, model.threshold_), r.normalized,
+                         r.false_alarm_probability))
     score_s = time.perf_counter() - start
     result = DemoResult(data, output / "report.md", output / "heatmaps", image_auroc(labels, scores),
                         pixel_auroc(pixel_labels, pixel_scores), pro_auc(pixel_labels, pixel_scores),
-                        float(np.mean([flag == label for (_, _, flag), label in zip(rows, labels)])))
+                        float(np.mean([row[2] == label for row, label in zip(rows, labels)])))
     report = [
         "# fastpadim demo report", "",
         f"Generated surfaces: {len(train)} good training images, {len(test)} test images (good, scratch, spot).",
@@ -73,11 +75,12 @@ def run_demo(output: Path, device: str = "auto", seed: int = 0, progress: Progre
         f"| image AUROC | {result.image_auroc:.4f} |", f"| pixel AUROC | {result.pixel_auroc:.4f} |",
         f"| PRO (FPR ≤ 0.3) | {result.pro:.4f} |",
         f"| verdicts correct at the threshold {model.threshold_:.3f} | {result.verdicts_correct:.1%} |",
-        f"| fit time ({model.n_samples_seen_} images + hold-out) | {fit_s:.1f} s |",
+        f"| fit time ({model.n_samples_seen_} images, threshold from their leave-one-out scores) | {fit_s:.1f} s |",
         f"| scoring | {len(test) / score_s:.1f} images/s |",
         "", "Heatmaps (overlay and defect mask per image) are in `heatmaps/`; the model is `demo.padim`.", "",
-        "| image | score | verdict |", "|---|---|---|",
-        *[f"| {name} | {score:.3f} | {'anomalous' if flag else 'good'} |" for name, score, flag in rows],
+        "| image | score | score / threshold | p(good scores this high) | verdict |", "|---|---|---|---|---|",
+        *[f"| {name} | {score:.3f} | {normalized:.2f} | {probability:.2g} | {'anomalous' if flag else 'good'} |"
+          for name, score, flag, normalized, probability in rows],
     ]
     write_text(result.report, "\n".join(report) + "\n")
     return result
