@@ -387,7 +387,7 @@ class Padim(ScoringMixin):
             fold_scores = self.leave_one_out_scores(images, progress)
         self.history_ = [*getattr(self, "history_", []), history_entry(added, digest.hexdigest())]
         if threshold_images is not None:
-            self.set_threshold_from_scores(self._good_scores(threshold_images, progress), self.false_alarm_rate,
+            self.set_threshold_from_scores(self.good_scores(threshold_images, progress), self.false_alarm_rate,
                                            method)
         elif fold_scores is not None:
             previous: Calibration | None = self.__dict__.get("calibration_")
@@ -395,18 +395,6 @@ class Padim(ScoringMixin):
                            else Calibration(fold_scores, "out-of-fold", self.folds))
             self.calibrate(calibration, self.threshold_rate_ if previous is not None else None)
         return self
-
-    def _good_scores(self, images, progress: Progress | None) -> list[float]:
-        scores = []
-        for batch in self.iter_scored(images, progress=progress):
-            for r in batch:
-                if r.error:
-                    self.skipped_.append((r.name, r.error))
-                else:
-                    scores.append(r.score)
-        if not scores:
-            raise FastpadimError("no readable good images to set the threshold from")
-        return scores
 
     def accumulate(self, images: Iterable[ImageInput], progress: Progress | None = None, digest=None) -> Padim:
         """Add the embeddings of good images to the running statistics ``stats_`` (no factorisation yet);

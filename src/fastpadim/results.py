@@ -215,6 +215,10 @@ class ScoringMixin:
                       progress: Progress | None = None) -> float:
         """Threshold = the (1 − rate) quantile of these good images' scores (at most that rate flagged)."""
         rate = self.false_alarm_rate if false_alarm_rate is None else false_alarm_rate
+        return self.set_threshold_from_scores(self.good_scores(good_images, progress), rate)
+
+    def good_scores(self, good_images: Iterable, progress: Progress | None = None) -> list[float]:
+        """The scores of good images for a threshold; unreadable ones go to ``skipped_``."""
         scores = []
         for batch in self.iter_scored(good_images, progress=progress):
             for r in batch:
@@ -224,7 +228,7 @@ class ScoringMixin:
                     scores.append(r.score)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
-        return self.set_threshold_from_scores(scores, rate)
+        return scores
 
     def set_threshold_from_scores(self, scores, rate: float, method: str = "good images") -> float:
         """Threshold = the (1 − rate) quantile of good images' scores (``calibrate``)."""
