@@ -93,8 +93,16 @@ class Confusion:
         denominator = 2 * self.defects_caught + self.false_alarms + self.defects_missed
         return 2 * self.defects_caught / denominator if denominator else None
 
+    @classmethod
+    def of_flags(cls, anomalous: np.ndarray, flagged: np.ndarray) -> Confusion:
+        """From per-image labels (True = defective) and verdicts (True = flagged)."""
+        anomalous, flagged = np.asarray(anomalous, bool), np.asarray(flagged, bool)
+        return cls(int((~flagged & ~anomalous).sum()), int((flagged & ~anomalous).sum()),
+                   int((flagged & anomalous).sum()), int((~flagged & anomalous).sum()))
+
     def to_dict(self) -> dict:
-        return {"good_passed": self.good_passed, "false_alarms": self.false_alarms,
+        return {"n_good": self.n_good, "n_defective": self.n_defective,
+                "good_passed": self.good_passed, "false_alarms": self.false_alarms,
                 "defects_caught": self.defects_caught, "defects_missed": self.defects_missed,
                 "false_alarm_rate": self.false_alarm_rate, "recall": self.recall, "precision": self.precision,
                 "f1": self.f1}

@@ -69,10 +69,10 @@ def test_model_is_scored_as_it_is_with_its_threshold(data_root, model_file, tmp_
     assert confusion["threshold"] == pytest.approx(threshold)
     false_alarms = sum(r["label"] == "good" and r["verdict"] == "anomalous" for r in rows)
     misses = sum(r["label"] == "anomalous" and r["verdict"] == "good" for r in rows)
-    assert (confusion["false_alarms"], confusion["misses"]) == (false_alarms, misses)
-    assert (confusion["n_good"], confusion["n_anomalous"]) == (3, 6)
+    assert (confusion["false_alarms"], confusion["defects_missed"]) == (false_alarms, misses)
+    assert (confusion["n_good"], confusion["n_defective"]) == (3, 6)
     assert confusion["false_alarm_rate"] == pytest.approx(false_alarms / 3)
-    assert confusion["miss_rate"] == pytest.approx(misses / 6)
+    assert confusion["recall"] == pytest.approx(1 - misses / 6)
     assert row["at_f1_max"]["n_good"] == 3 and row["pixel_threshold"] is not None
 
     # the terminal and the report say both thresholds' errors and which threshold the masks use

@@ -20,6 +20,7 @@ from ..images import Preprocessing, open_image
 from ..model import Padim
 from ..results import verdict
 from ..sizes import Size
+from ..targets import Confusion
 from . import metrics
 from .ablation import LAYER_MODES, REDUCTIONS, PcaPadim, SummedPadim
 from .datasets import Category, frame_size, load_mask, open_mask
@@ -105,30 +106,14 @@ class ImageScore:
 
 
 @dataclass
-class Confusion:
-    """Test images flagged at one image threshold: false alarms among the good, misses among the anomalous."""
+class AtThreshold:
+    """Test images flagged at one image threshold (``targets.Confusion``: false alarms, defects missed)."""
 
     threshold: float
-    n_good: int
-    n_anomalous: int
-    false_alarms: int
-    misses: int
-
-    @classmethod
-    def of(cls, threshold: float, anomalous: np.ndarray, flagged: np.ndarray) -> Confusion:
-        return cls(float(threshold), int((~anomalous).sum()), int(anomalous.sum()),
-                   int((flagged & ~anomalous).sum()), int((~flagged & anomalous).sum()))
-
-    @property
-    def false_alarm_rate(self) -> float | None:
-        return self.false_alarms / self.n_good if self.n_good else None
-
-    @property
-    def miss_rate(self) -> float | None:
-        return self.misses / self.n_anomalous if self.n_anomalous else None
+    confusion: Confusion
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "false_alarm_rate": self.false_alarm_rate, "miss_rate": self.miss_rate}
+        return {"threshold": self.threshold, **self.confusion.to_dict()}
 
 
 @dataclass
@@ -154,8 +139,8 @@ class CategoryRun:
     scores: list[ImageScore] = field(default_factory=list)
     model_threshold: float | None = None
     threshold_target: str | None = None
-    at_model_threshold: Confusion | None = None
-    at_f1_max: Confusion | None = None
+    at_model_threshold: AtThreshold | None = None
+    at_f1_max: AtThreshold | None = None
 
 
 def pick_examples(category: Category, count: int) -> set[int]:
@@ -243,7 +228,8 @@ def score_category(category: Category, model, seed: int, n_examples: int, progre
 
             result["image_auroc"] = metrics.image_auroc(labels, scores)
             result["image_f1_max"], f1_threshold = metrics.f1_max_threshold(labels, scores)
-            at_f1_max = Confusion.of(f1_threshold, labels, scores >= f1_threshold)  # sklearn's rule: score ≥ t
+            # sklearn's rule: score ≥ t
+            at_f1_max = AtThreshold(float(f1_threshold), Confusion.of_flags(labels, scores >= f1_threshold))
             fpr, tpr, _ = roc_curve(labels, scores)
             curves["image_roc"] = (fpr, tpr)
         if want_pixels:
@@ -265,7 +251,8 @@ def score_category(category: Category, model, seed: int, n_examples: int, progre
     verdicts = [verdict(float(s), threshold) for s in scores]
     per_image = [ImageScore(f"{item.defect_type}/{Path(item.path).name}", bool(label), float(score), norm, v)
                  for item, label, score, norm, v in zip(category.test, labels, scores, normalized, verdicts)]
-    at_model = None if threshold is None else Confusion.of(threshold, labels, np.array(verdicts, dtype=bool))
+    at_model = (None if threshold is None
+                else AtThreshold(float(threshold), Confusion.of_flags(labels, np.array(verdicts, dtype=bool))))
     return CategoryRun(category.name, seed, result, bounds, fit_s, n / max(scoring_s, 1e-9), n_train, n, notes,
                        pixel_threshold, model_settings(model)["weights"], curves, examples, model_settings(model),
                        per_image, threshold, getattr(model, "threshold_target_", None), at_model, at_f1_max)

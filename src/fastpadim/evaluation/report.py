@@ -130,7 +130,8 @@ def _confusion_text(c: dict) -> str:
         return f"{n} {word}" + ("" if n == 1 else ("es" if word.endswith("s") else "s"))
 
     return (f"{count(c['false_alarms'], 'false alarm')} of {c['n_good']} good ({rate(c['false_alarm_rate'])}), "
-            f"{count(c['misses'], 'miss')} of {c['n_anomalous']} anomalous ({rate(c['miss_rate'])})")
+            f"{count(c['defects_missed'], 'miss')} of {c['n_defective']} anomalous "
+            f"({rate(None if c['recall'] is None else 1 - c['recall'])})")
 
 
 def threshold_lines(row: dict, shipped: bool) -> list[str]:
