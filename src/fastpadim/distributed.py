@@ -255,18 +255,15 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     count = model.stats_.count // model._samples_per_image if model.stats_ is not None else 0
     out_of_fold = threshold_images is None and model.folds != 0 and count >= 2
     # the inputs as the local fit sees them (frames that do not decode left out), so the folds are its folds; the
-    # shards reported the skipped ones already. k folds are scored before the factorisation (they need the float64
-    # statistics), leave-one-out ("all") after it (the fitted model's distances, in closed form).
-    fold_inputs = sources.Rereadable(images, []) if out_of_fold else None
+    # shards reported the skipped ones already
     fold_scores = None
-    if out_of_fold and model.folds != "all":
-        fold_scores = model.out_of_fold_scores(fold_inputs, progress)
-    model.finish()
+    if out_of_fold:
+        fold_scores = model.finish_out_of_fold(sources.Rereadable(images, []), progress)
+    else:
+        model.finish()
     # the shards saw the pixels; the driver records the inputs by name (a local fit digests the pixels)
     names = hashlib.sha256("\n".join(item.name for item in images).encode())
     model.history_ = [history_entry(model.n_samples_seen_, names.hexdigest(), "names-sha256")]
-    if out_of_fold and model.folds == "all":
-        fold_scores = model.leave_one_out_scores(fold_inputs, progress)
     if fold_scores is not None:
         model.calibrate(Calibration(fold_scores, "out-of-fold", model.folds))
     elif threshold_images:

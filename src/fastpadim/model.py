@@ -380,11 +380,10 @@ class Padim(ScoringMixin):
         self.accumulate(images, progress, digest)
         added = (self.stats_.count - before) // self._samples_per_image if self.stats_ is not None else 0
         fold_scores = None
-        if out_of_fold and added and self.folds != "all":
-            fold_scores = self.out_of_fold_scores(images, progress)
-        self.finish()
-        if out_of_fold and added and self.folds == "all":
-            fold_scores = self.leave_one_out_scores(images, progress)
+        if out_of_fold and added:
+            fold_scores = self.finish_out_of_fold(images, progress)
+        else:
+            self.finish()
         self.history_ = [*getattr(self, "history_", []), history_entry(added, digest.hexdigest())]
         if threshold_images is not None:
             self.set_threshold_from_scores(self.good_scores(threshold_images, progress), self.false_alarm_rate,
@@ -438,6 +437,16 @@ class Padim(ScoringMixin):
                 progress(len(batch))
         flush()
         return self
+
+    def finish_out_of_fold(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
+        """``finish``, and the out-of-fold scores of ``images`` (already in ``stats_``): k folds are scored before
+        the factorisation (they need the float64 statistics), leave-one-out ("all") after it (the fitted model's
+        distances, in closed form). The local fit and the Ray driver both take this path."""
+        if self.folds == "all":
+            return self.finish().leave_one_out_scores(images, progress)
+        scores = self.out_of_fold_scores(images, progress)
+        self.finish()
+        return scores
 
     def out_of_fold_scores(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
         """Scores of ``images`` (already in ``stats_``), each fold by the model of all the other images.
@@ -593,7 +602,6 @@ class Padim(ScoringMixin):
         from .modelfile import FORMAT_NAME, FORMAT_VERSION
 
         preset: BackbonePreset = self.preset_
-        calibration: Calibration | None = self.__dict__.get("calibration_")
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -620,15 +628,7 @@ class Padim(ScoringMixin):
             "factor_dtype": self.factor_dtype,
             "folds": self.folds,
             "n_train_images": int(self.n_samples_seen_),
-            "threshold": {
-                "image": self.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, refused on use
-                "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
-                "n_good_images": getattr(self, "threshold_count_", None),
-                "n_train_images": self.__dict__.get("_threshold_for"),
-                "target": getattr(self, "threshold_target_", None),
-                "extrapolated": bool(getattr(self, "threshold_extrapolated_", False)),
-            },
-            "calibration": None if calibration is None else calibration.to_dict(),
+            **self.threshold_metadata(),
             "history": list(getattr(self, "history_", [])),
         }
 
@@ -674,8 +674,8 @@ class Padim(ScoringMixin):
                                  f"match what the network gives ({list(model.grid_)} at "
                                  f"{format_size(model.preprocessing_.output_size)} px)")
         model.skipped_ = []
+        samples = meta["n_train_images"] * model._samples_per_image
         if "scatter" in tensors:
-            samples = meta["n_train_images"] * model._samples_per_image
             stats = GaussianStats(samples, tensors["mean"].double().to(model.device_), tensors["scatter"].to(model.device_))
             try:
                 model.install_statistics(stats)
@@ -684,17 +684,9 @@ class Padim(ScoringMixin):
         else:  # format 1: the factor itself, and the statistics only if they were kept (--keep-stats)
             stats = None
             if "stats.scatter" in tensors:
-                samples = meta["n_train_images"] * model._samples_per_image
                 stats = GaussianStats(samples, tensors["stats.mean"], tensors["stats.scatter"]).compacted()
             model.install(tensors["mean"], tensors["whitener"], meta["n_train_images"], stats)
-        model._install_threshold(th["image"], th.get("n_train_images"))
-        model.threshold_rate_ = th["false_alarm_rate"]
-        model.threshold_count_ = th.get("n_good_images")
-        model.threshold_target_ = th.get("target")
-        model.threshold_extrapolated_ = th.get("extrapolated", False)
-        if meta.get("calibration"):
-            model.calibration_ = Calibration.from_dict(meta["calibration"])
-        model.history_ = list(meta.get("history") or [])
+        model.install_threshold_metadata(meta)
         model.metadata_ = meta
         return model
 

@@ -17,7 +17,6 @@ import numpy as np
 
 from .errors import FastpadimError
 from .files import folder_of
-from .calibration import Calibration
 from .images import Preprocessing
 from .metadata import refuse_field, shown, validate
 from .results import ScoringMixin
@@ -417,17 +416,10 @@ class OnnxPadim(ScoringMixin):
         del proto
         meta = self.metadata_
         self.preprocessing_ = Preprocessing.from_dict(meta["preprocessing"])  # its size matches the graph (checked)
-        th = meta["threshold"]
         self.n_samples_seen_ = meta["n_train_images"]
-        self._install_threshold(th["image"], th.get("n_train_images"))  # as Padim.load: a stale one is refused on use
-        self.threshold_count_ = th.get("n_good_images")
-        self.false_alarm_rate = self.threshold_rate_ = th["false_alarm_rate"]
-        self.threshold_target_ = th.get("target")
-        self.threshold_extrapolated_ = th.get("extrapolated", False)
-        # the good scores behind the threshold: the same false-alarm probabilities as the .padim it came from
-        # (the stored tail is used as it is, so loading fits nothing)
-        self.calibration_ = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
-        self.history_ = list(meta.get("history") or [])
+        self.false_alarm_rate = meta["threshold"]["false_alarm_rate"]
+        # as Padim.load: the same false-alarm probabilities as the .padim it came from
+        self.install_threshold_metadata(meta)
         self.backbone = meta["backbone"]["name"]
         self.batch_size = batch_size
         self.workers = workers
@@ -451,17 +443,7 @@ class OnnxPadim(ScoringMixin):
     def save_metadata(self) -> None:
         """Write the current threshold and calibration (e.g. after ``set_threshold`` or ``fastpadim calibrate``)
         into the file's metadata, as ``Padim.to_metadata`` records them."""
-        calibration: Calibration | None = getattr(self, "calibration_", None)
-        self.metadata_["threshold"] = {
-            **self.metadata_["threshold"],
-            "image": self.__dict__.get("_threshold"),
-            "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
-            "n_good_images": getattr(self, "threshold_count_", None),
-            "n_train_images": self.__dict__.get("_threshold_for"),
-            "target": getattr(self, "threshold_target_", None),
-            "extrapolated": bool(getattr(self, "threshold_extrapolated_", False)),
-        }
-        self.metadata_["calibration"] = None if calibration is None else calibration.to_dict()
+        self.metadata_.update(self.threshold_metadata())
         write_metadata(self.path, self.metadata_)
 
     def __repr__(self) -> str:

@@ -168,6 +168,34 @@ class ScoringMixin:
         self.__dict__["_threshold"] = check_threshold(value)
         self.__dict__["_threshold_for"] = set_for
 
+    def threshold_metadata(self) -> dict:
+        """The threshold and its calibration as a model file records them (``.padim`` and ``.onnx`` alike)."""
+        calibration: Calibration | None = getattr(self, "calibration_", None)
+        return {
+            "threshold": {
+                "image": self.__dict__.get("_threshold"),  # raw: a stale threshold is saved as stale, refused on use
+                "false_alarm_rate": self.threshold_rate_ or self.false_alarm_rate,
+                "n_good_images": getattr(self, "threshold_count_", None),
+                "n_train_images": self.__dict__.get("_threshold_for"),
+                "target": getattr(self, "threshold_target_", None),
+                "extrapolated": bool(getattr(self, "threshold_extrapolated_", False)),
+            },
+            "calibration": None if calibration is None else calibration.to_dict(),
+        }
+
+    def install_threshold_metadata(self, meta: dict) -> None:
+        """The threshold, its calibration and the history from a model file's (validated) metadata: the one reader
+        for ``.padim`` and ``.onnx``. A threshold set for other Gaussians stays refused on use."""
+        th = meta["threshold"]
+        self._install_threshold(th["image"], th.get("n_train_images"))
+        self.threshold_rate_ = th["false_alarm_rate"]
+        self.threshold_count_ = th.get("n_good_images")
+        self.threshold_target_ = th.get("target")
+        self.threshold_extrapolated_ = th.get("extrapolated", False)
+        # the stored tail is used as it is, so loading fits nothing
+        self.calibration_ = Calibration.from_dict(meta["calibration"]) if meta.get("calibration") else None
+        self.history_ = list(meta.get("history") or [])
+
     def calibration_summary(self) -> dict | None:
         """Where the threshold and the false-alarm probabilities come from (None without a calibration): the
         method, folds, how many good scores, the target (e.g. fpr=0.01) and whether a tail model extrapolated it."""
@@ -219,15 +247,22 @@ class ScoringMixin:
 
     def good_scores(self, good_images: Iterable, progress: Progress | None = None) -> list[float]:
         """The scores of good images for a threshold; unreadable ones go to ``skipped_``."""
-        scores = []
-        for batch in self.iter_scored(good_images, progress=progress):
-            for r in batch:
-                if r.error:
-                    self.skipped_.append((r.name, r.error))
-                else:
-                    scores.append(r.score)
+        scores = self.readable_scores(good_images, progress)
         if not scores:
             raise FastpadimError("no readable good images to set the threshold from")
+        return scores
+
+    def readable_scores(self, images: Iterable, progress: Progress | None = None,
+                        skipped: list | None = None) -> list[float]:
+        """The scores of the images that could be scored; the others go to ``skipped`` (default ``skipped_``)."""
+        skipped = self.skipped_ if skipped is None else skipped
+        scores = []
+        for batch in self.iter_scored(images, progress=progress):
+            for r in batch:
+                if r.error:
+                    skipped.append((r.name, r.error))
+                else:
+                    scores.append(r.score)
         return scores
 
     def set_threshold_from_scores(self, scores, rate: float, method: str = "good images") -> float:

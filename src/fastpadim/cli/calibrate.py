@@ -86,14 +86,8 @@ def labelled_scores(model, source: Path, kind: str) -> list[float]:
     from ..sources import inputs, resolve
 
     items, skipped = resolve(source)
-    scores: list[float] = []
     with progress_bar(f"scoring {kind} images", len(items)) as advance:
-        for batch in model.iter_scored(inputs(items, skipped), progress=advance):
-            for result in batch:
-                if result.error:
-                    skipped.append((result.name, result.error))
-                else:
-                    scores.append(result.score)
+        scores = model.readable_scores(inputs(items, skipped), advance, skipped)
     model.skipped_ += skipped
     if not scores:
         raise FastpadimError(f"{source}: no readable {kind} images to calibrate with")
