@@ -87,3 +87,7 @@ def fitted(train_arrays):
     from fastpadim import Padim
 
     return Padim(**{**SMALL, "holdout": 0.25}).fit(train_arrays)
+
+
+# PostgreSQL for the records' tests: a throwaway server per session and a fresh database per test.
+from postgres import postgres_db, postgres_url  # noqa: E402, F401

@@ -10,7 +10,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 bundles click
 from typer.core import TyperGroup
 
-from . import calibrate, demo, evaluate, export, fit, info, predict, serve, update
+from . import calibrate, demo, evaluate, export, fit, info, predict, records, serve, update
 from .console import missing_module, out, print_error, state
 
 
@@ -84,6 +84,7 @@ COMMANDS = [
     ("calibrate", calibrate.calibrate),
     ("update", update.update),
     ("info", info.info),
+    ("records", records.records),
     ("demo", demo.demo),
     ("evaluate", evaluate.evaluate),
     ("serve", serve.serve),
