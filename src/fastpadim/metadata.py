@@ -220,3 +220,19 @@ def _history(path, history) -> None:
             if not isinstance(value, str) or len(value) > 100:
                 refuse_field(path, p + field, f"must be a short string, got {shown(value)}")
         _int(path, entry, "images", 0, 2**53, p)
+        _history_records(path, entry.get("records"), p + "records")
+
+
+MAX_RECORDED_IDS = 1_000_000  # inspection ids one update took from the records
+
+
+def _history_records(path, records, p) -> None:
+    """Where an update's images came from (``update --from-records``): the records and the inspection ids."""
+    if records is None:
+        return
+    if not isinstance(records, dict) or not isinstance(records.get("db"), str) or len(records["db"]) > 2000:
+        refuse_field(path, p, "must be {db: text, inspections: [ids]}")
+    ids = records.get("inspections")
+    if not isinstance(ids, list) or len(ids) > MAX_RECORDED_IDS or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
+        refuse_field(path, p + ".inspections", f"must be a list of at most {MAX_RECORDED_IDS} inspection ids")

@@ -140,4 +140,7 @@ def history_lines(history: list[dict]) -> list[str]:
         digest = digest[: digest.index(":") + 13] if ":" in digest else digest[:12]
         lines.append(f"{label:<16}{entry['date']}  {kind:<6} {entry['images']:>6} images  fastpadim "
                      f"{entry['fastpadim_version']}  {digest}")
+        if entry.get("records"):  # update --from-records: the operators' labelled false alarms
+            lines.append(f"{'':<16}{len(entry['records']['inspections'])} labelled false alarms from "
+                         f"{entry['records']['db']}")
     return lines
