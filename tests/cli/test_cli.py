@@ -667,7 +667,7 @@ def test_predict_regions_without_maps(rect_model_file, tmp_path):
     assert all("regions" in entry and "overlay" not in entry for entry in images)
     plain = tmp_path / "plain"  # without --regions: the CSV keeps its columns
     assert_ok(run("predict", rect_model_file, tmp_path / "frames", "-o", plain, "--no-maps"))
-    assert (plain / "results.csv").read_text().splitlines()[0] == "image,score,normalized,false_alarm_probability,verdict,overlay,mask"
+    assert (plain / "results.csv").read_text().splitlines()[0] == "image,score,normalized,false_alarm_probability,verdict,overlay,mask,run_time,model,model_version,model_file,threshold"
 
 
 def test_predict_regions_refusals_are_one_line(image_folder, test_folder, tmp_path):

@@ -10,7 +10,7 @@ import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer 0.29 bundles click
 from typer.core import TyperGroup
 
-from . import calibrate, demo, evaluate, export, fit, info, predict, records, serve, update
+from . import calibrate, demo, evaluate, export, fit, info, predict, records, serve, update, watch
 from .console import missing_module, out, print_error, state
 
 
@@ -81,6 +81,7 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 COMMANDS = [
     ("fit", fit.fit),
     ("predict", predict.predict),
+    ("watch", watch.watch),
     ("calibrate", calibrate.calibrate),
     ("update", update.update),
     ("info", info.info),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
 import tempfile
@@ -16,16 +14,20 @@ import typer
 
 from ..errors import FastpadimError
 from ..files import (
-    STAGING_PREFIX, OutputNames, atomic_write, common_root, make_output_folder, move_into_place, os_reason,
-    previous_results, terminate_unwinds, write_text,
+    STAGING_PREFIX, OutputNames, common_root, make_output_folder, move_into_place, os_reason, previous_results,
+    terminate_unwinds, write_text,
 )
-from ..results import check_threshold, verdict_label
+from ..results import check_threshold
 from ..sources import inputs, resolve
 from .console import progress_bar, report_skipped, say, user_errors
 from .options import (
     AllowDownloadOpt, BatchSizeOpt, CpusPerTaskOpt, DeviceOpt, EngineOpt, FrameStrideOpt, MaxPixelsOpt, PrecisionOpt,
     RayOpt, WeightsOpt, apply_max_pixels,
 )
+
+
+RecordOpt = Annotated[Optional[str], typer.Option("--record", metavar="DB", help="Also record every verdict (and every unreadable file) in this records database: a SQLite file, or a sqlite:/// or postgresql:// URL.")]
+StationOpt = Annotated[Optional[str], typer.Option("--station", help="The line PC or camera the records name (default: this host's name).")]
 
 
 def predict(
@@ -39,6 +41,8 @@ def predict(
     maps: Annotated[Optional[bool], typer.Option("--maps/--no-maps", help="Write heatmap overlays and defect masks (default; with --ray: anomaly maps as .npy, only if asked).")] = None,
     regions: Annotated[bool, typer.Option("--regions", help="Add each image's defect regions (boxes in the image's own pixels, area, peak score) to results.json and their count to results.csv; needs a threshold.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results of a previous run in OUTPUT (else such an OUTPUT is refused).")] = False,
+    record: RecordOpt = None,
+    station: StationOpt = None,
     batch_size: BatchSizeOpt = 32,
     max_pixels: MaxPixelsOpt = None,
     ray_target: RayOpt = None,
@@ -50,18 +54,21 @@ def predict(
     """Score images: a CSV/JSON of scores and verdicts, and per image a heatmap overlay and defect mask (in the
     image's own pixels, to lay over it)."""
     from .. import load
-    from ..regions import find_regions
-    from ..visualize import Label, defect_mask, overlay
+    from ..recording import Recorder, Run, named_error, read_once, regions_of, result_row, write_maps
 
     with user_errors():
         threshold = check_threshold(threshold, "--threshold")
         apply_max_pixels(max_pixels)
+        if station is not None and record is None:
+            raise FastpadimError("--station names the station in the records: give --record DB too")
         if ray_target is not None:
             if overwrite:
                 raise FastpadimError("--overwrite does not apply with --ray (a Ray run resumes what OUTPUT holds); "
                                      "give a new -o to start over")
             if regions:
                 raise FastpadimError("--regions does not apply with --ray yet; score without --ray to get regions")
+            if record is not None:
+                raise FastpadimError("--record does not apply with --ray yet; score without --ray to record verdicts")
             return predict_on_ray(model_path, source, output, ray_target, bool(maps), threshold, frame_stride, cpus_per_task)
         maps = True if maps is None else maps
         previous = previous_results(output)
@@ -78,6 +85,8 @@ def predict(
         if regions and model.threshold_ is None:
             raise FastpadimError(f"--regions needs a threshold and {model_path} has none (fitted with --holdout 0): "
                                  "give --threshold")
+        run = Run.start(model, model_path)
+        recorder = None
         created = make_output_folder(output)
         try:
             staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output))
@@ -85,33 +94,44 @@ def predict(
             raise FastpadimError(f"cannot write to {output}: {os_reason(exc)}") from None
         # Everything is written into the hidden staging folder and moved into OUTPUT only once the run has
         # succeeded: a failure, Ctrl+C or SIGTERM leaves OUTPUT as it was (only SIGKILL can leave the staging folder).
+        # The records are the exception: they keep every verdict given, batch by batch, also of a run cut short.
         done = False
         with terminate_unwinds():
             try:
                 rows = []
+                recording = record is not None
+                recorder = Recorder(open_records(record), run, "predict", station)
+                recorder.errors(skipped)  # inputs unusable as a whole (an unreadable video)
+                unreadable: list[tuple[str, str]] = []  # frames that cannot be decoded, as they are met
+                digests: list[str | None] = []
+                images = read_once(files, unreadable, names, digests) if recording else inputs(files, unreadable, names)
                 with progress_bar("scoring", len(files)) as advance:
                     # the frame map (maps and regions in the image's pixels) comes with the kept frame
-                    for batch in model.iter_scored(inputs(files, skipped, names), keep_view=maps or regions,
-                                                   progress=advance, batch_size=batch_size):
+                    for batch in model.iter_scored(images, keep_view=maps or regions, progress=advance,
+                                                   batch_size=batch_size):
                         for result in batch:
                             name = names[result.index]  # the path, or video.mp4#frame=N
+                            digest = digests[result.index] if recording else None
                             if result.error:
-                                skipped.append((name, result.error))
+                                error = named_error(result, name)
+                                skipped.append((name, error))
+                                recorder.add(result, name, digest, error=error)
                                 continue
-                            row = {"image": name, "score": round(result.score, 6), **readable(result),
-                                   "verdict": verdict_label(result.score, model.threshold_)}
+                            row = {**result_row(result, name, model.threshold_), **run.columns()}
                             if maps:
-                                stem = unique_name(name)
-                                label = Label.of(result, model.threshold_)
-                                write_png(overlay(result.view, result.frame_map, model.threshold_, label=label),
-                                          staging / "overlays" / stem)
-                                row["overlay"] = str(output / "overlays" / stem)
-                                if model.threshold_ is not None:
-                                    write_png(defect_mask(result.frame_map, model.threshold_), staging / "masks" / stem)
-                                    row["mask"] = str(output / "masks" / stem)
-                            if regions:
-                                row.update(find_regions(result.frame_map, model.threshold_).to_dict())
+                                written = write_maps(result, model.threshold_, staging, unique_name(name))
+                                row.update({key: str(output / value) for key, value in written.items() if value})
+                            found = regions_of(result, model.threshold_) if regions else None
+                            if found is not None:
+                                row.update(found)
                             rows.append(row)
+                            recorder.add(result, name, digest, overlay=row.get("overlay"), regions=found)
+                        skipped += unreadable
+                        recorder.errors(unreadable)
+                        unreadable.clear()
+                        recorder.flush()
+                skipped += unreadable  # any met after the last batch
+                recorder.errors(unreadable)
                 report_skipped(skipped)
                 if not rows:  # nothing to report: leave no results files (nor a folder made for them) behind
                     raise FastpadimError(f"no image could be scored ({len(skipped)} unreadable)")
@@ -119,7 +139,7 @@ def predict(
                 calibration = model.calibration_summary()
                 if calibration and threshold is not None:
                     calibration["target"] = "manual"  # --threshold: the probabilities still come from the calibration
-                summary = {"model": str(model_path), "threshold": model.threshold_, "calibration": calibration,
+                summary = {**run.to_json(), "calibration": calibration,
                            "images": rows, "skipped": [{"image": n, "error": e} for n, e in skipped]}
                 write_text(staging / "results.json", json.dumps(summary, indent=2))
                 move_into_place(staging, output)
@@ -127,32 +147,25 @@ def predict(
             except FastpadimError as exc:  # name the file in OUTPUT, not its staged copy
                 raise FastpadimError(str(exc).replace(str(staging), str(output))) from None
             finally:
+                if recorder is not None:
+                    recorder.close()
                 shutil.rmtree(staging, ignore_errors=True)
                 if created and not done:
                     with suppress(OSError):
                         output.rmdir()  # only if empty
         flagged = sum(r["verdict"] == "anomalous" for r in rows)
+        recorded = f"; recorded {recorder.count} in {recorder.records.url}" if recording else ""
         say(f"scored {len(rows)} images ({flagged} anomalous, {len(skipped)} skipped){highest(rows)}; "
-            f"wrote {output}/results.csv")
+            f"wrote {output}/results.csv{recorded}")
 
 
-def write_png(image, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FastpadimError(f"cannot write {path}: {os_reason(exc)}") from None
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+def open_records(target: str | None):
+    """The records named by --record (None without it)."""
+    if target is None:
+        return None
+    from ..records import Records
 
-
-def readable(result) -> dict:
-    """The score as people read it, beside the raw one: ``normalized`` (score / threshold, 1.0 at the threshold) and
-    ``false_alarm_probability`` (of a good part scoring this high); None (empty in the CSV) where the model has no
-    threshold or no calibration. Significant digits, not decimals: a tail estimate can be 1e-9, and is not 0."""
-    def significant(value: float | None) -> float | None:
-        return None if value is None else float(f"{value:.6g}")
-
-    return {"normalized": significant(result.normalized),
-            "false_alarm_probability": significant(result.false_alarm_probability)}
+    return Records(target)
 
 
 def highest(rows: list[dict]) -> str:
@@ -168,15 +181,12 @@ def highest(rows: list[dict]) -> str:
 
 def results_csv(rows: list[dict], regions: bool = False) -> str:
     """One line per image; with ``regions`` a column of how many regions each image has (the boxes are in
-    results.json). ``normalized`` and ``false_alarm_probability`` follow the score (empty when unknown)."""
-    buffer = io.StringIO()
-    fields = (["image", "score", "normalized", "false_alarm_probability", "verdict", "overlay", "mask"]
-              + (["regions"] if regions else []))
-    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**row, "regions": len(row["regions"]) + row["regions_left_out"]} if regions else row)
-    return buffer.getvalue()
+    results.json). ``normalized`` and ``false_alarm_probability`` follow the score (empty when unknown); the run's
+    time, model and threshold close each line."""
+    from ..recording import csv_columns, csv_text
+
+    counted = ({**row, "regions": len(row["regions"]) + row["regions_left_out"]} for row in rows)
+    return csv_text(counted if regions else rows, csv_columns(regions))
 
 
 def predict_on_ray(model_path: Path, source: Path, output: Path, ray_target: str, maps: bool,
