@@ -24,8 +24,9 @@ pytestmark = [
 
 
 @contextmanager
-def serving(model):
-    """``model`` served on a free loopback port, in a thread; yields its base URL."""
+def serving(model, **options):
+    """``model`` served on a free loopback port, in a thread (``options``: http_api.create_app's, e.g. models=
+    {name: (model, path)} with ``model`` None); yields its base URL."""
     import uvicorn
 
     from fastpadim.http_api import create_app
@@ -33,7 +34,7 @@ def serving(model):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, **options), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -63,8 +64,9 @@ def live_server():
 
 
 @contextmanager
-def browser_page(base_url: str, foreign: list[str]):
-    """A Chromium page on ``base_url``'s page, the model line loaded; requests elsewhere are noted in ``foreign``."""
+def browser_page(base_url: str, foreign: list[str], api_key: str | None = None):
+    """A Chromium page on ``base_url``'s page, the model line loaded (after typing ``api_key`` into the field the
+    page shows when the API answers 401); requests elsewhere are noted in ``foreign``."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install -e '.[dev]')")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -72,6 +74,11 @@ def browser_page(base_url: str, foreign: list[str]):
             page = browser.new_page(viewport={"width": 1100, "height": 700})
             page.on("request", lambda r: None if r.url.startswith((base_url, "data:", "blob:")) else foreign.append(r.url))
             page.goto(base_url + "/")
+            if api_key is not None:
+                page.wait_for_selector("#apikey-form:not([hidden])")
+                assert "model information unavailable" in page.text_content("#model")
+                page.fill("#apikey", api_key)
+                page.click("#apikey-form button")
             page.wait_for_function("document.getElementById('model').textContent.includes('training images')")
             yield page
         finally:
@@ -155,4 +162,96 @@ def test_page_shows_the_normalized_score_and_false_alarm_probability(live_server
         match = re.fullmatch(r"p\(good ≥ this\) (?:([\d.]+) %|1 in [\d,]+)", probability)
         assert match, probability
         assert match.group(1) is None or 0 < float(match.group(1)) <= 100
+    assert not foreign, f"the page fetched outside assets: {foreign}"
+
+
+def test_page_says_in_one_line_that_the_service_keeps_no_records(live_server):
+    foreign: list[str] = []
+    with browser_page(live_server, foreign) as page:
+        page.wait_for_function("!document.getElementById('inspections-note').textContent.includes('loading')")
+        assert page.text_content("#inspections-note") == "this service keeps no records; start it with --record DB"
+        assert not page.is_visible("#inspections-table")
+        assert not page.is_visible("#picker")  # one model: nothing to choose
+        assert not page.is_visible("#apikey-form")  # no key asked for
+    assert not foreign, f"the page fetched outside assets: {foreign}"
+
+
+def test_page_scores_several_images_and_operators_label_the_recorded_verdicts(tmp_path):
+    """Two models behind an API key, recording into SQLite: the key typed in, the second model picked, three images
+    in one upload (one batch request), three recorded rows with thumbnails; two labelled from the table, and the
+    records hold the labels."""
+    from conftest import SMALL, make_surfaces, with_spot
+    from PIL import Image
+
+    from fastpadim.kept_images import KeptImages
+    from fastpadim.model import Padim
+    from fastpadim.records import Records
+    from fastpadim.serve import Recorder
+
+    model = Padim(**{**SMALL, "holdout": 0.25}).fit(make_surfaces(8, seed=3))
+    other = Padim(**{**SMALL, "holdout": 0.25}).fit(make_surfaces(8, seed=4))
+    files = []
+    for i, array in enumerate(make_surfaces(3, seed=5)):
+        files.append(tmp_path / f"part-{i}.png")
+        Image.fromarray(with_spot(array) if i == 0 else array).save(files[-1])
+    db = tmp_path / "records.db"
+    recorder = Recorder(Records(db), "test-station", KeptImages(tmp_path / "kept", keep_passed=1.0))
+    foreign: list[str] = []
+    with serving(None, models={"line": (model, None), "cap": (other, None)}, recorder=recorder, api_key="s3cret") as url, \
+            browser_page(url, foreign, api_key="s3cret") as page:
+        assert page.is_visible("#picker")
+        assert page.locator("#models option").all_text_contents() == ["line v1", "cap v1"]
+        page.select_option("#models", "cap")
+        page.wait_for_function("document.getElementById('model').textContent.startsWith('cap v1 · ')")
+
+        page.set_input_files("#file", [str(f) for f in files])
+        page.wait_for_selector("body[data-scored='3']", timeout=60_000)
+        cards = page.locator("#results-list .card")
+        assert cards.count() == 3
+        assert page.text_content("#results-title") == "Last upload: 3 images"
+        for i, f in enumerate(files):
+            card = cards.nth(i)
+            assert card.locator(".name").text_content() == f.name
+            assert card.get_attribute("data-verdict") in ("anomalous", "good"), card.text_content()
+            assert card.locator("img").get_attribute("src").startswith("data:image/png;base64,")  # the overlay
+            assert "cap v1" in card.text_content() and "× threshold" in card.text_content()
+            assert "p(good ≥ this)" in card.text_content()
+        assert page.text_content("#served-by") == "cap v1"  # the detail shows the first image
+        assert page.text_content("#name") == files[0].name
+
+        page.wait_for_selector("body[data-inspections='3']")
+        rows = page.locator("#inspections-rows tr")
+        assert rows.count() == 3
+        assert rows.locator("td.name").all_text_contents() == [f.name for f in reversed(files)]  # newest first
+        assert all("cap v1" in text for text in rows.all_text_contents())
+        page.wait_for_function("[...document.querySelectorAll('#inspections-rows img')]"
+                               ".filter(i => i.src.startsWith('blob:') && i.complete && i.naturalWidth === 64).length === 3")
+        ids = [int(i) for i in rows.evaluate_all("rows => rows.map(r => r.dataset.id)")]
+        alarm, defect, untouched = ids
+        page.click(f"tr[data-id='{alarm}'] button[data-label='false_alarm']")
+        page.click(f"tr[data-id='{defect}'] button[data-label='confirmed_defect']")
+        page.wait_for_selector(f"tr[data-id='{alarm}'] .label-false_alarm")
+        page.wait_for_selector(f"tr[data-id='{defect}'] .label-confirmed_defect")
+        assert page.text_content(f"tr[data-id='{alarm}'] .label-text") == "false alarm"
+        assert page.text_content(f"tr[data-id='{defect}'] .label-text") == "confirmed defect"
+        assert page.text_content(f"tr[data-id='{untouched}'] .label-text") == ""
+        # the label's own button goes; the others stay, "clear" among them
+        assert page.locator(f"tr[data-id='{alarm}'] button").all_text_contents() == ["Confirmed defect", "clear"]
+
+        page.wait_for_function("document.body.dataset.drift === 'waiting'")
+        assert page.text_content("#drift-note") == "not enough images yet (3 of 50)"
+        assert not page.is_visible("#drift-alarm")
+        assert "of 3 images" in page.text_content("#drift-flagged")
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+        with Records(db) as records:
+            assert records.get(alarm).label == "false_alarm"
+            assert records.get(defect).label == "confirmed_defect"
+            assert records.get(untouched).label is None
+            assert {records.get(i).model for i in ids} == {"cap"}
+
+        page.click(f"tr[data-id='{alarm}'] button[data-label='']")  # clear
+        page.wait_for_function(f"document.querySelector(\"tr[data-id='{alarm}'] .label-text\").textContent === ''")
+        with Records(db) as records:
+            assert records.get(alarm).label is None
     assert not foreign, f"the page fetched outside assets: {foreign}"

@@ -1,34 +1,48 @@
 """The HTTP API of ``fastpadim serve`` (FastAPI): response models, the request pipeline and the routes.
 
-One ``InspectionService`` per app holds the model and the limits; a request goes read (size limits) → header
-(pixel limit) → a turn in the ``PixelBudget`` → decode in a worker thread → ``MicroBatcher`` (one thread owns the
-model) → verdict (``results.verdict``). Routes are module-level and find the service on ``request.app.state``.
-Imported only when an app is built, so the command line loads no FastAPI.
+One ``InspectionService`` per app holds the models (``ModelRegistry``, by name) and the limits; a request holds
+its model for its whole life (a reload lets it finish there) and goes read (size limits) → header (pixel limit) →
+a turn in the ``PixelBudget`` → decode in a worker thread → the model's ``MicroBatcher`` (one thread owns the
+model) → verdict (``results.verdict``) → metrics, drift monitor and records (``serve.Recorder``, in a worker
+thread). Routes are module-level and find the service on ``request.app.state``. Imported only when an app is
+built, so the command line loads no FastAPI.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must resolve the route signatures' types at run time.
 import asyncio
+import logging
+import signal
+import threading
 import time
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import MicroBatcher, PixelBudget, QueueFull
+from ._version import __version__
+from .access import ApiKeyMiddleware, install_cors, install_offline_docs
+from .batcher import PixelBudget, QueueFull
 from .errors import FastpadimError, ImageError
-from .images import ImageTooLarge, read_size
-from .results import VERDICT_LABELS, verdict
-from .images import MAX_IMAGE_PIXELS
+from .images import MAX_IMAGE_PIXELS, ImageTooLarge, read_size
+from .kept_images import media_type
+from .lineage import model_name
+from .metrics import MetricsMiddleware, ServiceMetrics
+from .model_registry import BatchLimits, ModelRegistry, NoSuchModel, ServedModel
+from .recording import digest, inspection
+from .records.inspection import LABELS
 from .serve import (
-    MAX_BATCH_FILES, MAX_DECODING_PIXELS, MULTIPART_SLACK, RAW_TYPES, TRIM_AFTER_PIXELS, UPLOAD_HINT, check_options,
-    decode_upload, in_frame, model_summary, readable_score, release_memory, score_batch,
+    MAX_BATCH_FILES, MAX_DECODING_PIXELS, MULTIPART_SLACK, RAW_TYPES, TRIM_AFTER_PIXELS, UPLOAD_HINT, Recorder,
+    check_options, decode_upload, in_frame, readable_score, release_memory,
 )
+
+log = logging.getLogger("fastpadim.serve")
+MAX_LISTED = 500  # inspections in one GET /v1/inspections
 
 
 # ------------------------------------------------------------------------------------ response models
@@ -62,6 +76,9 @@ class Score(BaseModel):
     heatmap_png_base64: Optional[str] = None  # the overlay at the uploaded image's size
     regions: Optional[list[Region]] = None  # highest peak first, at most regions.MAX_REGIONS
     regions_left_out: Optional[int] = None  # weaker regions beyond that
+    model: str  # the served model's name
+    model_version: int
+    inspection_id: Optional[int] = None  # where the service records its verdicts (--record)
 
 class BatchItem(BaseModel):
     name: str
@@ -74,37 +91,54 @@ class BatchItem(BaseModel):
     regions: Optional[list[Region]] = None
     regions_left_out: Optional[int] = None
     error: Optional[str] = None
+    inspection_id: Optional[int] = None
 
 class BatchScore(BaseModel):
     threshold: Optional[float]
     batch_size: int
     scored: int
     failed: int
+    model: str
+    model_version: int
     results: list[BatchItem]
     timings_ms: Timings
 
 
 # --------------------------------------------------------------------------------------------- service
 class InspectionService:
-    """One model behind the API, with the limits that bound what a request may cost."""
+    """The models behind the API (``ModelRegistry``), the limits that bound what a request may cost, and where
+    verdicts go: the records (``recorder``, optional), the drift monitors and the metrics."""
 
-    def __init__(self, model, model_path, max_batch: int, max_wait_ms: float, max_upload_mb: float, max_queue: int,
-                 max_pixels: int, max_decoding_pixels: int):
-        self.model = model
+    def __init__(self, registry: ModelRegistry, max_upload_mb: float, max_pixels: int, max_decoding_pixels: int,
+                 recorder: Optional[Recorder] = None):
+        self.registry = registry
         self.max_bytes = int(max_upload_mb * 1024 * 1024)
         self.max_pixels = max_pixels
-        # after a burst, the network's freed memory goes back to the OS
-        self.batcher = MicroBatcher(lambda images: score_batch(model, images), max_batch, max_wait_ms / 1000.0,
-                                    max_queue, on_idle=release_memory)
         self.budget = PixelBudget(max_decoding_pixels)
         self.large_decodes = 0  # pixels of large images decoded since memory was last handed back
         self.page = (files("fastpadim") / "static" / "index.html").read_text(encoding="utf-8")
-        self.summary = model_summary(model, model_path)
+        self.recorder = recorder
+        self.metrics = ServiceMetrics()
 
-    def judge(self, score: float) -> tuple[str, bool | None]:
-        """results.verdict, the one place a verdict is made: a non-finite score raises FastpadimError (no verdict)."""
-        flagged = verdict(score, self.model.threshold_)
-        return VERDICT_LABELS[flagged], flagged
+    def pick(self, name: Optional[str]) -> ServedModel:
+        """The model a request names (``?model=``): HTTP 400 when several are served and none is named, 404 when
+        none has that name."""
+        try:
+            return self.registry.get(name)
+        except NoSuchModel as exc:
+            raise HTTPException(404, str(exc)) from None
+        except FastpadimError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    def use(self, name: Optional[str]):
+        """``pick``, held for the request's life: a reload lets the request finish on this model."""
+        self.pick(name)
+        return self.registry.use(name)
+
+    def records(self) -> Recorder:
+        if self.recorder is None:
+            raise HTTPException(404, NO_RECORDS)
+        return self.recorder
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         declared = request.headers.get("content-length")
@@ -168,8 +202,8 @@ class InspectionService:
         try:
             width, height = await run_in_threadpool(read_size, data, name, self.max_pixels)
             async with self.budget.reserve(width * height):
-                image = await run_in_threadpool(decode_upload, data, name, self.model.preprocessing_, self.max_pixels,
-                                                wants.regions, wants.heatmap)
+                image = await run_in_threadpool(decode_upload, data, name, wants.model.preprocessing_,
+                                                self.max_pixels, wants.regions, wants.heatmap)
             if width * height >= TRIM_AFTER_PIXELS:
                 self.large_decodes += width * height
         except ImageError as exc:
@@ -185,9 +219,9 @@ class InspectionService:
             await run_in_threadpool(release_memory)
         return decoded
 
-    async def score(self, uploads: list) -> tuple[list, object]:
+    async def score(self, served: ServedModel, uploads: list) -> tuple[list, object]:
         try:
-            return await self.batcher.submit([upload.image for upload in uploads])
+            return await served.batcher.submit([upload.image for upload in uploads])
         except QueueFull as exc:
             raise HTTPException(503, str(exc)) from None
 
@@ -196,19 +230,45 @@ class InspectionService:
         seconds are added to ``spent``."""
         if not (wants.heatmap or wants.regions):
             return {}
-        parts, seconds = await run_in_threadpool(in_frame, self.model, upload, result, wants.heatmap, wants.regions)
+        parts, seconds = await run_in_threadpool(in_frame, wants.model, upload, result, wants.heatmap, wants.regions)
         for key, value in seconds.items():
             spent[key] = spent.get(key, 0.0) + value
         return parts
 
+    def observe(self, served: ServedModel, verdict_: str, result=None) -> None:
+        """A judged (or failed) image in the metrics, and its score in the model's drift monitor."""
+        self.metrics.verdict(served.name, verdict_, result.normalized if result is not None else None)
+        if result is not None:
+            served.drift.observe(result.score)
+
+    async def record(self, served: ServedModel, entries: list[tuple[str, bytes, object, dict]],
+                     timings: dict) -> list[Optional[int]]:
+        """Record each (name, bytes, ScoredImage or None, reply entry) in a worker thread; their ids, or None each
+        when there are no records or writing failed (then logged: the reply is never lost to the records)."""
+        if self.recorder is None:
+            return [None] * len(entries)
+        run = served.run
+        inspections = [(inspection(result, run, path=name, source="serve", station=self.recorder.station,
+                                   digest=digest(data), image_path=None,
+                                   regions=entry if entry.get("regions") is not None else None, timings_ms=timings,
+                                   error=entry.get("error")), data)
+                       for name, data, result, entry in entries]
+        try:
+            return await run_in_threadpool(self.recorder.record, inspections)
+        except Exception as exc:  # noqa: BLE001 - the verdicts still go out
+            log.error("RECORDING FAILED: %d verdict(s) of %s not written to %s: %s", len(entries), served.name,
+                      self.recorder.records.url, exc, exc_info=exc)
+            return [None] * len(entries)
+
 
 class Wants:
-    """What a request asks for beyond the score, checked before its upload is read."""
+    """What a request asks for beyond the score, and the model it runs on, checked before its upload is read."""
 
-    def __init__(self, svc: InspectionService, heatmap: bool, regions: bool):
-        if regions and svc.model.threshold_ is None:
+    def __init__(self, served: ServedModel, heatmap: bool, regions: bool):
+        if regions and served.threshold is None:
             raise HTTPException(400, "regions need a threshold and this model has none (fitted with --holdout 0); "
                                      "ask without regions=true")
+        self.served, self.model = served, served.model
         self.heatmap, self.regions = heatmap, regions
 
     def timings(self, spent: dict) -> dict:
@@ -246,6 +306,10 @@ errors_doc = {400: {"description": "empty or malformed upload"}, 413: {"descript
 router = APIRouter()
 
 
+ModelQuery = Annotated[Optional[str], Query(description="The model to use, by name (GET /v1/models); needed when "
+                                                          "several are served.")]
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index(request: Request) -> HTMLResponse:
     return HTMLResponse(service(request).page)
@@ -253,120 +317,286 @@ async def index(request: Request) -> HTMLResponse:
 
 @router.get("/health", summary="Liveness: answers while images are being scored")
 async def health(request: Request) -> dict:
-    batcher = service(request).batcher
-    return {"status": "ok", "waiting": batcher.waiting, "batches_run": batcher.batches_run,
-            "largest_batch": batcher.largest_batch}
+    served = service(request).registry.models.values()
+    return {"status": "ok", "waiting": sum(m.batcher.waiting for m in served),
+            "batches_run": sum(m.batcher.batches_run for m in served),
+            "largest_batch": max(m.batcher.largest_batch for m in served),
+            "models": {m.name: m.version for m in served}}
 
 
-@router.get("/v1/model", summary="What the loaded model is: backbone, input size, training count, threshold and "
-                                 "its calibration")
-async def model_info(request: Request) -> dict:
-    return service(request).summary
+@router.get("/v1/models", summary="The models served: name, version, the versions beside it on disk, threshold")
+async def list_models(request: Request) -> dict:
+    served = list(service(request).registry.models.values())
+    return {"models": await run_in_threadpool(lambda: [m.describe() for m in served])}
+
+
+@router.get("/v1/model", summary="What a served model is: name, version, backbone, input size, training count, "
+                                 "threshold and its calibration")
+async def model_info(request: Request, model: ModelQuery = None) -> dict:
+    return service(request).pick(model).summary
+
+
+class ReloadRequest(BaseModel):
+    model: Optional[str] = None  # needed when several models are served
+    version: Optional[int] = None  # a version file beside the served one; default: the newest
+
+
+@router.post("/v1/model/reload", summary="Load another version of a served model (default: the newest file beside "
+                                         "it) and switch to it without dropping a request",
+             responses={404: {"description": "no such model or version"}, 422: {"description": "the file failed "
+                                                                                                "to load"}})
+async def reload_model(request: Request, body: Optional[ReloadRequest] = None) -> dict:
+    svc, body = service(request), body or ReloadRequest()
+    svc.pick(body.model)
+    try:
+        done = await svc.registry.reload(body.model, body.version)
+    except NoSuchModel as exc:
+        raise HTTPException(404, str(exc)) from None
+    svc.metrics.model_loaded(done["model"], done["version"])
+    return done
+
+
+@router.get("/v1/drift", summary="Whether the images scored lately still look like the model's good images")
+async def drift(request: Request, model: ModelQuery = None) -> dict:
+    served = service(request).pick(model)
+    return {"model": served.name, "model_version": served.version,
+            **await run_in_threadpool(served.drift.status)}
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    svc = service(request)
+    for served in list(svc.registry.models.values()):
+        svc.metrics.model_loaded(served.name, served.version)
+        svc.metrics.drift(served.name, await run_in_threadpool(served.drift.status))
+    body, content_type = svc.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 REGIONS_HELP = ("Add the defect regions: boxes in the uploaded image's pixels (x, y, width, height), area and peak "
                 "score; needs a threshold.")
+HeatmapQuery = Annotated[bool, Query(description="Add the heatmap overlay (the uploaded image's size) as base64 PNG.")]
+RegionsQuery = Annotated[bool, Query(description=REGIONS_HELP)]
 
 
 @router.post("/v1/score", response_model=Score, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=body_doc,
           summary="Score one image (multipart field 'file' or the raw body)")
-async def score_one(request: Request,
-                    heatmap: Annotated[bool, Query(description="Add the heatmap overlay (the uploaded image's size) as base64 PNG.")] = False,
-                    regions: Annotated[bool, Query(description=REGIONS_HELP)] = False):
+async def score_one(request: Request, heatmap: HeatmapQuery = False, regions: RegionsQuery = False,
+                    model: ModelQuery = None):
     start = time.perf_counter()
     svc = service(request)
-    wants = Wants(svc, heatmap, regions)
-    uploads = await svc.read_uploads(request, max_files=1)
-    if len(uploads) != 1:
-        raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
-    name, upload, decode_s = (await svc.decode_all(uploads, wants))[0]
-    if isinstance(upload, ImageError):
-        raise HTTPException(413 if isinstance(upload, ImageTooLarge) else 422, str(upload))
-    (result,), timing = await svc.score([upload])
-    if result.error:  # unreadable, or a non-finite score (results.ScoredImage turns it into an error)
-        raise HTTPException(422, named(result, name))
-    label, flagged = svc.judge(result.score)
-    response = {"name": name, "score": result.score, **readable_score(result), "verdict": label, "is_anomalous": flagged,
-                "threshold": svc.model.threshold_, "batch_size": timing.batch_size}
-    spent: dict = {}
-    response.update(await svc.in_frame(upload, result, wants, spent))
-    timings = {"decode": ms(decode_s), "queue": ms(timing.queue_s), "model": ms(timing.model_s),
-               **wants.timings(spent), "total": ms(time.perf_counter() - start)}
+    async with svc.use(model) as served:
+        wants = Wants(served, heatmap, regions)
+        uploads = await svc.read_uploads(request, max_files=1)
+        if len(uploads) != 1:
+            raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
+        name, upload, decode_s = (await svc.decode_all(uploads, wants))[0]
+        data = uploads[0][1]
+        if isinstance(upload, ImageError):
+            await failed(svc, served, name, data, str(upload), {"decode": ms(decode_s)})
+            raise HTTPException(413 if isinstance(upload, ImageTooLarge) else 422, str(upload))
+        (result,), timing = await svc.score(served, [upload])
+        if result.error:  # unreadable, or a non-finite score (results.ScoredImage turns it into an error)
+            await failed(svc, served, name, data, named(result, name), {"decode": ms(decode_s)})
+            raise HTTPException(422, named(result, name))
+        label, flagged = served.judge(result.score)
+        response = {"name": name, "score": result.score, **readable_score(result), "verdict": label,
+                    "is_anomalous": flagged, "threshold": served.threshold, "batch_size": timing.batch_size,
+                    "model": served.name, "model_version": served.version}
+        spent: dict = {}
+        response.update(await svc.in_frame(upload, result, wants, spent))
+        timings = {"decode": ms(decode_s), "queue": ms(timing.queue_s), "model": ms(timing.model_s),
+                   **wants.timings(spent), "total": ms(time.perf_counter() - start)}
+        svc.observe(served, label, result)
+        (inspection_id,) = await svc.record(served, [(name, data, result, response)], timings)
+    if inspection_id is not None:
+        response["inspection_id"] = inspection_id
     return {**response, "timings_ms": timings}
+
+
+async def failed(svc: InspectionService, served: ServedModel, name: str, data: bytes, error: str,
+                 timings: dict) -> None:
+    """An upload that got no verdict, in the metrics and the records (verdict "error")."""
+    svc.observe(served, "error")
+    await svc.record(served, [(name, data, None, {"error": error})], timings)
 
 
 @router.post("/v1/score/batch", response_model=BatchScore, response_model_exclude_unset=True, responses=errors_doc, openapi_extra=batch_doc,
           summary="Score several images (repeated multipart field 'file') in one network batch")
-async def score_many(request: Request,
-                     heatmap: Annotated[bool, Query(description="Add heatmap overlays (each the uploaded image's size) as base64 PNG.")] = False,
-                     regions: Annotated[bool, Query(description=REGIONS_HELP)] = False):
+async def score_many(request: Request, heatmap: HeatmapQuery = False, regions: RegionsQuery = False,
+                     model: ModelQuery = None):
     start = time.perf_counter()
     svc = service(request)
-    wants = Wants(svc, heatmap, regions)
-    uploads = await svc.read_uploads(request, max_files=MAX_BATCH_FILES)
-    decoded = await svc.decode_all(uploads, wants)
-    readable = [(i, upload) for i, (_, upload, _) in enumerate(decoded) if not isinstance(upload, ImageError)]
-    items = [{"name": name, "error": str(upload) if isinstance(upload, ImageError) else None}
-             for name, upload, _ in decoded]
-    if not readable:
-        raise HTTPException(422, "no image could be read: " + "; ".join(item["error"] for item in items))
-    results, timing = await svc.score([upload for _, upload in readable])
-    spent: dict = {}
-    for (i, upload), result in zip(readable, results):
-        if result.error:
-            items[i]["error"] = named(result, items[i]["name"])
-            continue
-        try:
-            label, flagged = svc.judge(result.score)
-        except FastpadimError as exc:  # no verdict for this image; the others keep theirs
-            items[i]["error"] = f"{items[i]['name']}: {exc}"
-            continue
-        items[i].update(score=result.score, **readable_score(result), verdict=label, is_anomalous=flagged)
-        items[i].update(await svc.in_frame(upload, result, wants, spent))
-    timings = {"decode": ms(sum(d for _, _, d in decoded)), "queue": ms(timing.queue_s),
-               "model": ms(timing.model_s), **wants.timings(spent), "total": ms(time.perf_counter() - start)}
-    failed = sum(item["error"] is not None for item in items)
-    return {"threshold": svc.model.threshold_, "batch_size": timing.batch_size, "scored": len(items) - failed,
-            "failed": failed, "results": items, "timings_ms": timings}
+    async with svc.use(model) as served:
+        wants = Wants(served, heatmap, regions)
+        uploads = await svc.read_uploads(request, max_files=MAX_BATCH_FILES)
+        decoded = await svc.decode_all(uploads, wants)
+        readable = [(i, upload) for i, (_, upload, _) in enumerate(decoded) if not isinstance(upload, ImageError)]
+        items = [{"name": name, "error": str(upload) if isinstance(upload, ImageError) else None}
+                 for name, upload, _ in decoded]
+        scored: list = [None] * len(items)
+        if not readable:
+            await record_batch(svc, served, uploads, scored, items, {"decode": ms(sum(d for _, _, d in decoded))})
+            raise HTTPException(422, "no image could be read: " + "; ".join(item["error"] for item in items))
+        results, timing = await svc.score(served, [upload for _, upload in readable])
+        spent: dict = {}
+        for (i, upload), result in zip(readable, results):
+            if result.error:
+                items[i]["error"] = named(result, items[i]["name"])
+                continue
+            try:
+                label, flagged = served.judge(result.score)
+            except FastpadimError as exc:  # no verdict for this image; the others keep theirs
+                items[i]["error"] = f"{items[i]['name']}: {exc}"
+                continue
+            scored[i] = result
+            items[i].update(score=result.score, **readable_score(result), verdict=label, is_anomalous=flagged)
+            items[i].update(await svc.in_frame(upload, result, wants, spent))
+        timings = {"decode": ms(sum(d for _, _, d in decoded)), "queue": ms(timing.queue_s),
+                   "model": ms(timing.model_s), **wants.timings(spent), "total": ms(time.perf_counter() - start)}
+        await record_batch(svc, served, uploads, scored, items, timings)
+    failures = sum(item["error"] is not None for item in items)
+    return {"threshold": served.threshold, "batch_size": timing.batch_size, "scored": len(items) - failures,
+            "failed": failures, "model": served.name, "model_version": served.version, "results": items,
+            "timings_ms": timings}
+
+
+async def record_batch(svc: InspectionService, served: ServedModel, uploads: list[tuple[str, bytes]], scored: list,
+                       items: list[dict], timings: dict) -> None:
+    """A batch's images in the metrics, the drift monitor and the records; each item gets its inspection_id."""
+    for result, item in zip(scored, items):
+        svc.observe(served, item["verdict"] if result is not None else "error", result)
+    entries = [(name, data, result, item) for (name, data), result, item in zip(uploads, scored, items)]
+    for item, inspection_id in zip(items, await svc.record(served, entries, timings)):
+        if inspection_id is not None:
+            item["inspection_id"] = inspection_id
+
+
+# ----------------------------------------------------------------------------- records and feedback
+NO_RECORDS = "this service keeps no records; start it with --record DB"
+
+
+class LabelRequest(BaseModel):
+    label: Optional[str]  # one of records.LABELS, or null to clear it
+    by: Optional[str] = None  # who labelled it
+
+
+@router.get("/v1/inspections", summary="The latest recorded verdicts, newest first, with links to kept images")
+async def list_inspections(request: Request, model: Optional[str] = None, verdict: Optional[str] = None,
+                           labelled: Optional[bool] = None, limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = 50,
+                           before_id: Optional[int] = None) -> dict:
+    recorder = service(request).records()
+    found = await run_in_threadpool(recorder.recent, limit=limit, model=model, verdict=verdict, labelled=labelled,
+                                    before_id=before_id)
+    return {"inspections": found, "record": recorder.records.url}
+
+
+@router.get("/v1/inspections/{inspection_id}/image", summary="The kept copy of an inspected image, as uploaded",
+            response_class=FileResponse)
+async def inspection_image(request: Request, inspection_id: int) -> FileResponse:
+    recorder = service(request).records()
+    try:
+        path = await run_in_threadpool(recorder.image, inspection_id)
+    except FastpadimError as exc:
+        raise HTTPException(404, str(exc)) from None
+    if path is None:
+        raise HTTPException(404, f"no kept image of inspection {inspection_id}")
+    return FileResponse(path, media_type=media_type(path))
+
+
+@router.post("/v1/inspections/{inspection_id}/label", summary="An operator's word on a verdict: false_alarm, "
+                                                               "confirmed_defect, or null to clear it")
+async def label_inspection(request: Request, inspection_id: int, body: LabelRequest) -> dict:
+    svc = service(request)
+    if svc.recorder is None:
+        raise HTTPException(409, NO_RECORDS)
+    if body.label is not None and body.label not in LABELS:
+        raise HTTPException(422, f"label must be one of {', '.join(LABELS)} or null, got {body.label!r}")
+    try:
+        return await run_in_threadpool(svc.recorder.label, inspection_id, body.label, body.by)
+    except FastpadimError as exc:
+        raise HTTPException(404 if str(exc).startswith("no inspection") else 422, str(exc)) from None
 
 
 async def fastpadim_error(_request: Request, exc: FastpadimError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
-def create_app(model: object, model_path: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
+def create_app(model: object = None, model_path: str | None = None, max_batch: int = 8, max_wait_ms: float = 5.0,
                max_upload_mb: float = 20.0, max_queue: int = 256, max_pixels: int = MAX_IMAGE_PIXELS,
-               max_decoding_pixels: int = MAX_DECODING_PIXELS) -> FastAPI:
-    """The FastAPI application serving ``model``; the batcher starts and stops with the app's lifespan.
+               max_decoding_pixels: int = MAX_DECODING_PIXELS, *,
+               models: Optional[dict[str, tuple[object, Optional[str]]]] = None, loader=None,
+               recorder: Optional[Recorder] = None, api_key: Optional[str] = None, cors_origins: tuple = (),
+               reload_on_hangup: bool = False) -> FastAPI:
+    """The FastAPI application serving ``model`` (loaded from ``model_path``, if any), or several: ``models``,
+    name → (model, file). The batchers start and stop with the app's lifespan.
 
     ``max_pixels``: the most pixels in one image (checked from its header, before decoding; above: HTTP 413);
-    ``max_decoding_pixels``: the most pixels decoded at once by all requests together (others wait their turn)."""
+    ``max_decoding_pixels``: the most pixels decoded at once by all requests together (others wait their turn).
+    ``loader(path) -> model`` loads a version on reload (default ``fastpadim.load``); ``recorder`` records every
+    verdict (``serve.Recorder``); ``api_key``: required from clients (``access.ApiKeyMiddleware``);
+    ``cors_origins``: browser apps on these origins may call the API; ``reload_on_hangup``: SIGHUP reloads every
+    model to its newest version (when the app runs in the main thread)."""
     check_options(max_batch, max_wait_ms, max_upload_mb, max_pixels, max_decoding_pixels)
-    return build_app(InspectionService(model, model_path, max_batch, max_wait_ms, max_upload_mb, max_queue, max_pixels,
-                                       max_decoding_pixels))
+    if (model is None) == (models is None):
+        raise FastpadimError("serve either one model or several (models={name: (model, path)}), not both or none")
+    if models is None:
+        models = {model_name(model_path) if model_path else "model": (model, model_path)}
+    registry = ModelRegistry(models, BatchLimits(max_batch, max_wait_ms / 1000.0, max_queue),
+                             **({"loader": loader} if loader is not None else {}))
+    svc = InspectionService(registry, max_upload_mb, max_pixels, max_decoding_pixels, recorder)
+    return build_app(svc, api_key=api_key, cors_origins=cors_origins, reload_on_hangup=reload_on_hangup)
 
 
-def build_app(svc: InspectionService) -> FastAPI:
-    """The FastAPI application around ``svc``; the batcher starts and stops with the app's lifespan."""
+def build_app(svc: InspectionService, api_key: Optional[str] = None, cors_origins: tuple = (),
+              reload_on_hangup: bool = False) -> FastAPI:
+    """The FastAPI application around ``svc``; the batchers start and stop with the app's lifespan."""
 
     @asynccontextmanager
     async def lifespan(_app):
         svc.budget.open()
-        await svc.batcher.start()
+        await svc.registry.start()
+        for served in svc.registry.models.values():
+            svc.metrics.model_loaded(served.name, served.version)
+        hangup = reload_on_hangup and on_hangup(svc.registry.reload_all)
         try:
             yield
         finally:
-            await svc.batcher.stop()
+            if hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            await svc.registry.stop()
 
-    api = FastAPI(title="fastpadim inspection service", version=svc.summary["fastpadim_version"], lifespan=lifespan,
-                  description="PaDiM anomaly scores, verdicts and heatmaps for images posted by a line PC.")
+    api = FastAPI(title="fastpadim inspection service", version=__version__, lifespan=lifespan,
+                  description="PaDiM anomaly scores, verdicts and heatmaps for images posted by a line PC.",
+                  docs_url=None, redoc_url=None)
     api.state.service = svc
-    api.state.batcher = svc.batcher
     api.state.budget = svc.budget
     api.include_router(router)
+    install_offline_docs(api)
     api.add_exception_handler(FastpadimError, fastpadim_error)
-    api.add_middleware(UnexpectedErrors)
+    api.add_middleware(UnexpectedErrors)  # innermost; Starlette's last added middleware is the outermost
+    if api_key is not None:
+        api.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    api.add_middleware(MetricsMiddleware, metrics=svc.metrics)  # refusals counted too
+    install_cors(api, list(cors_origins))
     return api
+
+
+def on_hangup(reload_all) -> bool:
+    """SIGHUP runs ``reload_all`` on the running loop; False where signals cannot be handled here (not the main
+    thread, or no SIGHUP on this system)."""
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return False
+    loop = asyncio.get_running_loop()
+    tasks: set = set()
+
+    def reload():
+        task = loop.create_task(reload_all())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    return True
 
 
 class UnexpectedErrors:

@@ -4,7 +4,8 @@ scoring a batch, summaries. The HTTP API itself (``create_app``) is ``fastpadim.
 Requests are decoded in threads, then grouped into network batches by ``MicroBatcher`` (one thread owns the
 model), so the event loop keeps answering (``/health`` included) while images are scored. Memory is bounded per
 image (the pixel limit, checked from the header), across requests (``PixelBudget``: pixels decoded at once), and
-is given back to the OS after large decodes (glibc's ``malloc_trim``).
+is given back to the OS after large decodes (glibc's ``malloc_trim``). With records, every verdict is recorded
+(``Recorder``) and copies of images are kept for review.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI must resolve the route signatures' types at run time.
@@ -13,7 +14,9 @@ import ctypes
 import errno
 import functools
 import io
+import logging
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -25,11 +28,14 @@ from .images import MAX_IMAGE_PIXELS, check_max_pixels
 from .sizes import Size, to_json
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from .images import Preprocessing
     from .model import Padim
     from .onnx_runtime import OnnxPadim
+    from .records import Inspection
     from .results import ScoredImage
 
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries and headers around the image bytes
@@ -38,6 +44,7 @@ RAW_TYPES = ("application/octet-stream",)  # besides image/*
 UPLOAD_HINT = "send an image as the multipart field 'file' (curl -F file=@image.png) or as the raw request body"
 MAX_DECODING_PIXELS = 2 * MAX_IMAGE_PIXELS  # pixels being decoded at once, all requests together
 TRIM_AFTER_PIXELS = 4_000_000  # decodes this large leave freed heap that glibc keeps: give it back once idle
+log = logging.getLogger("fastpadim.serve")
 
 
 @dataclass
@@ -213,3 +220,53 @@ def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
         "device": device,
         "engine": engine,
     }
+
+
+class Recorder:
+    """The service's verdicts into the records (``records.Records``), with copies of images kept for review
+    (``kept``, a ``kept_images.KeptImages``). Its methods do file and database work: call them in a worker thread."""
+
+    def __init__(self, records, station: str, kept=None):
+        self.records, self.station, self.kept = records, station, kept
+        self._kept_ids: dict[str, list[int]] = {}  # a file kept by this run → its inspections (for retention)
+        self._lock = threading.Lock()
+
+    def record(self, entries: "list[tuple[Inspection, bytes]]") -> list[int]:
+        """Keep the images wanted, then add the inspections (one transaction); returns their ids."""
+        for inspection, data in entries:
+            if self.kept is not None and inspection.digest and self.kept.wanted(inspection.verdict):
+                try:
+                    inspection.image_path = str(self.kept.keep(data, inspection.digest))
+                except FastpadimError as exc:  # the verdict is recorded all the same, without its image
+                    log.error("could not keep a copy of %s: %s", inspection.path, exc)
+        ids = self.records.add_many([inspection for inspection, _ in entries])
+        with self._lock:
+            for inspection in (i for i, _ in entries if i.image_path):
+                self._kept_ids.setdefault(inspection.image_path, []).append(inspection.id)
+        if self.kept is not None and self.kept.due():
+            self.forget(self.kept.prune())
+        return ids
+
+    def forget(self, deleted: "list[Path]") -> None:
+        """The records of images deleted by retention no longer point at them."""
+        for path in deleted:
+            with self._lock:
+                ids = self._kept_ids.pop(str(path), [])
+            for id_ in ids:
+                self.records.set_image_path(id_, None)
+
+    def described(self, inspection: "Inspection") -> dict:
+        """An inspection as the API shows it: its fields, and where its kept image can be read (or None)."""
+        kept = self.kept is not None and self.kept.contains(inspection.image_path)
+        return {**inspection.to_dict(), "image_url": f"/v1/inspections/{inspection.id}/image" if kept else None}
+
+    def recent(self, **filters) -> list[dict]:
+        return [self.described(inspection) for inspection in self.records.recent(**filters)]
+
+    def image(self, id_: int) -> "Path | None":
+        """The kept copy of inspection ``id_``: only ever a file inside the keep folder."""
+        return self.kept.contains(self.records.get(id_).image_path) if self.kept is not None else None
+
+    def label(self, id_: int, label: str | None, by: str | None) -> dict:
+        self.records.get(id_)  # an unknown id fails here, in the records' words
+        return self.described(self.records.label(id_, label, by))
