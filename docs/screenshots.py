@@ -1,10 +1,13 @@
 """The screenshots of docs/line.md: the service's web page after scoring, its inspections labelled, its drift panel.
 
-    python docs/screenshots.py MODEL.padim IMAGES... [--out docs/images]
+    python docs/screenshots.py MODEL.padim IMAGES... [--out docs/images] [--false-alarm NAME] [--defect NAME]
+    python docs/screenshots.py --url http://127.0.0.1:8000/ IMAGES... [--false-alarm NAME] [--defect NAME]
 
 Starts ``fastpadim serve MODEL --record <temp DB>`` on a free loopback port (every image kept, so each row has a
-thumbnail), uploads IMAGES through the page in headless Chromium (one batch request per 64), labels two inspections
-(a flagged one "false alarm", another flagged one, or the next row, "confirmed defect") and writes:
+thumbnail), or uses the service already running at ``--url`` (its own records keep the labels), uploads IMAGES
+through the page in headless Chromium (one batch request per 64), labels two inspections on the page (the newest
+row of image NAME, or else a flagged one "false alarm", another flagged one, or the next row, "confirmed defect")
+and writes:
 
     serve-scored.png       the page after scoring: a card per image with its overlay, the first one in detail
     serve-inspections.png  the recent inspections table with the two labels
@@ -75,20 +78,27 @@ def stop(service: subprocess.Popen) -> None:
         service.wait()
 
 
-def label_two(page) -> None:
-    """'False alarm' on the newest flagged row, 'Confirmed defect' on the next flagged one (or the next row)."""
+def label_two(page, names: tuple[str | None, str | None] = (None, None)) -> None:
+    """'False alarm' and 'Confirmed defect' on the newest rows of the images ``names``, or else on the newest
+    flagged row and the next flagged one (or the next row)."""
     rows = page.locator("#inspections-rows tr")
     verdicts = rows.locator("td.verdict").all_text_contents()
+    shown = rows.locator("td.name").all_text_contents()
     ids = rows.evaluate_all("rows => rows.map(r => r.dataset.id)")
     if len(ids) < 2:
         raise Failed(f"{len(ids)} inspection recorded; two are needed to show the labels")
     order = [i for i, v in zip(ids, verdicts) if v == "anomalous"] + [i for i, v in zip(ids, verdicts) if v != "anomalous"]
+    for k, name in enumerate(names):
+        if name is not None:
+            if name not in shown:
+                raise Failed(f"{name} is not among the inspections the page lists")
+            order.insert(k, ids[shown.index(name)])
     for row_id, label in zip(order, ("false_alarm", "confirmed_defect")):
         page.click(f"tr[data-id='{row_id}'] button[data-label='{label}']")
         page.wait_for_selector(f"tr[data-id='{row_id}'] .label-{label}")
 
 
-def screenshots(url: str, images: list[Path], out: Path) -> list[Path]:
+def screenshots(url: str, images: list[Path], out: Path, names=(None, None)) -> list[Path]:
     """The three PNGs, written into ``out``; a step of the page that fails is one line (Failed)."""
     from playwright.sync_api import Error as PageError
     from playwright.sync_api import sync_playwright
@@ -96,13 +106,13 @@ def screenshots(url: str, images: list[Path], out: Path) -> list[Path]:
     written = [out / "serve-scored.png", out / "serve-inspections.png", out / "serve-drift.png"]
     try:
         with sync_playwright() as pw:
-            shoot(pw, url, images, written)
+            shoot(pw, url, images, written, names)
     except PageError as exc:
         raise Failed(f"the page did not get there: {str(exc).splitlines()[0]}") from None
     return written
 
 
-def shoot(pw, url: str, images: list[Path], written: list[Path]) -> None:
+def shoot(pw, url: str, images: list[Path], written: list[Path], names=(None, None)) -> None:
     launch = {"executable_path": str(CHROMIUM)} if CHROMIUM.exists() else {}
     browser = pw.chromium.launch(args=CHROMIUM_ARGS, headless=True, **launch)
     try:
@@ -120,9 +130,10 @@ def shoot(pw, url: str, images: list[Path], written: list[Path]) -> None:
         page.screenshot(path=str(written[0]), full_page=True,
                         clip={"x": 0, "y": 0, "width": VIEWPORT["width"], "height": bottom + 16})
 
-        page.wait_for_selector(f"body[data-inspections='{min(len(images), 20)}']")  # the page lists the last 20
+        # the page lists the last 20 (a running service may hold more than these images)
+        page.wait_for_function(f"Number(document.body.dataset.inspections || 0) >= {min(len(images), 20)}")
         page.wait_for_function("[...document.querySelectorAll('#inspections-rows img')].every(i => i.complete)")
-        label_two(page)
+        label_two(page, names)
         page.mouse.move(0, 0)  # no button drawn hovered
         page.locator("#inspections").screenshot(path=str(written[1]))
 
@@ -134,21 +145,30 @@ def shoot(pw, url: str, images: list[Path], written: list[Path]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", type=Path, help="model file (.padim or .onnx)")
+    parser.add_argument("model", type=Path, nargs="?", help="model file (.padim or .onnx); not with --url")
     parser.add_argument("images", type=Path, nargs="+", help="images to upload through the page")
+    parser.add_argument("--url", help="a running service's page (its records keep the labels) instead of MODEL")
+    parser.add_argument("--false-alarm", metavar="NAME", help="label the newest inspection of this image 'false alarm'")
+    parser.add_argument("--defect", metavar="NAME", help="label the newest inspection of this image 'confirmed defect'")
     parser.add_argument("--out", type=Path, default=Path("docs/images"), help="folder for the PNGs (default docs/images)")
     args = parser.parse_args(argv)
+    names = (args.false_alarm, args.defect)
+    if args.url and args.model is not None:  # argparse gives the first image to the optional MODEL
+        args.images, args.model = [args.model, *args.images], None
     try:
-        for path in [args.model, *args.images]:
+        for path in [args.model, *args.images] if args.model else args.images:
             if not path.is_file():
                 raise Failed(f"no such file: {path}")
         with tempfile.TemporaryDirectory(prefix="fastpadim-screenshots-") as folder:
-            port = free_port()
-            service = start_service(args.model, port, Path(folder))
-            try:
-                shots = screenshots(f"http://127.0.0.1:{port}/", args.images, Path(folder))
-            finally:
-                stop(service)
+            if args.url:
+                shots = screenshots(args.url, args.images, Path(folder), names)
+            else:
+                port = free_port()
+                service = start_service(args.model, port, Path(folder))
+                try:
+                    shots = screenshots(f"http://127.0.0.1:{port}/", args.images, Path(folder), names)
+                finally:
+                    stop(service)
             args.out.mkdir(parents=True, exist_ok=True)
             written = [Path(shutil.move(shot, args.out / shot.name)) for shot in shots]  # all three, or none
     except Failed as exc:

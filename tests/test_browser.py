@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import bottle_root  # noqa: E402
+from live_server import serving_app  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 BOTTLE = bottle_root() or Path("absent-bottle-data")  # conftest: beside the checkout, $FASTPADIM_BOTTLE, /work/shared
@@ -27,27 +25,10 @@ pytestmark = [
 def serving(model, **options):
     """``model`` served on a free loopback port, in a thread (``options``: http_api.create_app's, e.g. models=
     {name: (model, path)} with ``model`` None); yields its base URL."""
-    import uvicorn
-
     from fastpadim.http_api import create_app
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves on this very socket (no race)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(model, **options), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving_app(create_app(model, **options)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

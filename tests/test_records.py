@@ -82,6 +82,9 @@ def test_label_and_clear(target):
             records.label(999, "false_alarm")
         with pytest.raises(FastpadimError, match=r"^no inspection 999 in "):
             records.get(999)
+        records.set_image_path(id_, "/kept/a.png")
+        assert records.forget_images(["/kept/a.png", "/kept/other.png"]) == 1
+        assert records.get(id_).image_path is None
         records.set_image_path(id_, None)
         records.set_image_path(id_, "/kept/new.png")
         assert records.get(id_).image_path == "/kept/new.png"

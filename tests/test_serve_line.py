@@ -10,12 +10,12 @@ import random
 import socket
 import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import numpy as np
 import pytest
 from conftest import SMALL, make_surfaces, with_spot
+from live_server import serving_app
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -181,7 +181,8 @@ def test_retention_deletes_the_oldest_images_and_forgets_them(tmp_path, good_png
         path = records.get(id_).image_path
         assert path and os.path.exists(path)
         os.remove(path)
-        recorder.forget([type(second)(path)])
+        later_run = Recorder(records, STATION, KeptImages(tmp_path / "k2", max_mb=1.0))  # e.g. after a restart
+        later_run.forget([type(second)(path)])
         assert records.get(id_).image_path is None
 
 
@@ -234,28 +235,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextmanager
-def serving(app):
-    """``app`` under a real uvicorn on a free loopback port, in a thread; yields its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def two_versions(model_file, tmp_path_factory):
     """bottle.padim (v1) and bottle.v2.padim (updated with more good images) in a folder of their own."""
@@ -284,7 +263,7 @@ def test_reload_under_load_drops_no_request(two_versions, good_png):
                 except Exception as exc:  # noqa: BLE001 - a dropped request is what the test looks for
                     replies.append((started, time.monotonic(), repr(exc), None))
 
-    with serving(app) as url:
+    with serving_app(app) as url:
         threads = [threading.Thread(target=client_loop) for _ in range(3)]
         for t in threads:
             t.start()

@@ -107,14 +107,19 @@ class ApiKeyMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def install_cors(app, origins: list[str]) -> None:
-    """Let browser apps on these origins call the API (none: CORS stays off, browsers allow same-origin only)."""
-    if not origins:
-        return
+def check_origins(origins: list[str]) -> None:
+    """Each CORS origin is scheme://host[:port] or '*' (checked before the service loads its models)."""
     for origin in origins:
         if origin != "*" and not ORIGIN.match(origin):
             raise FastpadimError(f"a CORS origin must look like scheme://host[:port] (no path, no trailing /) or be "
                                  f"'*', got {origin!r}")
+
+
+def install_cors(app, origins: list[str]) -> None:
+    """Let browser apps on these origins call the API (none: CORS stays off, browsers allow same-origin only)."""
+    if not origins:
+        return
+    check_origins(origins)
     from starlette.middleware.cors import CORSMiddleware
 
     app.add_middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],

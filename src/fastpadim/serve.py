@@ -16,7 +16,6 @@ import functools
 import io
 import logging
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -228,8 +227,6 @@ class Recorder:
 
     def __init__(self, records, station: str, kept=None):
         self.records, self.station, self.kept = records, station, kept
-        self._kept_ids: dict[str, list[int]] = {}  # a file kept by this run → its inspections (for retention)
-        self._lock = threading.Lock()
 
     def record(self, entries: "list[tuple[Inspection, bytes]]") -> list[int]:
         """Keep the images wanted, then add the inspections (one transaction); returns their ids."""
@@ -240,20 +237,15 @@ class Recorder:
                 except FastpadimError as exc:  # the verdict is recorded all the same, without its image
                     log.error("could not keep a copy of %s: %s", inspection.path, exc)
         ids = self.records.add_many([inspection for inspection, _ in entries])
-        with self._lock:
-            for inspection in (i for i, _ in entries if i.image_path):
-                self._kept_ids.setdefault(inspection.image_path, []).append(inspection.id)
         if self.kept is not None and self.kept.due():
             self.forget(self.kept.prune())
         return ids
 
     def forget(self, deleted: "list[Path]") -> None:
-        """The records of images deleted by retention no longer point at them."""
-        for path in deleted:
-            with self._lock:
-                ids = self._kept_ids.pop(str(path), [])
-            for id_ in ids:
-                self.records.set_image_path(id_, None)
+        """The records of images deleted by retention (kept by this run or an earlier one) no longer point at
+        them."""
+        if deleted:
+            self.records.forget_images([str(path) for path in deleted])
 
     def described(self, inspection: "Inspection") -> dict:
         """An inspection as the API shows it: its fields, and where its kept image can be read (or None)."""

@@ -50,7 +50,7 @@ def serve(
 
     import fastpadim
 
-    from ..access import check_exposure, load_api_key
+    from ..access import check_exposure, check_origins, load_api_key
     from ..http_api import create_app
     from ..model_registry import names_of
     from ..serve import check_options, check_port, warm_up
@@ -62,6 +62,7 @@ def serve(
         named = names_of(model_paths)
         api_key = load_api_key(api_key_file)
         check_exposure(host, api_key)
+        check_origins(cors_origin or [])
         recorder = open_records(record, station or socket.gethostname(), keep, keep_passed, keep_max_mb, keep_days)
         loader = functools.partial(fastpadim.load, device=device, weights=weights, engine=engine, precision=precision,
                                    allow_download=allow_download)

@@ -138,6 +138,17 @@ class Records:
         if not updated:
             raise self._missing(id_)
 
+    def forget_images(self, paths: list[str]) -> int:
+        """No verdict points at these image files any more (deleted by retention, by whichever run kept them);
+        returns how many verdicts did."""
+        forgotten = 0
+        for start in range(0, len(paths), 500):  # bounded IN lists
+            chunk = [str(path) for path in paths[start:start + 500]]
+            with self._writing() as conn:
+                forgotten += conn.execute(inspections.update().where(inspections.c.image_path.in_(chunk))
+                                          .values(image_path=None)).rowcount
+        return forgotten
+
     # -- reading -----------------------------------------------------------------------------------------------
 
     def get(self, id_: int) -> Inspection:
