@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "fastpadim"
 # Modules that must run where PyTorch is not installed (pip install 'fastpadim[runtime]').
 TORCH_FREE = {"errors", "files", "sizes", "regions", "images", "sources", "results", "visualize", "onnx_runtime", "serve", "batcher",
-              "metadata", "_version", "http_api", "lineage", "records", "records.store", "records.inspection",
+              "metadata", "_version", "http_api", "http_line", "lineage", "records", "records.store", "records.inspection",
               "recording", "watching", "feedback", "drift", "metrics", "access", "kept_images", "model_registry",
               "calibration"}
 

@@ -57,7 +57,8 @@ def browser_page(base_url: str, foreign: list[str], api_key: str | None = None):
             page.goto(base_url + "/")
             if api_key is not None:
                 page.wait_for_selector("#apikey-form:not([hidden])")
-                assert "model information unavailable" in page.text_content("#model")
+                # the key form shows at the first 401; the model line says so once its own request is answered
+                page.wait_for_function("document.getElementById('model').textContent.includes('model information unavailable')")
                 page.fill("#apikey", api_key)
                 page.click("#apikey-form button")
             page.wait_for_function("document.getElementById('model').textContent.includes('training images')")

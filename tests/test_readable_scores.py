@@ -66,7 +66,7 @@ def test_results_carry_the_normalized_score_and_false_alarm_probability(calibrat
     predict(calibrated, frames, "-o", tmp_path / "out")
     rows, summary = outputs(tmp_path / "out")
     header = (tmp_path / "out/results.csv").read_text().splitlines()[0]
-    assert header == "image,score,normalized,false_alarm_probability,verdict,overlay,mask"
+    assert header.startswith("image,score,normalized,false_alarm_probability,verdict,overlay,mask,")
     threshold = summary["threshold"]
     assert summary["calibration"] == {"method": "out-of-fold", "folds": 2, "n_good_images": 12, "target": "fpr=0.01",
                                       "false_alarm_rate": 0.01, "extrapolated": False}

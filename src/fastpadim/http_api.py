@@ -1,4 +1,5 @@
-"""The HTTP API of ``fastpadim serve`` (FastAPI): response models, the request pipeline and the routes.
+"""The HTTP API of ``fastpadim serve`` (FastAPI): response models, the request pipeline and the scoring routes (the
+line's routes, for versions, drift, metrics and the records, are ``fastpadim.http_line``).
 
 One ``InspectionService`` per app holds the models (``ModelRegistry``, by name) and the limits; a request holds
 its model for its whole life (a reload lets it finish there) and goes read (size limits) → header (pixel limit) →
@@ -19,7 +20,7 @@ from importlib.resources import files
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -30,19 +31,18 @@ from .access import ApiKeyMiddleware, install_cors, install_offline_docs
 from .batcher import PixelBudget, QueueFull
 from .errors import FastpadimError, ImageError
 from .images import MAX_IMAGE_PIXELS, ImageTooLarge, read_size
-from .kept_images import media_type
 from .lineage import model_name
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .model_registry import BatchLimits, ModelRegistry, NoSuchModel, ServedModel
 from .recording import digest, inspection
-from .records.inspection import LABELS
+from .http_line import NO_RECORDS, ModelQuery
+from .http_line import router as line_router
 from .serve import (
     MAX_BATCH_FILES, MAX_DECODING_PIXELS, MULTIPART_SLACK, RAW_TYPES, TRIM_AFTER_PIXELS, UPLOAD_HINT, Recorder,
     check_options, decode_upload, in_frame, readable_score, release_memory,
 )
 
 log = logging.getLogger("fastpadim.serve")
-MAX_LISTED = 500  # inspections in one GET /v1/inspections
 
 
 # ------------------------------------------------------------------------------------ response models
@@ -306,10 +306,6 @@ errors_doc = {400: {"description": "empty or malformed upload"}, 413: {"descript
 router = APIRouter()
 
 
-ModelQuery = Annotated[Optional[str], Query(description="The model to use, by name (GET /v1/models); needed when "
-                                                          "several are served.")]
-
-
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index(request: Request) -> HTMLResponse:
     return HTMLResponse(service(request).page)
@@ -334,43 +330,6 @@ async def list_models(request: Request) -> dict:
                                  "threshold and its calibration")
 async def model_info(request: Request, model: ModelQuery = None) -> dict:
     return service(request).pick(model).summary
-
-
-class ReloadRequest(BaseModel):
-    model: Optional[str] = None  # needed when several models are served
-    version: Optional[int] = None  # a version file beside the served one; default: the newest
-
-
-@router.post("/v1/model/reload", summary="Load another version of a served model (default: the newest file beside "
-                                         "it) and switch to it without dropping a request",
-             responses={404: {"description": "no such model or version"}, 422: {"description": "the file failed "
-                                                                                                "to load"}})
-async def reload_model(request: Request, body: Optional[ReloadRequest] = None) -> dict:
-    svc, body = service(request), body or ReloadRequest()
-    svc.pick(body.model)
-    try:
-        done = await svc.registry.reload(body.model, body.version)
-    except NoSuchModel as exc:
-        raise HTTPException(404, str(exc)) from None
-    svc.metrics.model_loaded(done["model"], done["version"])
-    return done
-
-
-@router.get("/v1/drift", summary="Whether the images scored lately still look like the model's good images")
-async def drift(request: Request, model: ModelQuery = None) -> dict:
-    served = service(request).pick(model)
-    return {"model": served.name, "model_version": served.version,
-            **await run_in_threadpool(served.drift.status)}
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    svc = service(request)
-    for served in list(svc.registry.models.values()):
-        svc.metrics.model_loaded(served.name, served.version)
-        svc.metrics.drift(served.name, await run_in_threadpool(served.drift.status))
-    body, content_type = svc.metrics.render()
-    return Response(body, media_type=content_type)
 
 
 REGIONS_HELP = ("Add the defect regions: boxes in the uploaded image's pixels (x, y, width, height), area and peak "
@@ -473,51 +432,6 @@ async def record_batch(svc: InspectionService, served: ServedModel, uploads: lis
 
 
 # ----------------------------------------------------------------------------- records and feedback
-NO_RECORDS = "this service keeps no records; start it with --record DB"
-
-
-class LabelRequest(BaseModel):
-    label: Optional[str]  # one of records.LABELS, or null to clear it
-    by: Optional[str] = None  # who labelled it
-
-
-@router.get("/v1/inspections", summary="The latest recorded verdicts, newest first, with links to kept images")
-async def list_inspections(request: Request, model: Optional[str] = None, verdict: Optional[str] = None,
-                           labelled: Optional[bool] = None, limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = 50,
-                           before_id: Optional[int] = None) -> dict:
-    recorder = service(request).records()
-    found = await run_in_threadpool(recorder.recent, limit=limit, model=model, verdict=verdict, labelled=labelled,
-                                    before_id=before_id)
-    return {"inspections": found, "record": recorder.records.url}
-
-
-@router.get("/v1/inspections/{inspection_id}/image", summary="The kept copy of an inspected image, as uploaded",
-            response_class=FileResponse)
-async def inspection_image(request: Request, inspection_id: int) -> FileResponse:
-    recorder = service(request).records()
-    try:
-        path = await run_in_threadpool(recorder.image, inspection_id)
-    except FastpadimError as exc:
-        raise HTTPException(404, str(exc)) from None
-    if path is None:
-        raise HTTPException(404, f"no kept image of inspection {inspection_id}")
-    return FileResponse(path, media_type=media_type(path))
-
-
-@router.post("/v1/inspections/{inspection_id}/label", summary="An operator's word on a verdict: false_alarm, "
-                                                               "confirmed_defect, or null to clear it")
-async def label_inspection(request: Request, inspection_id: int, body: LabelRequest) -> dict:
-    svc = service(request)
-    if svc.recorder is None:
-        raise HTTPException(409, NO_RECORDS)
-    if body.label is not None and body.label not in LABELS:
-        raise HTTPException(422, f"label must be one of {', '.join(LABELS)} or null, got {body.label!r}")
-    try:
-        return await run_in_threadpool(svc.recorder.label, inspection_id, body.label, body.by)
-    except FastpadimError as exc:
-        raise HTTPException(404 if str(exc).startswith("no inspection") else 422, str(exc)) from None
-
-
 async def fastpadim_error(_request: Request, exc: FastpadimError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=422)
 
@@ -572,6 +486,7 @@ def build_app(svc: InspectionService, api_key: Optional[str] = None, cors_origin
     api.state.service = svc
     api.state.budget = svc.budget
     api.include_router(router)
+    api.include_router(line_router)
     install_offline_docs(api)
     api.add_exception_handler(FastpadimError, fastpadim_error)
     api.add_middleware(UnexpectedErrors)  # innermost; Starlette's last added middleware is the outermost
