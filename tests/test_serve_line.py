@@ -163,6 +163,12 @@ def test_retention_deletes_the_oldest_images_and_forgets_them(tmp_path, good_png
     kept = KeptImages(tmp_path / "kept", keep_passed=0.0, max_mb=1.5 * len(good_png) / 2**20, max_days=2,
                       rng=random.Random(0))
     assert kept.wanted("anomalous") and not kept.wanted("good") and not kept.wanted("error")
+    # files of others in the keep folder (a model, a camera's day folder) are never counted nor deleted
+    foreign = [kept.folder / "models" / "bottle.padim", kept.folder / "2024-01-01" / "cam.png"]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(good_png * 4)
+        os.utime(path, (time.time() - 40 * 86400,) * 2)
     old = kept.keep(good_png, "a" * 64)
     os.utime(old, (time.time() - 3 * 86400,) * 2)  # beyond the age limit
     assert kept.prune() == [old] and not old.exists()
@@ -170,6 +176,7 @@ def test_retention_deletes_the_oldest_images_and_forgets_them(tmp_path, good_png
     os.utime(first, (time.time() - 60,) * 2)
     second = kept.keep(defect_png, "c" * 64)
     assert kept.due() and kept.prune() == [first] and second.exists()  # above the size limit: the oldest goes
+    assert all(path.exists() for path in foreign)
 
     with Records(tmp_path / "r.db") as records:
         recorder = Recorder(records, STATION, KeptImages(tmp_path / "k2", max_mb=1.0))

@@ -55,10 +55,13 @@ class Selection:
 
 
 def database_name(target: str | os.PathLike, shown: str) -> str:
-    """What a model's history calls the records: a SQLite path made absolute (the same file from any working
-    folder), a URL as ``Records.url`` shows it (``shown``: its password masked)."""
-    text = os.fspath(target)
-    return shown if "://" in text else str(Path(text).expanduser().resolve())
+    """What a model's history calls the records: a SQLite file by its absolute path, however it was named (a path
+    or a sqlite:/// URL, from any working folder), another database as ``Records.url`` shows it (``shown``: its
+    password masked)."""
+    from .records.store import database_url
+
+    url = database_url(target)
+    return str(Path(url.database).resolve()) if url.get_backend_name() == "sqlite" else shown
 
 
 def learned_inspections(history: list, database: str) -> set[int]:

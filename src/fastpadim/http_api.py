@@ -247,14 +247,16 @@ class InspectionService:
         when there are no records or writing failed (then logged: the reply is never lost to the records)."""
         if self.recorder is None:
             return [None] * len(entries)
-        run = served.run
-        inspections = [(inspection(result, run, path=name, source="serve", station=self.recorder.station,
-                                   digest=digest(data), image_path=None,
-                                   regions=entry if entry.get("regions") is not None else None, timings_ms=timings,
-                                   error=entry.get("error")), data)
-                       for name, data, result, entry in entries]
+        run, station = served.run, self.recorder.station
+
+        def described() -> list:  # in the worker: hashing a full batch of uploads takes most of a second
+            return [(inspection(result, run, path=name, source="serve", station=station, digest=digest(data),
+                                image_path=None, regions=entry if entry.get("regions") is not None else None,
+                                timings_ms=timings, error=entry.get("error")), data)
+                    for name, data, result, entry in entries]
+
         try:
-            return await run_in_threadpool(self.recorder.record, inspections)
+            return await run_in_threadpool(lambda: self.recorder.record(described()))
         except Exception as exc:  # noqa: BLE001 - the verdicts still go out
             log.error("RECORDING FAILED: %d verdict(s) of %s not written to %s: %s", len(entries), served.name,
                       self.recorder.records.url, exc, exc_info=exc)

@@ -12,6 +12,7 @@ import io
 import mimetypes
 import os
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,10 @@ from .files import atomic_write, os_reason
 
 EXTENSIONS = {"JPEG": "jpg", "TIFF": "tif", "JPEG2000": "jp2"}  # else the format's name in lower case
 PRUNE_EVERY_S = 3600.0  # age-based deletion at least this often, size-based as soon as the limit is passed
+# Only files of this shape are the keep folder's own: retention never counts or deletes anything else that lies
+# there (the folder may be shared with models or camera folders).
+DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+KEPT_FILE = re.compile(r"^[0-9a-f]{16}\.[a-z0-9]+$")
 
 
 def image_extension(data: bytes) -> str:
@@ -107,15 +112,29 @@ class KeptImages:
                 total -= size
                 deleted.append(path)
             for day in {path.parent for path in deleted}:
-                if day != self.folder and not any(day.iterdir()):
-                    day.rmdir()
+                try:
+                    day.rmdir()  # only once empty: another service sharing the folder may be writing there
+                except OSError:
+                    pass
             self._bytes, self._pruned_at = total, time.monotonic()
         return deleted
 
     def _files(self) -> list[tuple[float, Path, int]]:
+        """The kept copies (day folders of kept files only), tolerating files that another process deletes."""
         found = []
-        for path in self.folder.glob("*/*"):
-            if path.is_file() and not path.name.startswith("."):
-                stat = path.stat()
+        for day in self.folder.iterdir():
+            if not (DAY_FOLDER.match(day.name) and day.is_dir()):
+                continue
+            try:
+                entries = list(day.iterdir())
+            except FileNotFoundError:  # emptied and removed by another service meanwhile
+                continue
+            for path in entries:
+                if not KEPT_FILE.match(path.name):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
                 found.append((stat.st_mtime, path, stat.st_size))
         return found

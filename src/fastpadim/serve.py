@@ -238,7 +238,10 @@ class Recorder:
                     log.error("could not keep a copy of %s: %s", inspection.path, exc)
         ids = self.records.add_many([inspection for inspection, _ in entries])
         if self.kept is not None and self.kept.due():
-            self.forget(self.kept.prune())
+            try:  # the verdicts are written: retention failing must not cost their ids
+                self.forget(self.kept.prune())
+            except (OSError, FastpadimError) as exc:
+                log.error("retention of kept images in %s failed: %s", self.kept.folder, exc)
         return ids
 
     def forget(self, deleted: "list[Path]") -> None:

@@ -334,8 +334,10 @@ class Watcher:
                 verdict = verdict_label(result.score, threshold)
                 row, overlay = {**result_row(result, name, threshold), **self.run_info.columns()}, None
                 if self.output is not None:
+                    # named by content too: a camera that reuses a file name must not overwrite the overlay an
+                    # earlier inspection's record points at
                     written = write_maps(result, threshold, self.output,
-                                         output_name(os.path.relpath(path, self.folder), ".png"))
+                                         output_name(os.path.relpath(path, self.folder), f".{sha[:12]}.png"))
                     row.update({key: str(self.output / value) for key, value in written.items() if value})
                     overlay = row["overlay"]
                     rows.append(row)

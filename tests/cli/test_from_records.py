@@ -184,3 +184,16 @@ def test_calibrate_from_records_uses_the_labels_with_the_models_good_scores(line
     # fpr needs none: the good side alone
     assert_ok(run("calibrate", line["model"], "--from-records", line["db"], "--target", "fpr=0.2", "--device", "cpu"))
     assert Padim.load(line["model"], device="cpu").threshold_target_ == "fpr=0.2"
+
+
+def test_one_sqlite_file_has_one_name_in_the_history_however_it_is_given(tmp_path, monkeypatch):
+    """A path, a relative sqlite:/// URL and an absolute one name the same file: an update given one form must
+    know the inspections learned under another (else they would be learned twice)."""
+    from fastpadim.feedback import database_name
+
+    monkeypatch.chdir(tmp_path)
+    absolute = str((tmp_path / "insp.db").resolve())
+    for given in ("insp.db", "sqlite:///insp.db", f"sqlite:///{absolute}", absolute):
+        assert database_name(given, given) == absolute
+    url = "postgresql://u:secret@host/db"
+    assert database_name(url, "postgresql://u:***@host/db") == "postgresql://u:***@host/db"

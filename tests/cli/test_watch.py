@@ -98,6 +98,7 @@ def test_a_file_written_slowly_is_scored_once_and_complete(fitted, model_file, t
     assert slow_row.timings_ms["score"] > 0
     assert slow_row.score == pytest.approx(float(fitted.anomaly_scores([train_arrays[0]])[0]), rel=1e-4)
     assert Path(slow_row.overlay_path).is_file()
+    assert Path(slow_row.overlay_path).name == f"slow.png.{sha256(slow)[:12]}.png"  # a reused name keeps both
     assert watcher.counts.scored == 2 and watcher.counts.unreadable == 0
     out_rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     assert list(out_rows[0]) == PREDICT_COLUMNS

@@ -55,7 +55,8 @@ def calibrate(
         if wanted is None:
             wanted = parse_target(f"fpr={model.threshold_rate_ or model.false_alarm_rate:g}")
         before = previous_threshold(model)
-        labels = operators_labels(model_path, from_records, records_name) if from_records is not None else None
+        labels = (operators_labels(model, model_path, from_records, records_name) if from_records is not None
+                  else None)
         good_scores = labelled_scores(model, good, "good") if good is not None else []
         defective_scores = labelled_scores(model, defective, "defective") if defective is not None else []
         report_skipped(model.skipped_)
@@ -85,15 +86,18 @@ def records_model_name(model_path: Path, name: str | None) -> str:
     return name if name is not None else model_name(model_path)
 
 
-def operators_labels(model_path: Path, target: str, name: str | None):
+def operators_labels(model, model_path: Path, target: str, name: str | None):
     """The usable false alarms and confirmed defects of the model in the records (``feedback.Selection`` each),
-    the unusable ones reported; and the records as messages show them."""
-    from ..feedback import labelled_images
+    the unusable ones reported; and the records as messages show them. False alarms an update already learned
+    are left out: their leave-one-out scores are in the model's calibration already (their in-sample scores
+    would be too low)."""
+    from ..feedback import database_name, labelled_images, learned_inspections
     from ..records import Records
 
     name = records_model_name(model_path, name)
     with Records(target, create=False) as records:  # reading never creates an empty database
-        false_alarms = labelled_images(records, "false_alarm", name)
+        learned = learned_inspections(getattr(model, "history_", None), database_name(target, records.url))
+        false_alarms = labelled_images(records, "false_alarm", name, learned)
         defects = labelled_images(records, "confirmed_defect", name)
         shown = records.url
     report_skipped(false_alarms.skip_lines() + defects.skip_lines())
