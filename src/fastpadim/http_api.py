@@ -346,11 +346,12 @@ async def score_one(request: Request, heatmap: HeatmapQuery = False, regions: Re
                     model: ModelQuery = None):
     start = time.perf_counter()
     svc = service(request)
+    Wants(svc.pick(model), heatmap, regions)  # a bad request fails before its upload is read
+    uploads = await svc.read_uploads(request, max_files=1)  # a slow upload holds no model (a reload retires it)
+    if len(uploads) != 1:
+        raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
     async with svc.use(model) as served:
         wants = Wants(served, heatmap, regions)
-        uploads = await svc.read_uploads(request, max_files=1)
-        if len(uploads) != 1:
-            raise HTTPException(400, f"{len(uploads)} files sent to /v1/score; use /v1/score/batch for several")
         name, upload, decode_s = (await svc.decode_all(uploads, wants))[0]
         data = uploads[0][1]
         if isinstance(upload, ImageError):
@@ -388,9 +389,10 @@ async def score_many(request: Request, heatmap: HeatmapQuery = False, regions: R
                      model: ModelQuery = None):
     start = time.perf_counter()
     svc = service(request)
+    Wants(svc.pick(model), heatmap, regions)  # a bad request fails before its uploads are read
+    uploads = await svc.read_uploads(request, max_files=MAX_BATCH_FILES)  # slow uploads hold no model
     async with svc.use(model) as served:
         wants = Wants(served, heatmap, regions)
-        uploads = await svc.read_uploads(request, max_files=MAX_BATCH_FILES)
         decoded = await svc.decode_all(uploads, wants)
         readable = [(i, upload) for i, (_, upload, _) in enumerate(decoded) if not isinstance(upload, ImageError)]
         items = [{"name": name, "error": str(upload) if isinstance(upload, ImageError) else None}
