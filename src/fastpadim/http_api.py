@@ -270,7 +270,7 @@ class Wants:
         if regions and served.threshold is None:
             raise HTTPException(400, "regions need a threshold and this model has none (fitted with --holdout 0); "
                                      "ask without regions=true")
-        self.served, self.model = served, served.model
+        self.model = served.model
         self.heatmap, self.regions = heatmap, regions
 
     def timings(self, spent: dict) -> dict:
