@@ -36,7 +36,10 @@ def __getattr__(name: str):
 def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: str | None = None,
          precision: str | None = None, allow_download: bool = False) -> Padim | OnnxPadim:
     """Load a fitted model: a ``.padim`` file gives a ``Padim`` (PyTorch), an ``.onnx`` export an ``OnnxPadim``
-    (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way.
+    (onnxruntime, or OpenVINO with ``engine="openvino"``); both score and predict the same way. A ``.padim`` file
+    with ``engine="onnxruntime"``/``"openvino"`` is scored by that engine through its ONNX export (made once,
+    cached beside the file in ``MODEL.padim.onnx-cache/``); ``engine="auto"`` picks the fastest installed engine
+    whose outputs match PyTorch's within 1e-4 on probe images (the decision in ``model.engine_choice_``).
     ``precision``: None or "f32" (float32, the default everywhere); "bf16"/"f16" only with ``engine="openvino"``
     on a CPU that has them natively (refused otherwise). ``allow_download``: let timm fetch backbone weights that
     are not on this machine (a .padim model only; never by default)."""
@@ -46,14 +49,9 @@ def load(path: str | os.PathLike, device: str = "auto", weights=None, engine: st
         if weights is not None:
             raise FastpadimError(f"{path}: an ONNX export carries its backbone weights; --weights does not apply")
         return OnnxPadim(path, engine=engine or "onnxruntime", device=device, precision=precision)
-    if engine not in (None, "torch"):
-        raise FastpadimError(f"{path}: engine {engine!r} runs ONNX exports only; export the model first (fastpadim export)")
-    if precision not in (None, "f32"):
-        raise FastpadimError(f"{path}: precision {precision!r} applies to ONNX exports run by OpenVINO "
-                             "(--engine openvino); the PyTorch engine computes in f32")
-    from .model import Padim
+    from .engines import load_padim
 
-    return Padim.load(path, device=device, weights=weights, allow_download=allow_download)
+    return load_padim(Path(path), device, weights, engine, precision, allow_download)
 
 
 __all__ = ["Padim", "OnnxPadim", "Predictions", "PRESETS", "FastpadimError", "ImageError", "load", "__version__"]

@@ -25,7 +25,7 @@ import numpy as np
 from .files import check_writable_file
 from .errors import FastpadimError
 from .onnx_runtime import (
-    EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
+    DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from .model import Padim
 
-DEFAULT_OPSET = 17  # OPSETS (17 to 20: PyTorch's TorchScript-based ONNX exporter goes up to 20) is in onnx_runtime
 FP16_MIN_ELEMENTS = 1024  # smaller tensors (biases, shapes) stay as they are
 ALIGN_BYTES = 64 * 1024  # large tensors start on a page boundary, so the runtime can map them
 FACTOR_BLOCK_BYTES = 64 * 1024 * 1024  # positions unpacked at a time while writing the factor
@@ -115,21 +114,9 @@ def _embedding_module(model: Padim):
 
 def backbone_graph(model: Padim, opset: int) -> onnx.ModelProto:
     """The model's embedding (images → embeddings, see ``_embedding_module``) as ONNX, traced on the CPU."""
-    import io
-    import warnings
+    from .embedders import module_graph
 
-    import onnx
-    import torch
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's tracer and deprecation notes say nothing to users
-        torch.onnx.export(
-            _embedding_module(model).eval(), (torch.zeros(1, 3, *model.preprocessing_.output_size),), buffer,
-            dynamo=False, opset_version=opset, input_names=[INPUT_NAME], output_names=["embeddings"],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, "embeddings": {0: "batch"}}, do_constant_folding=True,
-        )
-    return onnx.load_from_string(buffer.getvalue())
+    return module_graph(_embedding_module(model), model.preprocessing_.output_size, opset)
 
 
 def factor_blocks(whitener, dtype: np.dtype):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import embedders
+from .ahead import run_ahead
 from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
@@ -30,6 +32,7 @@ Progress = Callable[[int], None]
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (larger folds are embedded again)
 MAX_FOLDS = 100
+PARTS_AHEAD = 2  # network parts (8 images of 256 px: 23 MB of embeddings each) computed ahead of their use
 
 
 def history_entry(images: int, digest: str, kind: str = "sha256") -> dict:
@@ -77,7 +80,11 @@ class Padim(ScoringMixin):
     Gaussians' count), ``tiler_`` (None without tiles), ``n_samples_seen_`` (training images),
     ``threshold_``, ``threshold_rate_``, ``calibration_`` (the good scores the threshold came from; they give each
     score its false-alarm probability), ``stats_`` (the statistics, float32 once fitted, for ``partial_fit``),
-    ``history_`` (one entry per fit and update).
+    ``history_`` (one entry per fit and update), ``engine_`` (what computes the embeddings: ``engine`` itself, or
+    what "auto" chose; ``engine_choice_`` holds what it measured).
+
+    ``engine``: what runs the network, "torch" (the default), "onnxruntime" or "openvino" (its ONNX graph, on the
+    CPU, in float32) or "auto" (``fastpadim.embedders``); the statistics and distances are the same whichever.
 
     ``fit`` is ``prepare`` → ``accumulate`` → (``out_of_fold_scores``) → ``finish``, each public, so that other paths (a Ray fit whose shards
     accumulate in other processes, a model file being loaded) assemble a model the same way; ``install`` is the
@@ -96,6 +103,7 @@ class Padim(ScoringMixin):
         blur_sigma: float = 4.0,
         seed: int = 0,
         device: str = "auto",
+        engine: str = "torch",
         batch_size: int = 32,
         folds: int | str = "all",
         holdout: float = 0.0,
@@ -119,6 +127,7 @@ class Padim(ScoringMixin):
         self.blur_sigma = blur_sigma
         self.seed = seed
         self.device = device
+        self.engine = engine
         self.batch_size = batch_size
         self.folds = folds
         self.holdout = holdout
@@ -185,6 +194,8 @@ class Padim(ScoringMixin):
                 raise FastpadimError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 <= self.holdout < 1:
             raise FastpadimError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        if self.engine not in embedders.ENGINES:
+            raise FastpadimError(f"unknown engine {self.engine!r} (use {', '.join(embedders.ENGINES)})")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise FastpadimError(f"factor dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
 
@@ -260,7 +271,11 @@ class Padim(ScoringMixin):
             self.grid_ = self.extractor_.grid_for(network)
             self.positions_ = self.grid_[0] * self.grid_[1]
         self.map_generator_ = AnomalyMapGenerator(network, self.blur_sigma).to(self.device_)
-        self._forward_count = inputs_per_call(math.prod(self.tiler_.tile_size if self.tiler_ else network))
+        extractor_input = self.tiler_.tile_size if self.tiler_ else network
+        self._forward_count = inputs_per_call(math.prod(extractor_input))
+        # what computes the embeddings: the extractor itself, or its ONNX graph in another engine
+        self.embedder_, self.engine_, self.engine_choice_ = embedders.build(
+            self.extractor_, extractor_input, self.engine, self.device_, self._forward_count)
 
     def _preprocessing(self, preset: BackbonePreset, alignment: int) -> Preprocessing:
         """The network's input rounded to multiples of ``alignment`` (a crop is rounded; the resize it is cut
@@ -294,7 +309,7 @@ class Padim(ScoringMixin):
         else:
             # On the CPU the network runs as fast on 8 images as on 32, but its activations take a quarter of
             # the memory: fit's peak is then the Gaussian state plus little, whatever the batch size.
-            parts = [self.extractor_(part) for part in inputs.split(self._forward_count)]
+            parts = [self.embedder_(part) for part in inputs.split(self._forward_count)]
             embeddings = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.tiler_.arrange(embeddings, len(batch), self.tile_shared) if self.tiler_ is not None else embeddings
 
@@ -414,27 +429,27 @@ class Padim(ScoringMixin):
                 self.stats_.update(buffer[:filled], centre_in_place=True)
                 filled = 0
 
-        for batch in self._batches(images):
-            self.skipped_.extend((item.name, item.error) for item in batch if item.error)
-            good = [item for item in batch if item.tensor is not None]
-            if digest is not None:
-                for item in good:
-                    digest.update(item.array.tobytes())
+        for batch, embeddings in run_ahead(self._embedded_parts(images), self._parts_ahead):
+            if embeddings is None:  # the batch's parts are done
+                self.skipped_.extend((item.name, item.error) for item in batch if item.error)
+                if digest is not None:
+                    for item in batch:
+                        if item.tensor is not None:
+                            digest.update(item.array.tobytes())
+                if progress:
+                    progress(len(batch))
+                continue
             # part by part into the buffer: a whole batch's embeddings are never held at once
-            for part in self._forward_parts(stack(good)) if good else ():
-                embeddings = self._embed(part)
-                count = len(embeddings)  # samples: images, or their tiles when tiles share one model
-                if buffer is None:
-                    per_image = embeddings[0].numel() * embeddings.element_size()
-                    capacity = max(count, UPDATE_BUFFER_BYTES // per_image)
-                    buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
-                if filled + count > buffer.shape[0]:
-                    flush()
-                buffer[filled : filled + count] = embeddings
-                filled += count
-                del embeddings
-            if progress:
-                progress(len(batch))
+            count = len(embeddings)  # samples: images, or their tiles when tiles share one model
+            if buffer is None:
+                per_image = embeddings[0].numel() * embeddings.element_size()
+                capacity = max(count, UPDATE_BUFFER_BYTES // per_image)
+                buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
+            if filled + count > buffer.shape[0]:
+                flush()
+            buffer[filled : filled + count] = embeddings
+            filled += count
+            del embeddings
         flush()
         return self
 
@@ -510,11 +525,25 @@ class Padim(ScoringMixin):
         return stats, cached
 
     def _embedded(self, images: Iterable[ImageInput]) -> Iterator[tuple[torch.Tensor, int]]:
-        """(embeddings, frame count) part by part over the readable ``images``."""
+        """(embeddings, frame count) part by part over the readable ``images``, the network a few parts ahead."""
+        for _, embeddings in run_ahead(self._embedded_parts(images, frames=True), self._parts_ahead):
+            if embeddings is not None:
+                yield embeddings
+
+    def _embedded_parts(self, images: Iterable[ImageInput], frames: bool = False) -> Iterator[tuple[list, object]]:
+        """(batch, embeddings) part by part over the batches of ``images``, then (batch, None) once its readable
+        images are all embedded; with ``frames`` the embeddings come as (embeddings, frame count)."""
         for batch in self._batches(images):
             good = [item for item in batch if item.tensor is not None]
             for part in self._forward_parts(stack(good)) if good else ():
-                yield self._embed(part), len(part)
+                embeddings = self._embed(part)
+                yield batch, ((embeddings, len(part)) if frames else embeddings)
+            yield batch, None
+
+    @property
+    def _parts_ahead(self) -> int:
+        """Network parts computed ahead of the statistics (0 on a GPU, whose queue already overlaps them)."""
+        return PARTS_AHEAD if self.device_.type == "cpu" else 0
 
     def finish(self, stats: GaussianStats | None = None) -> Padim:
         """Factor the statistics (``stats``, e.g. merged from Ray shards, else ``stats_``) and install them: one
@@ -642,8 +671,8 @@ class Padim(ScoringMixin):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", weights: str | os.PathLike | None = None,
-             allow_download: bool = False) -> Padim:
-        """Read a model file and compute its factor. Backbone weights: the offline package or timm's cache as
+             allow_download: bool = False, engine: str = "torch") -> Padim:
+        """Read a model file and compute its factor; ``engine`` runs its network (as the parameter of that name). Backbone weights: the offline package or timm's cache as
         recorded at fit time, or the ``weights`` file the user gives (checked by its SHA-256); the network only
         with ``allow_download``."""
         from .modelfile import read_model_file, weights_source
@@ -657,7 +686,7 @@ class Padim(ScoringMixin):
         model = cls(
             backbone=bb["name"], layers=bb["layers"], n_features=bb["n_features"], weights=weights,
             epsilon=meta["epsilon"], image_size=pre.image_size, crop_size=pre.crop_size, squash=pre.squash,
-            blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device, folds=meta.get("folds", 0),
+            blur_sigma=meta["blur_sigma"], seed=meta["seed"], device=device, engine=engine, folds=meta.get("folds", 0),
             false_alarm_rate=th["false_alarm_rate"], factor_dtype=meta["factor_dtype"], allow_download=allow_download,
             pool=meta.get("pool", 1), tile=tiling.get("tile"), tile_overlap=tiling.get("overlap"),
             tile_shared=tiling.get("shared", False),

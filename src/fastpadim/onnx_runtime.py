@@ -28,7 +28,9 @@ INPUT_NAME = "images"
 MAP_OUTPUT = "anomaly_map"
 SCORE_OUTPUT = "score"
 ENGINES = ("onnxruntime", "openvino")
+ENGINE_CHOICES = ("torch", *ENGINES, "auto")  # what --engine takes (fastpadim.embedders, fastpadim.engines)
 OPSETS = range(17, 21)  # what ``fastpadim export`` writes (PyTorch's TorchScript-based exporter goes up to 20)
+DEFAULT_OPSET = 17  # what fastpadim exports (PyTorch's TorchScript-based exporter goes up to 20)
 WEIGHTS_DTYPES = ("float32", "float16")
 # Inference precision. f32 everywhere by default: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs with
 # native bf16 (AVX-512 BF16, AMX), which moved bottle scores by 0.7 % to 68 %. Lower precisions are opt-in,
@@ -49,6 +51,20 @@ def _onnx_types():
     # bfloat16 has no NumPy type: its bits are read as uint16 (exponent all ones = NaN or Inf)
     floats = {T.FLOAT: np.float32, T.FLOAT16: np.float16, T.DOUBLE: np.float64, T.BFLOAT16: np.uint16}
     return sizes, floats
+
+
+def installed_engines() -> list[str]:
+    """The ONNX engines whose package is importable here (found, not imported)."""
+    from importlib.util import find_spec
+
+    found = []
+    for engine in ENGINES:
+        try:
+            if find_spec(engine) is not None:
+                found.append(engine)
+        except (ImportError, ValueError):
+            pass
+    return found
 
 
 def _all_finite(values: np.ndarray) -> bool:
@@ -301,10 +317,12 @@ def write_threshold(path: str | os.PathLike, threshold: float | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------- engines
-class _OnnxRuntimeEngine:
-    """onnxruntime computes in float32 (``precision`` is always "f32"; OnnxPadim refuses any other)."""
+class OnnxRuntimeSession:
+    """An ONNX graph run by onnxruntime, in float32 (``precision`` is always "f32"; OnnxPadim refuses any other);
+    ``run`` gives the ``outputs`` named, in that order."""
 
-    def __init__(self, path: Path, device: str, threads: int | None, precision: str):
+    def __init__(self, path: Path, device: str, threads: int | None, precision: str,
+                 outputs: tuple[str, ...] = (SCORE_OUTPUT, MAP_OUTPUT), spin: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -319,6 +337,9 @@ class _OnnxRuntimeEngine:
         options.log_severity_level = 3  # errors only: the user sees our one-line messages
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            # idle threads sleep instead of spinning: another computation (fit's statistics) shares the cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # noqa: BLE001
@@ -326,10 +347,10 @@ class _OnnxRuntimeEngine:
             raise FastpadimError(f"{path}: onnxruntime cannot load it ({reason})") from None
         self.device = "cuda" if use_cuda else "cpu"
         self.precision = precision
+        self.outputs = list(outputs)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run([MAP_OUTPUT, SCORE_OUTPUT], {INPUT_NAME: batch})
-        return scores, maps
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(self.outputs, {INPUT_NAME: batch}))
 
 
 def openvino_compile_config(precision: str, threads: int | None = None) -> dict:
@@ -349,10 +370,12 @@ def openvino_capabilities() -> list[str]:
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-class _OpenVinoEngine:
-    """OpenVINO's CPU plugin, compiled at the asked precision; ``precision`` is what the compiled model reports."""
+class OpenVinoSession:
+    """An ONNX graph compiled by OpenVINO's CPU plugin at the asked precision (``precision`` is what the compiled
+    model reports); ``run`` gives the ``outputs`` named, in that order."""
 
-    def __init__(self, path: Path, device: str, threads: int | None, precision: str):
+    def __init__(self, path: Path, device: str, threads: int | None, precision: str,
+                 outputs: tuple[str, ...] = (SCORE_OUTPUT, MAP_OUTPUT)):
         try:
             import openvino as ov
         except ImportError:
@@ -376,12 +399,12 @@ class _OpenVinoEngine:
             raise FastpadimError(f"{path}: OpenVINO compiled it in {self.precision}, not the {precision} asked for; "
                                  "scores would not be what was asked for (use the default f32)")
         self.request = self.compiled.create_infer_request()
-        self.map_port, self.score_port = self.compiled.output(MAP_OUTPUT), self.compiled.output(SCORE_OUTPUT)
+        self.ports = [self.compiled.output(name) for name in outputs]
         self.device = "cpu"
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         results = self.request.infer({INPUT_NAME: batch})
-        return np.array(results[self.score_port]), np.array(results[self.map_port])
+        return tuple(np.array(results[port]) for port in self.ports)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -425,7 +448,7 @@ class OnnxPadim(ScoringMixin):
         self.workers = workers
         self.skipped_: list[tuple[str, str]] = []
         self.engine = engine
-        runner = _OnnxRuntimeEngine if engine == "onnxruntime" else _OpenVinoEngine
+        runner = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
         self._runner = runner(self.path, device, threads, precision)
         self.device = self._runner.device
         self.precision = self._runner.precision

@@ -154,6 +154,10 @@ def check_write_back(model, path: Path) -> None:
     from ..files import check_writable_file
 
     check_writable_file(path)
+    if hasattr(model, "save_metadata") and Path(model.path).resolve() != Path(path).resolve():
+        # a .padim scored through its cached ONNX export: the threshold belongs in the .padim, not in the cache
+        raise FastpadimError(f"{path}: the threshold is written into the .padim file, which --engine {model.engine} "
+                             "does not run; calibrate it with --engine torch (the default)")
     if not hasattr(model, "save_metadata") and model.stats_ is None:
         raise FastpadimError(f"{path} is a format-1 model file without training statistics; fastpadim cannot write it "
                              "again: fit it again once (or set a threshold by value: fastpadim set-threshold MODEL VALUE)")

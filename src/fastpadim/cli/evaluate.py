@@ -21,11 +21,13 @@ from .options import (
     BlurSigmaOpt,
     CropSizeOpt,
     DeviceOpt,
+    EngineOpt,
     EpsilonOpt,
     FeaturesOpt,
     ImageSizeOpt,
     LayersOpt,
     MaxPixelsOpt,
+    PrecisionOpt,
     PoolOpt,
     SquashOpt,
     TileOpt,
@@ -100,6 +102,8 @@ def evaluate(
     factor_dtype: Annotated[str, typer.Option(help="Factor precision: float32, float16 or bfloat16.")] = "float32",
     seed: Annotated[int, typer.Option(help="Seed of the random channel subset.")] = 0,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
     batch_size: BatchSizeOpt = 32,
     max_pixels: MaxPixelsOpt = None,
     reduction: Annotated[str, typer.Option(help="Dimension reduction to --n-features: random (the paper's Rd) or pca.")] = "random",
@@ -137,7 +141,8 @@ def evaluate(
         apply_max_pixels(max_pixels)
         shape = shape_params(image_size, None, squash, pool, tile, tile_overlap, tile_shared, lambda: (0, 0))
         settings = Settings(backbone=backbone, weights=weights, layers=parse_layers(layers), n_features=n_features,
-                            crop_size=crop_size or None, device=device, batch_size=batch_size,
+                            crop_size=crop_size or None, device=device, engine=engine or "torch",
+                            batch_size=batch_size,
                             reduction=reduction, layer_mode=layer_mode, rd_mvtec=rd_mvtec, allow_download=allow_download,
                             factor_dtype=factor_dtype, blur_sigma=blur_sigma, epsilon=epsilon, **shape)
         settings.check()
@@ -150,7 +155,8 @@ def evaluate(
             if batch_size < 1:
                 raise FastpadimError(f"--batch-size must be at least 1, got {batch_size}")
             # .padim: --weights/--allow-download say where its backbone's weights are; .onnx carries them
-            shipped = load(model_path, device=device, weights=weights, allow_download=allow_download)
+            shipped = load(model_path, device=device, weights=weights, engine=engine, precision=precision,
+                           allow_download=allow_download)
             shipped.batch_size = batch_size
         make_output_folder(output)
 

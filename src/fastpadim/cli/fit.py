@@ -14,7 +14,7 @@ from ..files import check_writable_file, make_output_folder
 from ..sources import Item, Rereadable, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
-    AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, FeaturesOpt, FrameStrideOpt,
+    AllowDownloadOpt, BackboneOpt, BatchSizeOpt, CpusPerTaskOpt, CropSizeOpt, DeviceOpt, EngineOpt, FeaturesOpt, FrameStrideOpt,
     BlurSigmaOpt, EpsilonOpt, ImageSizeOpt, LayersOpt, LongSideOpt, MaxPixelsOpt, PoolOpt, RayOpt, SquashOpt, TileOpt, TileOverlapOpt,
     TileSharedOpt, WeightsOpt, apply_max_pixels, check_options, parse_folds, parse_layers, shape_params,
 )
@@ -29,6 +29,7 @@ def fit(
     layers: LayersOpt = None,
     n_features: FeaturesOpt = None,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = None,
     batch_size: BatchSizeOpt = 32,
     image_size: ImageSizeOpt = "256",
     long_side: LongSideOpt = None,
@@ -77,8 +78,8 @@ def fit(
                              lambda: first_frame_size(files))
         params = dict(
             backbone=backbone, layers=parse_layers(layers), n_features=n_features, weights=weights, epsilon=epsilon,
-            blur_sigma=blur_sigma, crop_size=crop_size or None, seed=seed, device=device, batch_size=batch_size,
-            folds=folds, holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate,
+            blur_sigma=blur_sigma, crop_size=crop_size or None, seed=seed, device=device, engine=engine or "torch",
+            batch_size=batch_size, folds=folds, holdout=0.0 if threshold_files else holdout, false_alarm_rate=false_alarm_rate,
             factor_dtype=factor_dtype, allow_download=allow_download, **shape,
         )
         # the out-of-fold pass reads every training image a second time (none with a hold-out or threshold images)

@@ -17,7 +17,7 @@ AllowDownloadOpt = Annotated[bool, typer.Option("--allow-download", help="Let ti
 LayersOpt = Annotated[Optional[str], typer.Option("--layers", help="Layer indices for timm's forward_intermediates, e.g. 1,2,3.")]
 FeaturesOpt = Annotated[Optional[int], typer.Option("--n-features", "-d", help="Random channel subset size (Rd); default: the preset's.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-EngineOpt = Annotated[Optional[str], typer.Option(help="For .onnx models: onnxruntime (default) or openvino.")]
+EngineOpt = Annotated[Optional[str], typer.Option(help="What runs the network: torch (the default for .padim), onnxruntime (the default for .onnx), openvino, or auto (the fastest installed engine whose outputs match torch's within 1e-4); all in float32 unless --precision says otherwise.")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="Inference precision: f32 (default, every engine); bf16 or f16 only with --engine openvino on a CPU that has them.")]
 MaxPixelsOpt = Annotated[Optional[int], typer.Option(help="Most pixels in one image, read from its header before decoding (default 40 MP; larger images are skipped).")]
 ImageSizeOpt = Annotated[str, typer.Option(help="Network input: N (a square) or HxW, height x width, e.g. 960x1280 for 1280x960 frames; rounded to the backbone's stride.")]

@@ -15,7 +15,7 @@ from ..errors import FastpadimError
 from ..files import check_writable_file
 from .calibrate import FromRecordsOpt, ModelNameOpt, previous_threshold, records_model_name
 from .console import progress_bar, report_skipped, say, user_errors, warn
-from .options import AllowDownloadOpt, BatchSizeOpt, DeviceOpt, WeightsOpt
+from .options import AllowDownloadOpt, BatchSizeOpt, DeviceOpt, EngineOpt, WeightsOpt
 
 STALE = "none (stale: set for fewer images)"
 NEXT_STEP = ("next: POST /v1/model/reload to a running 'fastpadim serve' of {name} (or send it SIGHUP) to serve "
@@ -31,6 +31,7 @@ def update(
     weights: WeightsOpt = None,
     allow_download: AllowDownloadOpt = False,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = None,
     batch_size: BatchSizeOpt = 32,
 ) -> None:
     """Add good images to a fitted model and set its threshold again (their out-of-fold scores join the good
@@ -60,7 +61,8 @@ def update(
             check_writable_file(output)
         # names only: a bad source is refused before the model loads
         items, skipped = resolve(source) if source is not None else ([], [])
-        model = Padim.load(model_path, device=device, weights=weights, allow_download=allow_download)
+        model = Padim.load(model_path, device=device, weights=weights, allow_download=allow_download,
+                           engine=engine or "torch")
         if model.stats_ is None:
             raise FastpadimError(f"{model_path} is a format-1 model file without training statistics, so it cannot "
                                  "take more images; fit it again once to make it updatable")

@@ -42,6 +42,7 @@ class Settings:
     image_size: Size | int | str = 256  # as Padim takes it: N, (height, width) or "HxW"
     crop_size: Size | int | None = None
     device: str = "auto"
+    engine: str = "torch"
     batch_size: int = 32
     reduction: str = "random"
     layer_mode: str = "joint"
@@ -70,7 +71,7 @@ class Settings:
         size, crop = (RD_CROP_SIZE, None) if self.rd_mvtec else (self.image_size, self.crop_size)
         common = dict(backbone=self.backbone, weights=self.weights, image_size=size, crop_size=crop, seed=seed,
                       # evaluate sets its own thresholds on the test set: no out-of-fold pass (folds=0)
-                      device=self.device, batch_size=self.batch_size, holdout=0.0, folds=0,
+                      device=self.device, engine=self.engine, batch_size=self.batch_size, holdout=0.0, folds=0,
                       allow_download=self.allow_download, squash=self.squash, pool=self.pool, tile=self.tile,
                       tile_overlap=self.tile_overlap, tile_shared=self.tile_shared, factor_dtype=self.factor_dtype,
                       blur_sigma=self.blur_sigma, epsilon=self.epsilon)
