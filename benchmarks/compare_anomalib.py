@@ -6,10 +6,12 @@ interpreter of .venv-anomalib made by benchmarks/setup_anomalib.sh), so peak RSS
 alone. Runs alternate between the two and are repeated; the table gives the median and [min-max].
 Metrics for both come from the same code here: scikit-learn's roc_auc_score and fastpadim.evaluation.metrics.pro_auc.
 
-    python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3 [--engine]
+    python benchmarks/compare_anomalib.py --sizes 256,224 --repeats 3 [--engine] [--fastpadim-engines torch,openvino]
 
 With ``--engine`` each repeat also runs anomalib's user path (``Engine.fit`` + ``Engine.test`` with its data module,
-how the issue's anchor figures were taken) and a second table compares fastpadim with it.
+how the issue's anchor figures were taken) and a second table compares fastpadim with it. ``--fastpadim-engines``
+runs fastpadim once per engine (what runs its network in fit; the scoring graph for inference, exported from the
+saved .padim and cached, its export and load timed apart), a column and a ratio each, all in float32.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import BOTTLE, test_files  # noqa: E402
 
-IMPLS = ("fastpadim", "anomalib")
 AGREEMENT = 0.005  # metrics must agree within 0.5 point
 
 
@@ -106,13 +107,17 @@ def ratio(a: list[float], b: list[float]) -> str:
     return f"{statistics.median(a) / statistics.median(b):.2f}"
 
 
+def fastpadim_impls(runs: dict[str, list[dict]]) -> list[str]:
+    return [impl for impl in runs if impl.startswith("fastpadim")]
+
+
+def impl_name(engine: str) -> str:
+    """The column of fastpadim on ``engine`` ("fastpadim" alone for torch, as in earlier runs)."""
+    return "fastpadim" if engine == "torch" else f"fastpadim-{engine}"
+
+
 def table(size: int, runs: dict[str, list[dict]], quality: dict[str, dict]) -> str:
-    def col(impl, key):
-        return [r[key] for r in runs[impl]]
-
-    def latency(impl):
-        return [r["latency_ms"]["median"] for r in runs[impl]]
-
+    ours = fastpadim_impls(runs)
     rows = [
         ("fit time (s, wall)", "fit_s", ".1f", None),
         ("fit time (s, CPU of the process)", "fit_cpu_s", ".1f", None),
@@ -123,34 +128,40 @@ def table(size: int, runs: dict[str, list[dict]], quality: dict[str, dict]) -> s
         ("peak RSS by end of fit (MB)", "peak_rss_fit_mb", ".0f", None),
         ("peak RSS whole run (MB)", "peak_rss_mb", ".0f", None),
         ("model file (MB)", None, ".1f", lambda r: r["model_bytes"] / 1e6),
+        ("export + load for scoring (s, fastpadim on an ONNX engine)", None, ".1f", lambda r: r.get("export_load_s", 0.0)),
     ]
+    counts = " / ".join(f"{len(runs[impl])} {impl}" for impl in (*ours, "anomalib"))
     lines = [
         f"\n### {size}x{size} input, no crop, all 176 channels "
-        f"({runs['fastpadim'][0]['n_train'] if runs['fastpadim'] else '?'} train images, repeats: "
-        f"{len(runs['fastpadim'])} fastpadim / {len(runs['anomalib'])} anomalib; median [min-max])\n",
-        "| measure | fastpadim | anomalib PadimModel | fastpadim / anomalib |",
-        "|---|---|---|---|",
+        f"({runs[ours[0]][0]['n_train'] if runs[ours[0]] else '?'} train images, repeats: {counts}; median [min-max])\n",
+        "| measure | " + " | ".join(ours) + " | anomalib PadimModel | "
+        + " | ".join(f"{impl} / anomalib" for impl in ours) + " |",
+        "|---|" + "---|" * (2 * len(ours) + 1),
     ]
     for label, key, fmt, fn in rows:
-        values = {impl: [fn(r) if fn else r[key] for r in runs[impl]] for impl in IMPLS}
+        values = {impl: [fn(r) if fn else r[key] for r in runs[impl]] for impl in (*ours, "anomalib")}
         if key == "decode_s":  # fastpadim decodes inside fit and inference, overlapped with the network
-            lines.append(f"| {label} | (inside fit) | {spread(values['anomalib'], fmt)} | n/a |")
-            continue
-        lines.append(f"| {label} | {spread(values['fastpadim'], fmt)} | {spread(values['anomalib'], fmt)} | "
-                     f"{ratio(values['fastpadim'], values['anomalib'])} |")
+            cells = ["(inside fit)"] * len(ours) + [spread(values["anomalib"], fmt)] + ["n/a"] * len(ours)
+        elif label.startswith("export + load"):
+            cells = [spread(values[impl], fmt) for impl in ours] + ["n/a"] * (1 + len(ours))
+        else:
+            cells = [spread(values[impl], fmt) for impl in ours] + [spread(values["anomalib"], fmt)] \
+                + [ratio(values[impl], values["anomalib"]) for impl in ours]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for label, key in (("image AUROC", "image_auroc"), ("pixel AUROC", "pixel_auroc"), ("PRO (FPR <= 0.3)", "pro")):
-        a, b = quality.get("fastpadim", {}).get(key), quality.get("anomalib", {}).get(key)
-        fa = "n/a" if a is None else f"{a:.4f}"
-        fb = "n/a" if b is None else f"{b:.4f}"
-        diff = "n/a" if a is None or b is None else f"diff {100 * (a - b):+.2f} pt" + (
-            "" if abs(a - b) <= AGREEMENT else " (DISAGREE > 0.5 pt)")
-        lines.append(f"| {label} | {fa} | {fb} | {diff} |")
+        b = quality.get("anomalib", {}).get(key)
+        ours_values = [quality.get(impl, {}).get(key) for impl in ours]
+        cells = ["n/a" if a is None else f"{a:.4f}" for a in ours_values] + ["n/a" if b is None else f"{b:.4f}"]
+        for a in ours_values:
+            cells.append("n/a" if a is None or b is None else f"diff {100 * (a - b):+.2f} pt" + (
+                "" if abs(a - b) <= AGREEMENT else " (DISAGREE > 0.5 pt)"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def engine_table(runs: dict[str, list[dict]]) -> str:
     """fastpadim's fit and scoring against anomalib's Engine.fit / Engine.test (its user path)."""
-    fp, en = runs["fastpadim"], runs["engine"]
+    fp, en = runs[fastpadim_impls(runs)[0]], runs["engine"]
     rows = [
         ("fit (s, wall)", [r["fit_s"] for r in fp], [r["fit_s"] for r in en], ".1f"),
         ("fit (s, CPU of the process)", [r["fit_cpu_s"] for r in fp], [r["fit_cpu_s"] for r in en], ".1f"),
@@ -177,6 +188,8 @@ def main() -> None:
     parser.add_argument("--anomalib-python", type=Path, default=ROOT / ".venv-anomalib" / "bin" / "python")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-compare")
     parser.add_argument("--engine", action="store_true", help="also run anomalib's Engine.fit + Engine.test")
+    parser.add_argument("--fastpadim-engines", default="torch",
+                        help="comma-separated engines that run fastpadim's network, e.g. torch,openvino")
     args = parser.parse_args()
     if not (args.data / "train" / "good").is_dir():
         sys.exit(f"{args.data}: not an MVTec-AD-like folder (no train/good)")
@@ -186,20 +199,23 @@ def main() -> None:
     summary = {}
     for size in (int(s) for s in args.sizes.split(",")):
         print(f"input {size}x{size}:", flush=True)
-        impls = (*IMPLS, "engine") if args.engine else IMPLS
+        engines = {impl_name(engine): engine for engine in args.fastpadim_engines.split(",")}
+        impls = (*engines, "anomalib", *(["engine"] if args.engine else []))
         runs: dict[str, list[dict]] = {impl: [] for impl in impls}
         for repeat in range(args.repeats):
             order = impls if repeat % 2 == 0 else impls[::-1]  # alternate so drift in machine load hits both
             for impl in order:
                 out = args.out / str(size) / impl / f"run{repeat}"
-                worker, mode = ("anomalib", "engine") if impl == "engine" else (impl, "compare")
-                result = run_worker(worker, mode, out, args, ["--size", str(size)])
+                worker, mode = ("anomalib", "engine") if impl == "engine" else (
+                    ("fastpadim", "compare") if impl in engines else (impl, "compare"))
+                extra = ["--size", str(size)] + (["--engine", engines[impl]] if impl in engines else [])
+                result = run_worker(worker, mode, out, args, extra)
                 if result:
                     result["out"] = str(out)
                     runs[impl].append(result)
         labels, masks = ground_truth(args.data, size)
         quality = {}
-        for impl in IMPLS:
+        for impl in (*engines, "anomalib"):
             if runs[impl]:
                 preds = np.load(Path(runs[impl][0]["out"]) / "preds.npz")
                 quality[impl] = metrics(labels, masks, preds["scores"], preds["maps"])

@@ -17,7 +17,9 @@ from common import (  # noqa: E402
     train_files, worker_main, compare_result,
 )
 
+import fastpadim  # noqa: E402
 from fastpadim import Padim  # noqa: E402
+from fastpadim.onnx_runtime import ENGINE_CHOICES  # noqa: E402
 
 # fastpadim imports timm lazily, when fit builds the network; import it here, before any timer, as anomalib's worker
 # has imported anomalib, timm and torchvision before its timers (timm's import alone takes ~3.7 s on this machine:
@@ -25,14 +27,26 @@ from fastpadim import Padim  # noqa: E402
 import timm  # noqa: E402, F401
 
 
-def new_model(size: int) -> Padim:
+def new_model(size: int, engine: str = "torch") -> Padim:
     # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold (folds=0: no
-    # out-of-fold pass): the same work anomalib's PadimModel does.
-    return Padim(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE)
+    # out-of-fold pass): the same work anomalib's PadimModel does. ``engine`` runs the network (float32).
+    return Padim(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE,
+                 engine=engine)
+
+
+def scorer(model: Padim, model_path: Path, engine: str):
+    """What scores the test set: the fitted model itself (torch), or the saved .padim loaded with ``engine``, which
+    exports its whole scoring graph once (cached beside the file) and runs it there, as `fastpadim predict
+    --engine` does."""
+    if engine == "torch":
+        return model
+    loaded = fastpadim.load(model_path, device="cpu", engine=engine)
+    loaded.batch_size = BATCH_SIZE
+    return loaded
 
 
 def compare(args) -> dict:
-    model = new_model(args.size)
+    model = new_model(args.size, args.engine)
     train, tests = train_files(args.data), test_files(args.data)
     rss_ready = current_rss_mb()
     with Timer() as t_fit:
@@ -40,22 +54,27 @@ def compare(args) -> dict:
     peak_fit = peak_rss_mb()
     model_path = args.out / "model.padim"
     model.save(model_path)
+    with Timer() as t_load:
+        scoring = scorer(model, model_path, args.engine)
+    if scoring is not model:
+        del model  # scoring runs on the export alone, as in a deployment
 
-    model.score_images(tests[:1])  # warm-up
+    scoring.score_images(tests[:1])  # warm-up
     with Timer() as t_infer:
-        scores, maps = model.score_images(tests)
+        scores, maps = scoring.score_images(tests)
     latencies = []
     for path in tests[:LATENCY_IMAGES]:
         with Timer() as t_one:
-            model.score_images([path])
+            scoring.score_images([path])
         latencies.append(t_one.seconds)
     np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
-    return compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
-                          peak_fit, model_path, torch.get_num_threads())  # decoding is inside fit_s and infer_s
+    result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
+                            peak_fit, model_path, torch.get_num_threads())  # decoding is inside fit_s and infer_s
+    return {**result, "engine": args.engine, "export_load_s": t_load.seconds}
 
 
 def scaling(args) -> dict:
-    model = new_model(args.size)
+    model = new_model(args.size, args.engine)
     rss_ready = current_rss_mb()
     with Timer() as t_fit:
         model.fit(synthetic_train(args.data, args.n))  # a generator: images are made as the fit asks for them
@@ -67,4 +86,5 @@ def scaling(args) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main(__doc__, compare, scaling)
+    worker_main(__doc__, compare, scaling,
+                options=[(("--engine",), {"default": "torch", "choices": ENGINE_CHOICES, "help": "what runs the network"})])

@@ -59,6 +59,7 @@ def test_fit_through_an_engine_learns_the_torch_model(train, test_images, torch_
     model = Padim(**FOLDS, engine=engine).fit(train)
     assert model.engine_ == engine and type(model.embedder_).__name__ == "OnnxEmbedder"
     assert model.get_params()["engine"] == engine
+    assert model.embedder_.session.precision == "f32"  # asked for explicitly: OpenVINO would run bf16 on a bf16 CPU
     assert_same_model(torch_model, model, test_images)
     # the statistics it learned continue under another engine, and the history is the same
     assert model.history_[0]["digest"] == torch_model.history_[0]["digest"]
@@ -167,3 +168,38 @@ def test_cli_fit_update_and_calibrate_take_an_engine(tmp_path, train):
     result = runner.invoke(app, ["calibrate", str(model), "--good", str(good), "--defective", str(good), "--weights", "random",
                                  "--engine", "onnxruntime"])
     assert result.exit_code != 0 and "calibrate it with --engine torch" in result.output, result.output
+
+
+@pytest.mark.skipif("openvino" not in installed_engines(), reason="OpenVINO is not installed")
+def test_openvino_models_freed_in_any_order_leave_the_signal_stack_valid(train):
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack when it compiles a model and puts back the one it
+    found when the model is freed; freed out of order, the stack left installed was freed memory and the next SIGTERM
+    killed the process with SIGSEGV (seen in the test suite). The stack must stay the one Python installed."""
+    import ctypes
+    import gc
+    import os
+    import signal
+
+    from fastpadim.onnx_runtime import _SIGALTSTACK, _StackT
+
+    def stack() -> int:
+        current = _StackT()
+        _SIGALTSTACK(None, ctypes.byref(current))
+        return current.sp or 0
+
+    before = stack()
+    first = Padim(**SMALL, engine="openvino").fit(train[:4])
+    second = Padim(**SMALL, engine="openvino").fit(train[4:8])
+    assert stack() == before
+    del first  # freed first: the plugin would put back the stack it found, Python's
+    gc.collect()
+    del second  # then it would put back first's, already freed
+    gc.collect()
+    assert stack() == before
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: received.append(1))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered on the alternate stack: on freed memory, a SIGSEGV
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [1]

@@ -8,9 +8,12 @@ preprocessing come from the file's metadata (``metadata_props["fastpadim"]``), w
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +320,44 @@ def write_threshold(path: str | os.PathLike, threshold: float | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------- engines
+class _StackT(ctypes.Structure):
+    """POSIX ``stack_t`` (sigaltstack): its fields' order differs between Linux and macOS."""
+    _fields_ = ([("sp", ctypes.c_void_p), ("size", ctypes.c_size_t), ("flags", ctypes.c_int)] if sys.platform == "darwin"
+                else [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)])
+
+
+def _sigaltstack():
+    """libc's sigaltstack, or None where there is none (Windows)."""
+    if os.name != "posix":
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).sigaltstack
+    except (OSError, AttributeError):
+        return None
+
+
+_SIGALTSTACK = _sigaltstack()
+
+
+@contextlib.contextmanager
+def signal_stack_kept():
+    """The calling thread's alternate signal stack as it was before an OpenVINO call. OpenVINO's CPU plugin installs
+    a signal stack of its own when it compiles a model and, when the model is freed, puts back the one it found,
+    which may belong to another model freed before it: the next signal (SIGTERM, Ctrl+C) is then delivered on freed
+    memory and the process dies of SIGSEGV, with no traceback. Python's own stack, put back after each call, stays
+    valid."""
+    if _SIGALTSTACK is None:
+        yield
+        return
+    before = _StackT()
+    _SIGALTSTACK(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        if not before.flags & 1:  # SS_ONSTACK: never switch stacks while running on the alternate one
+            _SIGALTSTACK(ctypes.byref(before), None)
+
+
 class OnnxRuntimeSession:
     """An ONNX graph run by onnxruntime, in float32 (``precision`` is always "f32"; OnnxPadim refuses any other);
     ``run`` gives the ``outputs`` named, in that order."""
@@ -391,7 +432,9 @@ class OpenVinoSession:
                     f"(OpenVINO: {', '.join(capabilities)}); use the default f32"
                 )
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", openvino_compile_config(precision, threads))
+            with signal_stack_kept():
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU",
+                                                   openvino_compile_config(precision, threads))
         except Exception as exc:  # noqa: BLE001
             raise FastpadimError(f"{path}: OpenVINO cannot load it ({openvino_reason(exc)})") from None
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
@@ -403,8 +446,16 @@ class OpenVinoSession:
         self.device = "cpu"
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
-        results = self.request.infer({INPUT_NAME: batch})
+        with signal_stack_kept():
+            results = self.request.infer({INPUT_NAME: batch})
         return tuple(np.array(results[port]) for port in self.ports)
+
+    def __del__(self):
+        # freeing the compiled model puts back a signal stack (see signal_stack_kept): keep this thread's own
+        with signal_stack_kept():
+            self.__dict__.pop("ports", None)
+            self.__dict__.pop("request", None)
+            self.__dict__.pop("compiled", None)
 
 
 # ------------------------------------------------------------------------------------------ model
