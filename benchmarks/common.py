@@ -98,13 +98,13 @@ def bench_parser(description: str):
     return parser
 
 
-def worker_main(description: str, compare, scaling, engine=None, options=()) -> None:
+def worker_main(description: str, compare, scaling, engine=None, options=(), modes=None) -> None:
     """The command line both workers share: `worker_X.py compare|scaling|engine --out DIR [...]` → DIR/result.json;
-    ``options``: a worker's own (flags, keyword arguments) for ``add_argument``."""
+    ``options``: a worker's own (flags, keyword arguments) for ``add_argument``; ``modes``: its own modes."""
     parser = bench_parser(description)
     for flags, kwargs in options:
         parser.add_argument(*flags, **kwargs)
-    modes = {"compare": compare, "scaling": scaling, "engine": engine}
+    modes = {"compare": compare, "scaling": scaling, "engine": engine, **(modes or {})}
     parser.add_argument("mode", choices=[name for name, fn in modes.items() if fn])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--out", type=Path, required=True)

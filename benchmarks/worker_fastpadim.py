@@ -5,11 +5,13 @@ Writes result.json (timings, peak RSS, file size) and, in compare mode, preds.np
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -18,31 +20,42 @@ from common import (  # noqa: E402
 )
 
 import fastpadim  # noqa: E402
-from fastpadim import Padim  # noqa: E402
 from fastpadim.onnx_runtime import ENGINE_CHOICES  # noqa: E402
 
-# fastpadim imports timm lazily, when fit builds the network; import it here, before any timer, as anomalib's worker
-# has imported anomalib, timm and torchvision before its timers (timm's import alone takes ~3.7 s on this machine:
-# it pulls in torchvision, which pulls in torch._dynamo). Building the model stays inside fastpadim's fit time.
-import timm  # noqa: E402, F401
 
 
-def new_model(size: int, engine: str = "torch") -> Padim:
+def new_model(size: int, engine: str = "torch"):
     # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold (folds=0: no
     # out-of-fold pass): the same work anomalib's PadimModel does. ``engine`` runs the network (float32).
+    from fastpadim import Padim
+
     return Padim(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE,
                  engine=engine)
 
 
-def scorer(model: Padim, model_path: Path, engine: str):
-    """What scores the test set: the fitted model itself (torch), or the saved .padim loaded with ``engine``, which
-    exports its whole scoring graph once (cached beside the file) and runs it there, as `fastpadim predict
-    --engine` does."""
-    if engine == "torch":
-        return model
-    loaded = fastpadim.load(model_path, device="cpu", engine=engine)
-    loaded.batch_size = BATCH_SIZE
-    return loaded
+def torch_threads() -> int:
+    import torch  # fit's process only: the scoring process of an ONNX engine never imports it
+
+    return torch.get_num_threads()
+
+
+def score(args) -> dict:
+    """Mode ``score``: the saved model (``--model``) loaded with ``--engine`` in this fresh process, as `fastpadim
+    predict --engine E` runs it: an ONNX engine opens the export cached beside the .padim, torch never imported."""
+    scoring = fastpadim.load(args.model, device="cpu", engine=args.engine)
+    scoring.batch_size = BATCH_SIZE
+    tests = test_files(args.data)
+    scoring.score_images(tests[:1])  # warm-up
+    with Timer() as t_infer:
+        scores, maps = scoring.score_images(tests)
+    latencies = []
+    for path in tests[:LATENCY_IMAGES]:
+        with Timer() as t_one:
+            scoring.score_images([path])
+        latencies.append(t_one.seconds)
+    np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
+    return {"infer_s": t_infer.seconds, "infer_cpu_s": t_infer.cpu_seconds, "latencies": latencies,
+            "peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}
 
 
 def compare(args) -> dict:
@@ -54,23 +67,38 @@ def compare(args) -> dict:
     peak_fit = peak_rss_mb()
     model_path = args.out / "model.padim"
     model.save(model_path)
-    with Timer() as t_load:
-        scoring = scorer(model, model_path, args.engine)
-    if scoring is not model:
-        del model  # scoring runs on the export alone, as in a deployment
+    if args.engine != "torch":
+        from fastpadim.engines import onnx_of
 
-    scoring.score_images(tests[:1])  # warm-up
+        with Timer() as t_export:
+            onnx_of(model_path, model)  # once per model file: cached beside it for every later run
+        del model
+        # scored in a fresh process, as deployed: `fastpadim predict MODEL --engine E` opens the cached export
+        child = subprocess.run([sys.executable, __file__, "score", "--engine", args.engine, "--model", str(model_path),
+                                "--data", str(args.data), "--size", str(args.size), "--out", str(args.out)],
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            raise SystemExit(f"scoring process failed: {child.stderr.strip().splitlines()[-1:]}")
+        scored = json.loads((args.out / "result.json").read_text())
+        t_infer = SimpleNamespace(seconds=scored["infer_s"], cpu_seconds=scored["infer_cpu_s"])
+        result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, scored["latencies"],
+                                rss_ready, peak_fit, model_path, torch_threads())
+        return {**result, "engine": args.engine, "export_s": t_export.seconds, "peak_rss_fit_process_mb": result["peak_rss_mb"],
+                "peak_rss_mb": max(result["peak_rss_mb"], scored["peak_rss_mb"]), "peak_rss_scoring_mb": scored["peak_rss_mb"],
+                "scoring_imports_torch": scored["torch_imported"]}
+
+    model.score_images(tests[:1])  # warm-up
     with Timer() as t_infer:
-        scores, maps = scoring.score_images(tests)
+        scores, maps = model.score_images(tests)
     latencies = []
     for path in tests[:LATENCY_IMAGES]:
         with Timer() as t_one:
-            scoring.score_images([path])
+            model.score_images([path])
         latencies.append(t_one.seconds)
     np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
     result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
-                            peak_fit, model_path, torch.get_num_threads())  # decoding is inside fit_s and infer_s
-    return {**result, "engine": args.engine, "export_load_s": t_load.seconds}
+                            peak_fit, model_path, torch_threads())  # decoding is inside fit_s and infer_s
+    return {**result, "engine": "torch", "peak_rss_scoring_mb": result["peak_rss_mb"], "scoring_imports_torch": True}
 
 
 def scaling(args) -> dict:
@@ -86,5 +114,11 @@ def scaling(args) -> dict:
 
 
 if __name__ == "__main__":
-    worker_main(__doc__, compare, scaling,
-                options=[(("--engine",), {"default": "torch", "choices": ENGINE_CHOICES, "help": "what runs the network"})])
+    if sys.argv[1:2] != ["score"]:  # the scoring process of an ONNX engine runs without torch, as deployed
+        # fastpadim imports timm lazily, when fit builds the network; import it here, before any timer, as anomalib's
+        # worker has imported anomalib, timm and torchvision before its timers (timm's import alone takes ~3.7 s
+        # here: it pulls in torchvision, which pulls in torch._dynamo). Building the model stays inside fit time.
+        import timm  # noqa: F401
+    worker_main(__doc__, compare, scaling, modes={"score": score},
+                options=[(("--engine",), {"default": "torch", "choices": ENGINE_CHOICES, "help": "what runs the network"}),
+                         (("--model",), {"type": Path, "help": "the .padim to score (mode score)"})])

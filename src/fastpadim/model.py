@@ -32,7 +32,7 @@ Progress = Callable[[int], None]
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (larger folds are embedded again)
 MAX_FOLDS = 100
-PARTS_AHEAD = 2  # network parts (8 images of 256 px: 23 MB of embeddings each) computed ahead of their use
+PARTS_AHEAD = 1  # network parts (8 images of 256 px: 23 MB of embeddings each) computed ahead of their use
 
 
 def history_entry(images: int, digest: str, kind: str = "sha256") -> dict:
