@@ -195,10 +195,10 @@ def readable_score(result: "ScoredImage") -> dict:
 
 
 def model_summary(model: "Padim | OnnxPadim", model_path: str | None) -> dict:
-    if hasattr(model, "engine"):  # an ONNX export: the metadata stored in it (no torch needed)
+    if not hasattr(model, "to_metadata"):  # an ONNX export: the metadata stored in it (no torch needed)
         meta, engine, device = model.metadata_, model.engine, model.device
-    else:
-        meta, engine, device = model.to_metadata(), "torch", model.device_.type
+    else:  # a Padim: its network runs on engine_ (torch, or an ONNX engine for the embeddings)
+        meta, engine, device = model.to_metadata(), model.engine_, model.device_.type
     bb, th = meta["backbone"], meta["threshold"]
     pre = model.preprocessing_.to_dict()  # sizes as the model file writes them: N for a square, else [h, w]
     return {
