@@ -9,6 +9,8 @@ the full matrices; the runtime unpacks it once when it loads the model (a Gather
 onnxruntime and OpenVINO fold at load time). Every large tensor is written to one external data file beside
 the .onnx, streamed position block by position block, so neither the 2 GB protobuf limit nor the memory of a
 second copy of the factor applies. Threshold and preprocessing sit in the metadata, not in the graph.
+With ``int8_images`` the backbone part is quantised to int8 first (``fastpadim.quantize``, opt-in, lossy),
+calibrated on those good images; the scoring part stays float32 either way.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 from .files import check_writable_file
 from .errors import FastpadimError
 from .onnx_runtime import (
-    DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
+    BACKBONE_PRECISIONS, DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
 )
 
 if TYPE_CHECKING:
@@ -276,13 +278,17 @@ def externalize(graph: onnx.GraphProto, store: ExternalData, fp16: bool) -> None
         graph.node.extend(nodes)
 
 
-def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str) -> dict:
+def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str, calibration_images: int | None = None) -> dict:
+    """``calibration_images``: with an int8 backbone, how many good images calibrated it (None: float32)."""
     size = model.preprocessing_.output_size
     meta = model.to_metadata()
+    f32, int8 = BACKBONE_PRECISIONS
     meta["export"] = {
         "format_version": EXPORT_FORMAT_VERSION,
         "opset": opset,
         "weights_dtype": "float16" if fp16 else "float32",
+        "backbone_precision": f32 if calibration_images is None else int8,
+        **({} if calibration_images is None else {"calibration_images": calibration_images}),
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, *size],
                   "description": "RGB, preprocessed as in 'preprocessing' (resize, crop, (x/255 - mean)/std), NCHW float32"},
         "outputs": {MAP_OUTPUT: ["batch", *size], SCORE_OUTPUT: ["batch"]},
@@ -299,8 +305,41 @@ def check_export_target(path: Path, opset: int) -> None:
     check_writable_file(path)
 
 
-def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Write ``path`` (.onnx graph) and ``path.data`` (its tensors) for a fitted model; all or nothing."""
+def check_int8(fp16: bool) -> None:
+    """An int8 backbone excludes fp16 storage, and needs NNCF: refused before any slow work."""
+    from .quantize import check_installed
+
+    if fp16:
+        raise FastpadimError("--int8 and --fp16 exclude each other (an int8 backbone's weights are 8-bit already); "
+                             "choose one")
+    check_installed()
+
+
+def calibration_batches(model: Padim, images):
+    """Good images (paths, arrays, a folder, a glob, as ``Padim.fit`` takes them) preprocessed as the model
+    preprocesses its inputs: float32 (N, 3, H, W) batches of the readable ones."""
+    from .images import iter_batches, single_or_many, stack_arrays
+    from .sources import expand
+
+    images, _ = expand(images)
+    for batch in iter_batches(single_or_many(images), model.preprocessing_, model.batch_size, model.workers):
+        if any(item.array is not None for item in batch):
+            yield stack_arrays(batch)
+
+
+def int8_backbone(model: Padim, proto: onnx.ModelProto, images) -> tuple[onnx.ModelProto, int]:
+    """The backbone graph quantised to int8 (see ``fastpadim.quantize``) and the count of calibration images."""
+    from .quantize import quantize_backbone
+
+    batches = list(calibration_batches(model, images))
+    return quantize_backbone(proto, batches), sum(len(batch) for batch in batches)
+
+
+def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset: int = DEFAULT_OPSET,
+                int8_images=None) -> ExportResult:
+    """Write ``path`` (.onnx graph) and ``path.data`` (its tensors) for a fitted model; all or nothing.
+    ``int8_images``: good images (as ``Padim.fit`` takes them) to calibrate an int8 backbone on (opt-in, lossy;
+    None: float32)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -309,6 +348,8 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
     model.check_fitted()
     path = Path(path)
     check_export_target(path, opset)
+    if int8_images is not None:
+        check_int8(fp16)
     folder = path.parent if str(path.parent) else Path(".")
     data_name = f"{path.name}.data"
     size = model.preprocessing_.output_size
@@ -317,7 +358,9 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
     except OSError as exc:
         raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        proto = backbone_graph(model, opset)
+        proto, calibrated = backbone_graph(model, opset), None
+        if int8_images is not None:
+            proto, calibrated = int8_backbone(model, proto, int8_images)
         graph = proto.graph
         store = ExternalData(work, data_name)
         try:
@@ -337,7 +380,7 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
         proto.producer_name, proto.producer_version = "fastpadim", __version__
         proto.doc_string = "PaDiM anomaly maps and image scores; see metadata_props['fastpadim']"
         del proto.metadata_props[:]
-        meta = check_metadata(export_metadata(model, opset, fp16, data_name), path)  # what the runtime will accept
+        meta = check_metadata(export_metadata(model, opset, fp16, data_name, calibrated), path)  # what the runtime will accept
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         onnx.save_model(proto, str(work / path.name))

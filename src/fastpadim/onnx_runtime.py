@@ -35,6 +35,9 @@ ENGINE_CHOICES = ("torch", *ENGINES, "auto")  # what --engine takes (fastpadim.e
 OPSETS = range(17, 21)  # what ``fastpadim export`` writes (PyTorch's TorchScript-based exporter goes up to 20)
 DEFAULT_OPSET = 17  # what fastpadim exports (PyTorch's TorchScript-based exporter goes up to 20)
 WEIGHTS_DTYPES = ("float32", "float16")
+# The backbone part of an export: float32, or int8 (``fastpadim export --int8``, fastpadim.quantize); exports
+# older than the field have a float32 backbone.
+BACKBONE_PRECISIONS = ("f32", "int8")
 # Inference precision. f32 everywhere by default: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs with
 # native bf16 (AVX-512 BF16, AMX), which moved bottle scores by 0.7 % to 68 %. Lower precisions are opt-in,
 # OpenVINO only, and only where the CPU has them natively (OpenVINO would silently run f32 otherwise).
@@ -160,6 +163,7 @@ def check_metadata(meta, path: str | os.PathLike = "model") -> dict:
         refuse_field(path, "export.opset", f"must be an integer from {OPSETS.start} to {OPSETS.stop - 1}, got {shown(opset)}")
     if ex.get("weights_dtype") not in WEIGHTS_DTYPES:
         refuse_field(path, "export.weights_dtype", f"must be one of {', '.join(WEIGHTS_DTYPES)}, got {shown(ex.get('weights_dtype'))}")
+    _check_backbone_precision(ex, path)
     # the graph's input is the preprocessing's output (height, width): both bounded by validate's size limits
     size = Preprocessing.from_dict(meta["preprocessing"]).output_size
     height, width = size
@@ -175,6 +179,16 @@ def check_metadata(meta, path: str | os.PathLike = "model") -> dict:
     if not plain_file_name(ex.get("data_file")):
         refuse_field(path, "export.data_file", f"must be a plain file name beside the .onnx file, got {shown(ex.get('data_file'))}")
     return meta
+
+
+def _check_backbone_precision(ex: dict, path) -> None:
+    """``export.backbone_precision`` (absent: f32) and, for int8, its count of calibration images."""
+    precision = ex.get("backbone_precision", BACKBONE_PRECISIONS[0])
+    if precision not in BACKBONE_PRECISIONS:
+        refuse_field(path, "export.backbone_precision", f"must be one of {', '.join(BACKBONE_PRECISIONS)}, got {shown(precision)}")
+    count = ex.get("calibration_images")
+    if precision == "int8" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        refuse_field(path, "export.calibration_images", f"must be a positive integer for an int8 backbone, got {shown(count)}")
 
 
 def _metadata_of(path: Path, proto) -> dict:
@@ -468,7 +482,8 @@ class OnnxPadim(ScoringMixin):
     actually compiled (read back from OpenVINO's compiled model). Attributes as on ``Padim``: ``threshold_``,
     ``threshold_target_``, ``threshold_extrapolated_``, ``calibration_`` (the good scores behind the threshold:
     the same ``false_alarm_probability`` as the .padim), ``history_``, ``preprocessing_``, ``false_alarm_rate``,
-    ``n_samples_seen_``, ``metadata_`` (the stored metadata), ``batch_size``, ``workers``.
+    ``n_samples_seen_``, ``metadata_`` (the stored metadata), ``batch_size``, ``workers``. ``backbone_precision``:
+    "f32", or "int8" for an export with a quantised backbone (``fastpadim export --int8``).
     """
 
     def __init__(self, path: str | os.PathLike, engine: str = "onnxruntime", device: str = "auto",
@@ -495,6 +510,7 @@ class OnnxPadim(ScoringMixin):
         # as Padim.load: the same false-alarm probabilities as the .padim it came from
         self.install_threshold_metadata(meta)
         self.backbone = meta["backbone"]["name"]
+        self.backbone_precision = meta["export"].get("backbone_precision", BACKBONE_PRECISIONS[0])
         self.batch_size = batch_size
         self.workers = workers
         self.skipped_: list[tuple[str, str]] = []
@@ -522,4 +538,4 @@ class OnnxPadim(ScoringMixin):
 
     def __repr__(self) -> str:
         return (f"OnnxPadim({str(self.path)!r}, engine={self.engine!r}, precision={self.precision!r}, "
-                f"backbone={self.backbone!r})")
+                f"backbone={self.backbone!r}, backbone_precision={self.backbone_precision!r})")

@@ -22,18 +22,28 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Store weights and the Gaussian factor in half precision (half the size; computed in float32).")] = False,
     opset: Annotated[int, typer.Option(help=f"ONNX opset ({OPSETS.start}-{OPSETS.stop - 1}).")] = DEFAULT_OPSET,
     image_size: Annotated[Optional[str], typer.Option(help="Expected network input, N (a square) or HxW (height x width); the export fails if the model was fitted at another.")] = None,
+    int8: Annotated[Optional[Path], typer.Option(
+        "--int8", metavar="TRAIN_DIR",
+        help="Opt-in, lossy: quantise the backbone to int8 (NNCF: the 'int8' extra), calibrated on these "
+             "good images (the training images: a folder, a glob or a .txt list); the scoring stays float32. Scores "
+             "move: see docs/performance.md for the measured accuracy.")] = None,
     weights: WeightsOpt = None,
     allow_download: AllowDownloadOpt = False,
 ) -> None:
     """Export a fitted model to ONNX: one graph from a preprocessed batch to anomaly maps and image scores."""
-    from ..export import check_export_target, export_onnx
+    from ..export import check_export_target, check_int8, export_onnx
     from ..model import Padim
+    from ..sources import inputs, resolve
 
     with user_errors():
         output = output or model_path.with_suffix(".onnx")
         if model_path.suffix.lower() == ".onnx":
             raise FastpadimError(f"{model_path} is already an ONNX export; export takes a .padim model file")
         check_export_target(output, opset)  # before the (slower) model load
+        calibration = None
+        if int8 is not None:
+            check_int8(fp16)
+            calibration = inputs(*resolve(int8))  # names now (a bad source fails here), decoded during the export
         expected = parse_size(image_size) if image_size is not None else None
         model = Padim.load(model_path, device="cpu", weights=weights, allow_download=allow_download)
         size = format_size(model.preprocessing_.output_size)
@@ -44,11 +54,17 @@ def export(
                 f"export needs a model fitted at that size (fastpadim fit --image-size {asked} --crop-size 0 ...)"
             )
         with progress_bar("exporting", None):
-            result = export_onnx(model, output, fp16=fp16, opset=opset)
+            result = export_onnx(model, output, fp16=fp16, opset=opset, int8_images=calibration)
         threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
         say(f"wrote {result.onnx_path} ({result.onnx_bytes / 1e6:.1f} MB) and {result.data_path.name} "
             f"({result.data_bytes / 1e6:.1f} MB): input {size} px, opset {opset}, "
-            f"{'float16' if fp16 else 'float32'} weights, threshold {threshold}")
+            f"{weights_text(fp16, int8 is not None)}, threshold {threshold}")
+
+
+def weights_text(fp16: bool, int8: bool) -> str:
+    if int8:
+        return "int8 backbone (float32 scoring)"
+    return f"{'float16' if fp16 else 'float32'} weights"
 
 
 def set_threshold(
