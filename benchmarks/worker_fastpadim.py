@@ -39,12 +39,9 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def score(args) -> dict:
-    """Mode ``score``: the saved model (``--model``) loaded with ``--engine`` in this fresh process, as `fastpadim
-    predict --engine E` runs it: an ONNX engine opens the export cached beside the .padim, torch never imported."""
-    scoring = fastpadim.load(args.model, device="cpu", engine=args.engine)
-    scoring.batch_size = BATCH_SIZE
-    tests = test_files(args.data)
+def time_test_set(scoring, tests: list[Path], out: Path):
+    """Score the test set with ``scoring`` (a warm-up image first), then the single-image latencies; the
+    predictions go to ``out``/preds.npz. Returns (the batched run's Timer, latencies in seconds)."""
     scoring.score_images(tests[:1])  # warm-up
     with Timer() as t_infer:
         scores, maps = scoring.score_images(tests)
@@ -53,7 +50,16 @@ def score(args) -> dict:
         with Timer() as t_one:
             scoring.score_images([path])
         latencies.append(t_one.seconds)
-    np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
+    np.savez(out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
+    return t_infer, latencies
+
+
+def score(args) -> dict:
+    """Mode ``score``: the saved model (``--model``) loaded with ``--engine`` in this fresh process, as `fastpadim
+    predict --engine E` runs it: an ONNX engine opens the export cached beside the .padim, torch never imported."""
+    scoring = fastpadim.load(args.model, device="cpu", engine=args.engine)
+    scoring.batch_size = BATCH_SIZE
+    t_infer, latencies = time_test_set(scoring, test_files(args.data), args.out)
     return {"infer_s": t_infer.seconds, "infer_cpu_s": t_infer.cpu_seconds, "latencies": latencies,
             "peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}
 
@@ -87,15 +93,7 @@ def compare(args) -> dict:
                 "peak_rss_mb": max(result["peak_rss_mb"], scored["peak_rss_mb"]), "peak_rss_scoring_mb": scored["peak_rss_mb"],
                 "scoring_imports_torch": scored["torch_imported"]}
 
-    model.score_images(tests[:1])  # warm-up
-    with Timer() as t_infer:
-        scores, maps = model.score_images(tests)
-    latencies = []
-    for path in tests[:LATENCY_IMAGES]:
-        with Timer() as t_one:
-            model.score_images([path])
-        latencies.append(t_one.seconds)
-    np.savez(args.out / "preds.npz", scores=scores, maps=maps.astype(np.float32))
+    t_infer, latencies = time_test_set(model, tests, args.out)
     result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
                             peak_fit, model_path, torch_threads())  # decoding is inside fit_s and infer_s
     return {**result, "engine": "torch", "peak_rss_scoring_mb": result["peak_rss_mb"], "scoring_imports_torch": True}
