@@ -203,3 +203,35 @@ def test_openvino_models_freed_in_any_order_leave_the_signal_stack_valid(train):
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert received == [1]
+
+
+def test_same_padding_is_fixed_before_tracing_and_the_outputs_are_unchanged():
+    import torch
+    from timm.layers import Conv2dSame
+
+    model = Padim(**{**SMALL, "backbone": "efficientnet_lite0"}).prepare()  # the default backbone, random weights
+    size = model.preprocessing_.output_size
+    extractor = model.extractor_
+    same = [m for m in extractor.modules() if isinstance(m, Conv2dSame)]
+    assert same, "the default backbone pads TensorFlow-style"
+    fixed = embedders.fixed_padding(extractor, size)
+    assert fixed is not extractor
+    assert sum(isinstance(m, embedders.FixedPaddingConv) for m in fixed.modules()) == len(same)
+    assert [m for m in extractor.modules() if isinstance(m, Conv2dSame)] == same  # the model's own is untouched
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert torch.equal(fixed(x), extractor(x))
+    # the traced graph pads by constants: no pad amount is computed from the images' shape at each call
+    graph = embedders.module_graph(extractor, size).graph
+    producer = {output: node for node in graph.node for output in node.output}
+
+    def reads_images(name: str) -> bool:
+        node = producer.get(name)
+        return name == "images" or (node is not None and any(reads_images(i) for i in node.input if i))
+
+    pads = [node.input[1] for node in graph.node if node.op_type == "Pad"]
+    assert len(pads) == len(same) and not any(reads_images(amount) for amount in pads)
+    with torch.no_grad():
+        expected = extractor(x)
+    got = embedders.OnnxEmbedder(extractor, size, "onnxruntime")(x)
+    assert (torch.as_tensor(got) - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -64,8 +64,8 @@ def test_padim_scored_by_an_onnx_engine_gives_the_torch_outputs(model_file, test
     assert expected.threshold is not None and got.threshold == pytest.approx(expected.threshold)
     assert_same_outputs(expected, got)
     # the export lies in the cache beside the model, named by the model file's digest
-    assert cache_entries(model_file) == [engines.file_digest(model_file)]
-    assert model.path.parent.name == engines.file_digest(model_file) and model._export_dir is None
+    assert cache_entries(model_file) == [engines.cache_entry_name(model_file)]
+    assert model.path.parent.name == engines.cache_entry_name(model_file) and model._export_dir is None
 
 
 def test_the_cache_is_reused_and_a_changed_model_gets_a_new_entry_replacing_the_old(model_file, test_images, monkeypatch):
@@ -82,13 +82,15 @@ def test_the_cache_is_reused_and_a_changed_model_gets_a_new_entry_replacing_the_
     first.path.unlink()
     load(model_file, device="cpu", engine="onnxruntime")
     assert len(calls) == 1 and first.path.is_file()
-    # the model re-saved after partial_fit: another file, another entry, its own scores
+    # the model re-saved after partial_fit: another file, another entry, its own scores; an entry of the
+    # earlier export format (named by the digest alone) is removed with the stale one
+    (first.path.parent.parent / engines.file_digest(model_file)).mkdir()
     torch_model = load(model_file, device="cpu")
     torch_model.partial_fit(surfaces(2, seed=21), threshold_images=surfaces(4, seed=22))
     torch_model.save(model_file)
     changed = load(model_file, device="cpu", engine="onnxruntime")
     assert len(calls) == 2 and changed.path != first.path
-    assert cache_entries(model_file) == [engines.file_digest(model_file)]  # the stale entry is removed
+    assert cache_entries(model_file) == [engines.cache_entry_name(model_file)]  # the stale entry is removed
     assert_same_outputs(torch_model.predict(test_images), changed.predict(test_images))
     assert not any(name.startswith(".") for name in cache_entries(model_file))  # no temporary folder left
 
@@ -145,7 +147,7 @@ def test_cli_predict_with_the_onnxruntime_engine(model_file, test_images, tmp_pa
     assert sorted(got) == sorted(expected) and len(got) == 4
     for name, (score, verdict) in expected.items():
         assert got[name][0] == pytest.approx(score, rel=1e-4) and got[name][1] == verdict
-    assert cache_entries(model_file) == [engines.file_digest(model_file)]
+    assert cache_entries(model_file) == [engines.cache_entry_name(model_file)]
 
 
 def test_an_unwritable_cache_falls_back_to_a_temporary_folder(model_file, test_images, monkeypatch):

@@ -78,10 +78,22 @@ def test_export_is_one_graph_and_one_data_file_with_the_model_metadata(small_mod
     assert meta["preprocessing"] == small_model.preprocessing_.to_dict()
     assert meta["export"]["input"]["shape"] == ["batch", 3, 64, 64]
     assert meta["export"]["weights_dtype"] == "float32"
-    # the packed factor: (P, 1 + D(D+1)/2) float32, a bit over half the full (P, D, D)
+    import onnx
+
+    # the factor: triangular column blocks of Wᵀ, 5/8 of the full (P, D, D) with 4 blocks, and nothing above
+    # the diagonal is stored (each block's columns a:b take the first b rows)
     positions, dim = small_model.mean_.shape
+    graph = onnx.load(str(small_onnx), load_external_data=False).graph
+    blocks = {t.name: tuple(t.dims) for t in graph.initializer if t.name.startswith("padim/factor")}
+    assert list(blocks) == [f"padim/factor{j}" for j in range(4)]
+    columns = [(shape[1], shape[2]) for shape in blocks.values()]
+    assert all(shape[0] == positions for shape in blocks.values())
+    assert sum(width for _, width in columns) == dim and columns[-1][0] == dim
+    assert [rows for rows, _ in columns] == list(np.cumsum([width for _, width in columns]))
+    factor_bytes = sum(rows * width for rows, width in columns) * positions * 4
+    assert factor_bytes == pytest.approx(0.625 * positions * dim * dim * 4)
     data = small_onnx.with_name("small.onnx.data").stat().st_size
-    assert data < 0.6 * positions * dim * dim * 4 + 3_000_000
+    assert factor_bytes < data < factor_bytes + 5_000_000
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
@@ -404,7 +416,7 @@ def test_nan_or_inf_in_the_factor_is_refused_at_load(small_model, small_onnx, tm
 
     path = export_onnx(small_model, tmp_path / "m.onnx", fp16=fp16).onnx_path if fp16 else copy_export(small_onnx, tmp_path)
     data = path.with_name("m.onnx.data") if fp16 else tmp_path / "small.onnx.data"
-    offset, length = external_entry(path, "padim/factor_packed")
+    offset, length = external_entry(path, "padim/factor0")
     dtype = np.float16 if fp16 else np.float32
     monkeypatch.setattr(runtime, "SCAN_BLOCK_BYTES", 1002)  # many blocks and a short last one, on a small file
     images = tmp_path / "images"
@@ -416,11 +428,11 @@ def test_nan_or_inf_in_the_factor_is_refused_at_load(small_model, small_onnx, tm
         with open(data, "r+b") as handle:
             handle.seek(offset + position - position % np.dtype(dtype).itemsize)
             handle.write(np.array([value], dtype).tobytes())
-        with pytest.raises(FastpadimError, match="tensor 'padim/factor_packed' .*NaN or infinite") as caught:
+        with pytest.raises(FastpadimError, match="tensor 'padim/factor0' .*NaN or infinite") as caught:
             load(path)
         assert "\n" not in str(caught.value)
         line = one_line_error(runner.invoke(app, ["predict", str(path), str(images), "-o", str(tmp_path / "out")]))
-        assert "padim/factor_packed" in line
+        assert "padim/factor0" in line
         data.write_bytes(original)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import FastpadimError
 from .onnx_runtime import DEFAULT_OPSET, ENGINE_CHOICES as ENGINES, ENGINES as ONNX_ENGINES, INPUT_NAME, installed_engines  # noqa: F401 - ENGINES: what Padim checks its engine against
@@ -24,14 +25,60 @@ PROBE_SEED = 20240611
 EMBEDDINGS = "embeddings"
 
 
+class FixedPaddingConv(torch.nn.Module):
+    """A TensorFlow-"same" convolution (timm's ``Conv2dSame``) with its padding fixed for one input size."""
+
+    def __init__(self, conv: torch.nn.Conv2d, pads: tuple[int, int, int, int]):
+        super().__init__()
+        self.conv, self.pads = conv, pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return F.conv2d(F.pad(x, self.pads), conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def fixed_padding(module: torch.nn.Module, size: tuple[int, int]) -> torch.nn.Module:
+    """``module`` with its "same" convolutions' padding computed once for inputs (N, 3, *size) (a copy; the module
+    itself when it has none). timm computes that padding from the input's shape at every call, which the ONNX
+    tracer records as shape arithmetic: the engines then pad as a separate step. Fixed, the padding is a constant
+    that onnxruntime and OpenVINO fold into the convolution (the default backbone: 8 images 14-18 % faster)."""
+    import copy
+
+    from timm.layers import Conv2dSame
+    from timm.layers.padding import get_same_padding
+
+    names = [name for name, sub in module.named_modules() if isinstance(sub, Conv2dSame)]
+    if not names:
+        return module
+    module = copy.deepcopy(module)
+    inputs = {}
+    hooks = [module.get_submodule(name).register_forward_pre_hook(
+        lambda _, args, name=name: inputs.__setitem__(name, tuple(args[0].shape[-2:]))) for name in names]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, *size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = module.get_submodule(parent)
+        conv = getattr(owner, child)
+        pad_h, pad_w = (get_same_padding(inputs[name][axis], conv.kernel_size[axis], conv.stride[axis],
+                                         conv.dilation[axis]) for axis in (0, 1))
+        setattr(owner, child, FixedPaddingConv(conv, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)))
+    return module
+
+
 def module_graph(module: torch.nn.Module, size: tuple[int, int], opset: int = DEFAULT_OPSET):
     """A CPU module from images (N, 3, *size) to embeddings as an ONNX ModelProto, the batch free (traced once,
-    weights folded in)."""
+    weights folded in, "same" padding fixed for ``size``)."""
     import io
     import warnings
 
     import onnx
 
+    module = fixed_padding(module, size)
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's tracer and deprecation notes say nothing to users

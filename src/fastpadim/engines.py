@@ -2,8 +2,8 @@
 by onnxruntime or OpenVINO; and ``engine="auto"``, which times every installed engine that gives the PyTorch
 engine's outputs (within 1e-4) on a few probe images and keeps the fastest.
 
-The cache is ``MODEL.padim.onnx-cache/<first 16 hex of the SHA-256 of the .padim file>/``: a changed model file
-gets a new entry, never a stale graph. It is written atomically (exported into a temporary folder inside the
+The cache is ``MODEL.padim.onnx-cache/<first 16 hex of the SHA-256 of the .padim file>-v<export format>/``: a
+changed model file, or a fastpadim that exports another graph, gets a new entry, never a stale graph. It is written atomically (exported into a temporary folder inside the
 cache, then both files moved into place); an entry is used only when both of its files are there. Where the
 model's folder cannot be written, the export goes to a temporary folder that lives as long as the returned model.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import FastpadimError
-from .onnx_runtime import ENGINE_CHOICES as ENGINE_NAMES, ENGINES as ONNX_ENGINES, installed_engines
+from .onnx_runtime import ENGINE_CHOICES as ENGINE_NAMES, ENGINES as ONNX_ENGINES, EXPORT_FORMAT_VERSION, installed_engines
 
 if TYPE_CHECKING:
     from .model import Padim
@@ -34,7 +34,7 @@ HASH_CHUNK = 1024 * 1024
 AUTO_TOLERANCE = 1e-4  # relative, of each image score and of each map (to that map's max)
 PROBE_IMAGES = 4
 PROBE_SEED = 20240611
-DIGEST = re.compile(r"[0-9a-f]{16}")
+ENTRY_NAME = re.compile(r"[0-9a-f]{16}(-v[0-9]+)?")  # what cache entries are called (no version: before format 2)
 
 
 def file_digest(path: Path) -> str:
@@ -46,9 +46,14 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_entry_name(model_path: Path) -> str:
+    """The name of the cache entry of the .padim file ``model_path``: its bytes' digest and the export format."""
+    return f"{file_digest(model_path)}-v{EXPORT_FORMAT_VERSION}"
+
+
 def _cache_entry(model_path: Path) -> Path:
-    """Where the export of the .padim file ``model_path`` is cached: named by its bytes' digest."""
-    return model_path.with_name(model_path.name + CACHE_SUFFIX) / file_digest(model_path)
+    """Where the export of the .padim file ``model_path`` is cached."""
+    return model_path.with_name(model_path.name + CACHE_SUFFIX) / cache_entry_name(model_path)
 
 
 def _complete(folder: Path) -> Path | None:
@@ -72,10 +77,10 @@ def _export_into_cache(model: Padim, entry: Path) -> Path:
         os.replace(work / EXPORT_NAME, entry / EXPORT_NAME)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # exports of earlier versions of the model file can never be used again (their digest is gone): a model
+    # exports of earlier versions of the model file (or of the export format) can never be used again: a model
     # updated every day would otherwise leave one export per version behind
     for other in cache.iterdir():
-        if other != entry and DIGEST.fullmatch(other.name):
+        if other != entry and ENTRY_NAME.fullmatch(other.name):
             shutil.rmtree(other, ignore_errors=True)
     return entry / EXPORT_NAME
 

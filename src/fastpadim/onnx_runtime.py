@@ -26,7 +26,9 @@ from .results import ScoringMixin
 from .sizes import format_size, inputs_per_call
 
 METADATA_KEY = "fastpadim"
-EXPORT_FORMAT_VERSION = 1
+# 2: the factor as triangular column blocks and the map as two matrix products (1: packed factor, Resize and Conv;
+# still read: the runtime runs whatever graph the file holds)
+EXPORT_FORMAT_VERSION = 2
 INPUT_NAME = "images"
 MAP_OUTPUT = "anomaly_map"
 SCORE_OUTPUT = "score"
