@@ -331,7 +331,6 @@ def test_interrupted_save_leaves_no_temporary(fitted, tmp_path):
     import subprocess
     import sys
     import textwrap
-    import time
 
     script = textwrap.dedent(f"""
         import os, signal, time, torch
