@@ -162,7 +162,7 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
 
     inits = [
         # the mean stays float32 in fp16 exports too: it is small, and its rounding would be amplified by W
-        store.add("padim/mean", np.float32, (positions, dim), [model.mean_.float().cpu().numpy()]),
+        store.add("padim/mean", np.float32, (positions, 1, dim), [model.mean_.float().cpu().numpy()]),
         const("padim/grid_shape", np.array([-1, tiles, h, w], np.int64)),
         const("padim/reduce_axis", np.array([2], np.int64)),
         const("padim/squeeze_axis", np.array([1], np.int64)),
@@ -175,8 +175,9 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
     ]
     node = helper.make_node
     nodes = [
-        node("Sub", ["embeddings", "padim/mean"], ["padim/centred"]),
-        node("Transpose", ["padim/centred"], ["padim/centred_pnd"], perm=[1, 0, 2]),
+        # (N, P, D) → (P, N, D) first: the runtime merges this Transpose with the extractor's own
+        node("Transpose", ["embeddings"], ["padim/embeddings_pnd"], perm=[1, 0, 2]),
+        node("Sub", ["padim/embeddings_pnd", "padim/mean"], ["padim/centred_pnd"]),
     ]
     # ‖W (x − μ)‖² per position, block by block: whitened columns [a, b) = (x − μ)[:b] @ Wᵀ[:b, a:b]
     partial = []
