@@ -149,8 +149,8 @@ def sizes(args) -> None:
             continue
         start = time.perf_counter()
         model = Padim(backbone=backbone, weights="random", holdout=0, device="cpu", crop_size=224).fit(images)
-        model.stats_ = None  # the training statistics (not saved) would double the memory of a WR50 model
-        model.save(out / f"{backbone}.padim")
+        model.save(out / f"{backbone}.padim")  # the file holds the statistics, from which load computes the factor
+        model.stats_ = None  # not needed to export; they would double the memory of a WR50 model
         cells = []
         for fp16 in (False, True):
             result = export_onnx(model, out / f"{backbone}-{'fp16' if fp16 else 'fp32'}.onnx", fp16=fp16)
