@@ -81,6 +81,18 @@ def test_metadata_records_int8_and_old_metadata_loads(exports):
             check_metadata({**meta, "export": {**meta["export"], **bad}})
 
 
+def test_info_names_the_int8_backbone(exports):
+    from typer.testing import CliRunner
+
+    from fastpadim.cli import app
+
+    f32, int8 = (CliRunner().invoke(app, ["info", str(path)]) for path in exports)
+    assert f32.exit_code == 0 and int8.exit_code == 0
+    assert "float32 weights" in f32.output and "int8 backbone" not in f32.output
+    assert "int8 backbone (16 calibration images), float32 scoring" in int8.output
+    assert "float32 weights" not in int8.output
+
+
 def test_refusals_are_one_line_and_write_nothing(model, good, tmp_path):
     target = tmp_path / "m.onnx"
     for kwargs, message in (({"int8_images": good[: MIN_CALIBRATION_IMAGES - 1]}, "at least"),

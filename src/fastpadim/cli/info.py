@@ -48,8 +48,12 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             ex = meta["export"]
             data = model_path.parent / ex["data_file"]
             data_size = f"{data.stat().st_size / 1e6:.1f} MB" if data.is_file() else "missing"
-            lines.append(f"onnx export     opset {ex['opset']}, {ex['weights_dtype']} weights, input {ex['input']['shape']}; "
-                         f"data {ex['data_file']} ({data_size})")
+            # an int8 backbone is quantised whatever the stored dtype of the other weights: say so first
+            int8 = ex.get("backbone_precision") == "int8"
+            weights = (f"int8 backbone ({ex.get('calibration_images')} calibration images), {ex['weights_dtype']} scoring"
+                       if int8 else f"{ex['weights_dtype']} weights")
+            lines.append(f"onnx export     opset {ex['opset']}, {weights}, input "
+                         f"{ex['input']['shape']}; data {ex['data_file']} ({data_size})")
         out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
