@@ -679,3 +679,22 @@ def test_bottle_fp16_moves_metrics_by_at_most_a_tenth_of_a_point(bottle_model, b
     except ImportError:
         pytest.skip("PRO not checked: fastpadim.evaluation.metrics (issue 3) is not in this tree")
     assert abs(pro_auc(masks, half.maps) - pro_auc(masks, reference.maps)) <= 0.001
+
+
+@pytest.mark.parametrize("features, sigma", [(7, 4.0), (10, 0.0), (3, 2.0)])
+def test_factor_blocks_and_map_operator_match_torch_for_any_width_and_blur(tmp_path, test_images, features, sigma):
+    """D not a multiple of the block count (7: blocks of 2, 2, 2, 1; 3: three blocks of 1), no blur and another σ:
+    the triangular blocks and the map's matrix products give the PyTorch path's outputs."""
+    import onnx
+
+    from fastpadim.export import FACTOR_BLOCKS, factor_column_blocks
+
+    model = Padim(**SMALL, holdout=0.0, n_features=features, blur_sigma=sigma).fit(surfaces(6, seed=features))
+    path = export_onnx(model, tmp_path / "m.onnx").onnx_path
+    columns = factor_column_blocks(features)
+    assert columns[0][0] == 0 and columns[-1][1] == features and len(columns) <= FACTOR_BLOCKS
+    assert all(stop == next_first for (_, stop), (next_first, _) in zip(columns, columns[1:]))
+    graph = onnx.load(str(path), load_external_data=False).graph
+    shapes = [tuple(t.dims) for t in graph.initializer if t.name.startswith("padim/factor")]
+    assert shapes == [(model.mean_.shape[0], stop, stop - first) for first, stop in columns]
+    assert_same_outputs(model.predict(test_images), load(path).predict(test_images), rtol=1e-4)
