@@ -3,9 +3,10 @@ by onnxruntime or OpenVINO; and ``engine="auto"``, which times every installed e
 engine's outputs (within 1e-4) on a few probe images and keeps the fastest.
 
 The cache is ``MODEL.padim.onnx-cache/<first 16 hex of the SHA-256 of the .padim file>-v<export format>/``: a
-changed model file, or a fastpadim that exports another graph, gets a new entry, never a stale graph. It is written atomically (exported into a temporary folder inside the
-cache, then both files moved into place); an entry is used only when both of its files are there. Where the
-model's folder cannot be written, the export goes to a temporary folder that lives as long as the returned model.
+changed model file, or a fastpadim that exports another graph, gets a new entry, never a stale graph. It is
+written atomically (exported into a temporary folder inside the cache, then both files moved into place); an
+entry is used only when both of its files are there. Where the model's folder cannot be written, the export goes
+to a temporary folder that lives as long as the returned model.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ the max. The factor W is lower triangular, so it is stored as FACTOR_BLOCKS colu
 the zero blocks above the diagonal (5/8 of the full matrices' bytes with 4 blocks): each block's product reads
 only its own part of the embedding, and the runtime holds no zeros. Every large tensor is written to one
 external data file beside the .onnx, streamed position block by position block, so neither the 2 GB protobuf
-limit nor the memory of a second copy of the factor applies. Threshold and preprocessing sit in the metadata, not in the graph.
+limit nor the memory of a second copy of the factor applies. Threshold and preprocessing sit in the metadata, not
+in the graph.
 With ``int8_images`` the backbone part is quantised to int8 first (``fastpadim.quantize``, opt-in, lossy),
 calibrated on those good images; the scoring part stays float32 either way.
 """
@@ -175,7 +176,7 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
     ]
     node = helper.make_node
     nodes = [
-        # (N, P, D) → (P, N, D) first: the runtime merges this Transpose with the extractor's own
+        # (N, P, D) → (P, N, D), the batched products' layout; the mean, stored (P, 1, D), broadcasts there
         node("Transpose", ["embeddings"], ["padim/embeddings_pnd"], perm=[1, 0, 2]),
         node("Sub", ["padim/embeddings_pnd", "padim/mean"], ["padim/centred_pnd"]),
     ]
@@ -213,11 +214,8 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
         # bicubic upsampling as PyTorch's and the reflection-padded blur: (N, 1, H, W)
         node("MatMul", ["padim/rows_operator", grid], ["padim/upsampled_rows"]),
         node("MatMul", ["padim/upsampled_rows", "padim/columns_operator_t"], ["padim/blurred"]),
-    ]
-    current = "padim/blurred"
-    # clamp at 0 (bicubic may undershoot), then the map and its max
-    nodes += [
-        node("Relu", [current], ["padim/clamped"]),
+        # clamp at 0 (bicubic may undershoot), then the map and its max
+        node("Relu", ["padim/blurred"], ["padim/clamped"]),
         node("Squeeze", ["padim/clamped", "padim/squeeze_axis"], [MAP_OUTPUT]),
     ]
     if opset >= 18:
