@@ -3,7 +3,6 @@ feature model that stops after the deepest layer PaDiM uses."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -16,6 +15,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .errors import FastpadimError
+from .files import file_digest
 from .sizes import as_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,14 +168,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FastpadimError(f"{path} does not hold a state dict of tensors")
     return state
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:

@@ -11,7 +11,6 @@ to a temporary folder that lives as long as the returned model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import FastpadimError
+from .files import file_digest
 from .onnx_runtime import ENGINE_CHOICES as ENGINE_NAMES, ENGINES as ONNX_ENGINES, EXPORT_FORMAT_VERSION, installed_engines
 
 if TYPE_CHECKING:
@@ -31,20 +31,10 @@ if TYPE_CHECKING:
 
 CACHE_SUFFIX = ".onnx-cache"
 EXPORT_NAME = "model.onnx"
-HASH_CHUNK = 1024 * 1024
 AUTO_TOLERANCE = 1e-4  # relative, of each image score and of each map (to that map's max)
 PROBE_IMAGES = 4
 PROBE_SEED = 20240611
 ENTRY_NAME = re.compile(r"[0-9a-f]{16}(-v[0-9]+)?")  # what cache entries are called (no version: before format 2)
-
-
-def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of the file's bytes, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def cache_entry_name(model_path: Path) -> str:

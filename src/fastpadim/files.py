@@ -8,6 +8,7 @@ disk-full or permission failure is one line naming the file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import signal
@@ -193,3 +194,12 @@ def output_name(relative: str | os.PathLike, suffix: str) -> Path:
     and number the same way (``v.mp4#frame=3`` → ``v.mp4#frame=3{suffix}``)."""
     path = Path(relative)
     return path.with_name(path.name + suffix)
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
