@@ -11,7 +11,6 @@ whose embeddings match the extractor's within 1e-4 of their largest magnitude (w
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FastpadimError
+from .timing import best_of
 from .onnx_runtime import DEFAULT_OPSET, ENGINE_CHOICES as ENGINES, ENGINES as ONNX_ENGINES, INPUT_NAME, installed_engines  # noqa: F401 - ENGINES: what Padim checks its engine against
 AUTO_TOLERANCE = 1e-4  # relative to the largest embedding magnitude of the probe
 PROBE_SEED = 20240611
@@ -142,14 +142,12 @@ def probe(size: tuple[int, int], count: int) -> torch.Tensor:
     return smooth + 0.3 * torch.randn(count, 3, *size, generator=generator)
 
 
-def _best_seconds(embedder, inputs: torch.Tensor, repeats: int = 2) -> tuple[float, torch.Tensor]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _best_seconds(embedder, inputs: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def call():
         with torch.inference_mode():
-            out = embedder(inputs)
-        best = min(best, time.perf_counter() - start)
-    return best, out
+            return embedder(inputs)
+
+    return best_of(call)
 
 
 def build(extractor: torch.nn.Module, size: tuple[int, int], engine: str, device: torch.device,

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from .errors import FastpadimError
 from .files import file_digest
+from .timing import best_of
 from .onnx_runtime import ENGINE_CHOICES as ENGINE_NAMES, ENGINES as ONNX_ENGINES, EXPORT_FORMAT_VERSION, installed_engines
 
 if TYPE_CHECKING:
@@ -141,15 +141,6 @@ def probe_images(size: tuple[int, int], n: int = PROBE_IMAGES) -> list[np.ndarra
     return images
 
 
-def _timed(model, images) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(2):
-        start = time.perf_counter()
-        result = model.predict(images)
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def differences(expected, got) -> tuple[float, float]:
     """The largest relative score difference, and the largest map difference relative to torch's map max."""
     if len(got.scores) != len(expected.scores):
@@ -164,7 +155,7 @@ def choose_engine(model_path: Path, model: Padim, device: str):
     """The fastest installed engine whose outputs on the probe images match the PyTorch engine's within 1e-4;
     the returned model carries the decision in ``engine_choice_``."""
     images = probe_images(model.preprocessing_.output_size)
-    seconds, expected = _timed(model, images)
+    seconds, expected = best_of(lambda: model.predict(images))
     candidates = {"torch": {"seconds": seconds, "max_relative_score_difference": 0.0,
                             "max_relative_map_difference": 0.0, "qualified": True}}
     models = {"torch": model}
@@ -173,7 +164,7 @@ def choose_engine(model_path: Path, model: Padim, device: str):
         try:
             export = export or _export(model_path, model)
             scored = onnx_model(model_path, model, engine, device, None, export)
-            seconds, got = _timed(scored, images)
+            seconds, got = best_of(lambda: scored.predict(images))
         except FastpadimError as exc:
             candidates[engine] = {"seconds": None, "max_relative_score_difference": None, "qualified": False,
                                   "error": str(exc)}
