@@ -52,6 +52,7 @@ class ExportResult:
     data_path: Path
     onnx_bytes: int
     data_bytes: int
+    metadata: dict  # what the export's metadata_props hold
 
 
 class ExternalData:
@@ -384,4 +385,4 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
         raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return ExportResult(path, folder / data_name, path.stat().st_size, (folder / data_name).stat().st_size)
+    return ExportResult(path, folder / data_name, path.stat().st_size, (folder / data_name).stat().st_size, meta)

@@ -13,6 +13,7 @@ from ..onnx_runtime import OPSETS
 from ..results import check_threshold
 from ..sizes import format_size, parse_size
 from .console import progress_bar, say, user_errors
+from .info import weights_line
 from .options import AllowDownloadOpt, DeviceOpt, PrecisionOpt, WeightsOpt
 
 
@@ -58,13 +59,7 @@ def export(
         threshold = f"{model.threshold_:.4g}" if model.threshold_ is not None else "none"
         say(f"wrote {result.onnx_path} ({result.onnx_bytes / 1e6:.1f} MB) and {result.data_path.name} "
             f"({result.data_bytes / 1e6:.1f} MB): input {size} px, opset {opset}, "
-            f"{weights_text(fp16, int8 is not None)}, threshold {threshold}")
-
-
-def weights_text(fp16: bool, int8: bool) -> str:
-    if int8:
-        return "int8 backbone (float32 scoring)"
-    return f"{'float16' if fp16 else 'float32'} weights"
+            f"{weights_line(result.metadata['export'])}, threshold {threshold}")
 
 
 def set_threshold(

@@ -48,13 +48,17 @@ def info(model_path: Annotated[Path, typer.Argument(metavar="MODEL")],
             ex = meta["export"]
             data = model_path.parent / ex["data_file"]
             data_size = f"{data.stat().st_size / 1e6:.1f} MB" if data.is_file() else "missing"
-            # an int8 backbone is quantised whatever the stored dtype of the other weights: say so first
-            int8 = ex.get("backbone_precision") == "int8"
-            weights = (f"int8 backbone ({ex.get('calibration_images')} calibration images), {ex['weights_dtype']} scoring"
-                       if int8 else f"{ex['weights_dtype']} weights")
-            lines.append(f"onnx export     opset {ex['opset']}, {weights}, input "
+            lines.append(f"onnx export     opset {ex['opset']}, {weights_line(ex)}, input "
                          f"{ex['input']['shape']}; data {ex['data_file']} ({data_size})")
         out.print("\n".join(lines), highlight=False, soft_wrap=True)
+
+
+def weights_line(ex: dict) -> str:
+    """An export's weights, from its metadata's ``export`` section: an int8 backbone is said first, whatever the
+    stored dtype of the other weights."""
+    if ex.get("backbone_precision") == "int8":
+        return f"int8 backbone ({ex.get('calibration_images')} calibration images), {ex['weights_dtype']} scoring"
+    return f"{ex['weights_dtype']} weights"
 
 
 def preprocessing_line(pre: dict) -> str:
