@@ -191,3 +191,63 @@ def test_triangular_inverse_by_halves_equals_the_triangular_solve(dim):
     assert torch.equal(got.triu(1), torch.zeros_like(got))  # lower triangular, exactly
     assert (got - expected).abs().max() <= 1e-12 * expected.abs().max()
     assert torch.allclose(got @ lower, torch.eye(dim, dtype=torch.float64).expand_as(lower), atol=1e-10)
+
+
+def numpy_stats_in_batches(x: np.ndarray, batch: int, dtype=np.float64) -> GaussianStats:
+    stats = GaussianStats.empty(x.shape[1], x.shape[2], like=np.empty(0))
+    for start in range(0, len(x), batch):
+        stats.update(x[start:start + batch].astype(dtype))
+    return stats
+
+
+@pytest.mark.parametrize("n,positions,dim,offset", CASES.values(), ids=CASES.keys())
+def test_numpy_statistics_are_the_torch_statistics(n, positions, dim, offset):
+    """The same code on NumPy arrays (a fit through an ONNX engine, torch never imported) gives what it gives on
+    torch tensors: statistics, merges, a fold taken out, the factor, distances and leave-one-out distances."""
+    train = embeddings(n, positions, dim, offset)
+    points = embeddings(9, positions, dim, offset, seed=1)
+    means, covs = reference(train, EPS)
+    got, expected = numpy_stats_in_batches(train, 7), stats_in_batches(train, 7)
+    assert isinstance(got.mean, np.ndarray) and isinstance(got.scatter, np.ndarray) and got.count == n
+    np.testing.assert_allclose(got.mean, expected.mean.numpy(), rtol=1e-13, atol=0)
+    assert relative_error(got.scatter, expected.scatter.numpy()) < 1e-8  # another BLAS: other rounding
+    assert relative_error(got.covariance(EPS), covs) < 1e-5
+    half = n // 2
+    merged = numpy_stats_in_batches(train[:half], 5).merge(numpy_stats_in_batches(train[half:], 3))
+    assert relative_error(merged.scatter, expected.scatter.numpy()) < 1e-8
+    rest = got.merge(GaussianStats.empty(positions, dim, like=np.empty(0))).without(
+        numpy_stats_in_batches(train[half:], 4))
+    assert rest.count == half
+    assert relative_error(rest.scatter, numpy_stats_in_batches(train[:half], 4).scatter) < 1e-8
+    whitener = got.whitener(EPS, np.float64)
+    assert whitener.dtype == np.float64 and np.all(np.triu(whitener, k=1) == 0)
+    np.testing.assert_allclose(whitener, expected.whitener(EPS, torch.float64).numpy(), rtol=0,
+                               atol=1e-6 * np.abs(whitener).max())  # the huge offset: scatters agree to 1e-10
+    distances = mahalanobis(points, got.mean, whitener)
+    assert isinstance(distances, np.ndarray) and distances.dtype == np.float32  # as the model's, whatever the input
+    np.testing.assert_allclose(distances, reference_distances(points, means, covs), rtol=1e-5)
+    from fastpadim.gaussian import leave_one_out
+
+    if n >= 3:
+        np.testing.assert_allclose(leave_one_out(distances, n),
+                                   leave_one_out(torch.from_numpy(distances), n).numpy(), rtol=1e-6)
+
+
+def test_numpy_factor_consumes_the_statistics_in_place():
+    train = embeddings(40, 70, 12, offset=5.0)
+    stats = numpy_stats_in_batches(train, 16, np.float32)
+    expected = stats.whitener(EPS)
+    memory = stats.scatter
+    got = stats.whitener(EPS, consume=True)
+    assert np.shares_memory(got, memory) and stats.count == -1 and stats.scatter.size == 0
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_statistics_module_loads_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from fastpadim.gaussian import GaussianStats; "
+            "s = GaussianStats.empty(3, 4, like=np.empty(0)); s.update(np.random.rand(5, 3, 4).astype('f4')); "
+            "s.whitener(0.01); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
