@@ -252,7 +252,7 @@ def fit_on_ray(model: Padim, images: Sequence[Item], threshold_images: Sequence[
     model.stats_ = None if stats is None else GaussianStats(stats.count, stats.mean.to(model.device_),
                                                             stats.scatter.to(model.device_))
     del stats
-    count = model.stats_.count // model._samples_per_image if model.stats_ is not None else 0
+    count = model.stats_.count // model.samples_per_image if model.stats_ is not None else 0
     out_of_fold = threshold_images is None and model.folds != 0 and count >= 2
     # the inputs as the local fit sees them (frames that do not decode left out), so the folds are its folds; the
     # shards reported the skipped ones already

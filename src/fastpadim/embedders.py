@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from .errors import FastpadimError
 from .timing import best_of
-from .onnx_runtime import DEFAULT_OPSET, ENGINE_CHOICES as ENGINES, ENGINES as ONNX_ENGINES, INPUT_NAME, installed_engines  # noqa: F401 - ENGINES: what Padim checks its engine against
+from .onnx_runtime import DEFAULT_OPSET, EMBEDDINGS_OUTPUT as EMBEDDINGS, ENGINE_CHOICES as ENGINES, ENGINES as ONNX_ENGINES, INPUT_NAME, installed_engines  # noqa: F401 - ENGINES: what Padim checks its engine against
 AUTO_TOLERANCE = 1e-4  # relative to the largest embedding magnitude of the probe
 PROBE_SEED = 20240611
-EMBEDDINGS = "embeddings"
 
 
 class _PaddedConv(torch.autograd.Function):

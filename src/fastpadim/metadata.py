@@ -7,6 +7,7 @@ Limits that bound memory (image size, channels, layers) are stated as constants.
 
 from __future__ import annotations
 
+import datetime
 import math
 import re
 from pathlib import Path
@@ -28,6 +29,17 @@ MAX_SCORES = 100_000  # good scores a calibration keeps (the metadata stays a fe
 CALIBRATION_METHODS = ("out-of-fold", "hold-out", "good images", "labelled")
 MAX_HISTORY = 10_000  # fits and updates recorded
 _TARGET = re.compile(r"^(fpr=[0-9.eE+-]{1,24}|recall=[0-9.eE+-]{1,24}|f1|manual)$")
+
+
+def history_entry(images: int, digest: str, kind: str = "sha256") -> dict:
+    """One fit or update as a model records it: version, UTC date, images added, digest of the inputs as seen
+    (``kind`` sha256: of the network's input pixels, in order)."""
+    from . import __version__
+
+    return {"fastpadim_version": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "images": int(images), "digest": f"{kind}:{digest}"}
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")  # timm names and tags (no paths, no URLs)
 
 

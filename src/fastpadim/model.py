@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import inspect
 import math
@@ -22,6 +21,7 @@ from .calibration import Calibration, fold_assignment
 from .gaussian import GaussianStats, leave_one_out, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
+from .metadata import history_entry  # noqa: F401 - re-exported (distributed)
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
 from .sizes import CPU_FORWARD_IMAGES, Size, as_size, format_size, inputs_per_call, round_to  # noqa: F401
 from .sources import expand
@@ -33,15 +33,6 @@ UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statis
 FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (larger folds are embedded again)
 MAX_FOLDS = 100
 PARTS_AHEAD = 1  # network parts (8 images of 256 px: 23 MB of embeddings each) computed ahead of their use
-
-
-def history_entry(images: int, digest: str, kind: str = "sha256") -> dict:
-    """One fit or update as a model records it: version, UTC date, images added, digest of the inputs as seen
-    (``kind`` sha256: of the network's input pixels, in order)."""
-    from . import __version__
-
-    return {"fastpadim_version": __version__, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "images": int(images), "digest": f"{kind}:{digest}"}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -314,13 +305,16 @@ class Padim(ScoringMixin):
         return self.tiler_.arrange(embeddings, len(batch), self.tile_shared) if self.tiler_ is not None else embeddings
 
     def _forward_parts(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.device_.type != "cpu":
-            return (batch,)
-        tiles = self.tiler_.n_tiles if self.tiler_ is not None else 1
-        return batch.split(max(1, self._forward_count // tiles))
+        return (batch,) if self.device_.type != "cpu" else batch.split(self.images_per_call)
 
     @property
-    def _samples_per_image(self) -> int:
+    def images_per_call(self) -> int:
+        """Images per network call on the CPU (their tiles, if any, go in the same call)."""
+        tiles = self.tiler_.n_tiles if self.tiler_ is not None else 1
+        return max(1, self._forward_count // tiles)
+
+    @property
+    def samples_per_image(self) -> int:
         """Gaussian samples one training image gives: each of its tiles when tiles share one model."""
         return self.tiler_.n_tiles if self.tiler_ is not None and self.tile_shared else 1
 
@@ -393,7 +387,7 @@ class Padim(ScoringMixin):
         digest = hashlib.sha256()
         before = self.stats_.count if self.stats_ is not None else 0
         self.accumulate(images, progress, digest)
-        added = (self.stats_.count - before) // self._samples_per_image if self.stats_ is not None else 0
+        added = (self.stats_.count - before) // self.samples_per_image if self.stats_ is not None else 0
         fold_scores = None
         if out_of_fold and added:
             fold_scores = self.finish_out_of_fold(images, progress)
@@ -479,7 +473,7 @@ class Padim(ScoringMixin):
             if part is None:
                 continue  # no readable image in this fold
             rest = self.stats_.without(part)
-            if rest.count // self._samples_per_image < 2:
+            if rest.count // self.samples_per_image < 2:
                 raise FastpadimError(f"{folds} folds leave fewer than 2 images to fit the other folds' model on; "
                                      "add images or lower folds")
             mean = rest.mean.float()
@@ -551,7 +545,7 @@ class Padim(ScoringMixin):
         stores them (float32, ``GaussianStats.compacted``), so a fitted model and its saved file score alike
         and either can take more images."""
         stats = self.stats_ if stats is None else stats
-        count = stats.count // self._samples_per_image if stats is not None else 0
+        count = stats.count // self.samples_per_image if stats is not None else 0
         if count < 2:
             detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
             raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
@@ -563,7 +557,7 @@ class Padim(ScoringMixin):
     def install_statistics(self, stats: GaussianStats) -> Padim:
         """Fitted state from (compacted) statistics: the factor is computed here, once (fit, load, Ray)."""
         whitener = stats.whitener(self.epsilon, FACTOR_DTYPES[self.factor_dtype])
-        return self.install(stats.mean.float(), whitener, stats.count // self._samples_per_image, stats)
+        return self.install(stats.mean.float(), whitener, stats.count // self.samples_per_image, stats)
 
     def install(self, mean: torch.Tensor, whitener: torch.Tensor, n_samples_seen: int,
                 stats: GaussianStats | None = None) -> Padim:
@@ -627,6 +621,15 @@ class Padim(ScoringMixin):
 
     def to_metadata(self) -> dict:
         """What a model file records besides the tensors (the schema of ``fastpadim.metadata``)."""
+        return {
+            **self.network_metadata(),
+            "n_train_images": int(self.n_samples_seen_),
+            **self.threshold_metadata(),
+            "history": list(getattr(self, "history_", [])),
+        }
+
+    def network_metadata(self) -> dict:
+        """The part of ``to_metadata`` known once the model is built (``prepare``), before any image."""
         from . import __version__
         from .modelfile import FORMAT_NAME, FORMAT_VERSION
 
@@ -656,9 +659,6 @@ class Padim(ScoringMixin):
             "seed": self.seed,
             "factor_dtype": self.factor_dtype,
             "folds": self.folds,
-            "n_train_images": int(self.n_samples_seen_),
-            **self.threshold_metadata(),
-            "history": list(getattr(self, "history_", [])),
         }
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -703,7 +703,7 @@ class Padim(ScoringMixin):
                                  f"match what the network gives ({list(model.grid_)} at "
                                  f"{format_size(model.preprocessing_.output_size)} px)")
         model.skipped_ = []
-        samples = meta["n_train_images"] * model._samples_per_image
+        samples = meta["n_train_images"] * model.samples_per_image
         if "scatter" in tensors:
             stats = GaussianStats(samples, tensors["mean"].double().to(model.device_), tensors["scatter"].to(model.device_))
             try:

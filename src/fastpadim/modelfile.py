@@ -23,12 +23,15 @@ FORMAT_NAME = "fastpadim"
 FORMAT_VERSION = 2  # 2: packed float32 statistics instead of the factor (every model can be updated)
 
 
-def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Metadata and tensors as one safetensors file, written atomically."""
-    from safetensors.torch import save_file
+def write_model_file(path: str | os.PathLike, meta: dict, tensors: dict) -> None:
+    """Metadata and tensors (NumPy arrays, or CPU torch tensors) as one safetensors file, written atomically;
+    torch is not needed for NumPy arrays (a fit through an ONNX engine writes them)."""
+    import numpy as np
+    from safetensors.numpy import save_file
 
+    arrays = {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in tensors.items()}
     metadata = {"fastpadim": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def _expected_shapes(meta: dict) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:

@@ -32,6 +32,7 @@ EXPORT_FORMAT_VERSION = 2
 INPUT_NAME = "images"
 MAP_OUTPUT = "anomaly_map"
 SCORE_OUTPUT = "score"
+EMBEDDINGS_OUTPUT = "embeddings"  # of a network graph alone (fit through an engine)
 ENGINES = ("onnxruntime", "openvino")
 ENGINE_CHOICES = ("torch", *ENGINES, "auto")  # what --engine takes (fastpadim.embedders, fastpadim.engines)
 OPSETS = range(17, 21)  # what ``fastpadim export`` writes (PyTorch's TorchScript-based exporter goes up to 20)

