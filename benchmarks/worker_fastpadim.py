@@ -6,6 +6,7 @@ Writes result.json (timings, peak RSS, file size) and, in compare mode, preds.np
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,63 @@ from fastpadim.onnx_runtime import ENGINE_CHOICES  # noqa: E402
 
 
 
-def new_model(size: int, engine: str = "torch"):
+def model_params(size: int) -> dict:
     # All 176 Lite0 channels (n_features=176 keeps all, sorted), resize only, no threshold (folds=0: no
-    # out-of-fold pass): the same work anomalib's PadimModel does. ``engine`` runs the network (float32).
+    # out-of-fold pass): the same work anomalib's PadimModel does.
+    return dict(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE)
+
+
+def new_model(size: int, engine: str = "torch"):
+    """``engine`` runs the network (float32)."""
     from fastpadim import Padim
 
-    return Padim(n_features=176, image_size=size, crop_size=None, folds=0, device="cpu", batch_size=BATCH_SIZE,
-                 engine=engine)
+    return Padim(**model_params(size), engine=engine)
+
+
+EXPORT = """
+import sys
+from fastpadim import Padim
+from fastpadim.engines import onnx_of
+onnx_of(sys.argv[1], Padim.load(sys.argv[1], device="cpu"))
+"""
+
+
+def compare_without_torch(args) -> dict:
+    """Mode ``compare --without-torch``: fit through ``--engine`` in this process, which never imports torch
+    (``fastpadim.onnx_fit``), then the export (its factorisation included) in a child process with torch, as
+    `fastpadim predict --engine E` makes it on first use, then the scoring in a fresh process, as ``compare``."""
+    from fastpadim.onnx_fit import fit_model_file, network
+
+    params = model_params(args.size)
+    train, tests = train_files(args.data), test_files(args.data)
+    with Timer() as t_network:
+        built = network(params).built  # once per parameters and weights, cached: reported apart
+    rss_ready = current_rss_mb()
+    model_path = args.out / "model.padim"
+    with Timer() as t_fit:
+        fit_model_file(train, model_path, engine=args.engine, **params)
+    peak_fit = peak_rss_mb()
+    with Timer() as t_export:
+        subprocess.run([sys.executable, "-c", EXPORT, str(model_path)], check=True, capture_output=True)
+    scored = score_in_child(args, model_path)
+    t_infer = SimpleNamespace(seconds=scored["infer_s"], cpu_seconds=scored["infer_cpu_s"])
+    result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, scored["latencies"],
+                            rss_ready, peak_fit, model_path, os.cpu_count())
+    return {**result, "engine": f"{args.engine} without torch", "export_s": t_export.seconds,
+            "network_build_s": t_network.seconds if built else 0.0, "fit_imports_torch": "torch" in sys.modules,
+            "peak_rss_fit_process_mb": result["peak_rss_mb"],
+            "peak_rss_mb": max(result["peak_rss_mb"], scored["peak_rss_mb"]), "peak_rss_scoring_mb": scored["peak_rss_mb"],
+            "scoring_imports_torch": scored["torch_imported"]}
+
+
+def score_in_child(args, model_path: Path) -> dict:
+    """Mode ``score`` in a fresh process, as deployed: `fastpadim predict MODEL --engine E` opens the cached export."""
+    child = subprocess.run([sys.executable, __file__, "score", "--engine", args.engine, "--model", str(model_path),
+                            "--data", str(args.data), "--size", str(args.size), "--out", str(args.out)],
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise SystemExit(f"scoring process failed: {child.stderr.strip().splitlines()[-1:]}")
+    return json.loads((args.out / "result.json").read_text())
 
 
 def torch_threads() -> int:
@@ -65,6 +116,8 @@ def score(args) -> dict:
 
 
 def compare(args) -> dict:
+    if args.without_torch:
+        return compare_without_torch(args)
     model = new_model(args.size, args.engine)
     train, tests = train_files(args.data), test_files(args.data)
     rss_ready = current_rss_mb()
@@ -79,13 +132,7 @@ def compare(args) -> dict:
         with Timer() as t_export:
             onnx_of(model_path, model)  # once per model file: cached beside it for every later run
         del model
-        # scored in a fresh process, as deployed: `fastpadim predict MODEL --engine E` opens the cached export
-        child = subprocess.run([sys.executable, __file__, "score", "--engine", args.engine, "--model", str(model_path),
-                                "--data", str(args.data), "--size", str(args.size), "--out", str(args.out)],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            raise SystemExit(f"scoring process failed: {child.stderr.strip().splitlines()[-1:]}")
-        scored = json.loads((args.out / "result.json").read_text())
+        scored = score_in_child(args, model_path)
         t_infer = SimpleNamespace(seconds=scored["infer_s"], cpu_seconds=scored["infer_cpu_s"])
         result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, scored["latencies"],
                                 rss_ready, peak_fit, model_path, torch_threads())
@@ -112,11 +159,13 @@ def scaling(args) -> dict:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["score"]:  # the scoring process of an ONNX engine runs without torch, as deployed
+    if sys.argv[1:2] != ["score"] and "--without-torch" not in sys.argv:  # the scoring process of an ONNX engine runs without torch, as deployed
         # fastpadim imports timm lazily, when fit builds the network; import it here, before any timer, as anomalib's
         # worker has imported anomalib, timm and torchvision before its timers (timm's import alone takes ~3.7 s
         # here: it pulls in torchvision, which pulls in torch._dynamo). Building the model stays inside fit time.
         import timm  # noqa: F401
     worker_main(__doc__, compare, scaling, modes={"score": score},
                 options=[(("--engine",), {"default": "torch", "choices": ENGINE_CHOICES, "help": "what runs the network"}),
-                         (("--model",), {"type": Path, "help": "the .padim to score (mode score)"})])
+                         (("--model",), {"type": Path, "help": "the .padim to score (mode score)"}),
+                         (("--without-torch",), {"action": "store_true",
+                                                 "help": "fit through --engine without torch in the process"})])

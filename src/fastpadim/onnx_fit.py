@@ -119,6 +119,7 @@ class FitResult:
     n_train_images: int
     skipped: list[tuple[str, str]]
     network_built: bool  # the network graph was built by a child process (not in the cache)
+    input_size: tuple[int, int]  # the network's input (height, width)
 
 
 def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine: str = "onnxruntime",
@@ -156,7 +157,7 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     skipped = list(skipped)
     digest = hashlib.sha256()
 
-    def embedded():
+    def embedded(session):
         """(batch, embeddings of a part) per part of each batch, then (batch, None) once the batch is done."""
         for batch in iter_batches(single_or_many(images), preprocessing, params.get("batch_size", 32),
                                   params.get("workers", 2)):
@@ -169,7 +170,7 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     per_sample = positions * dim * 4
     buffer = np.empty((max(1, UPDATE_BUFFER_BYTES // per_sample), positions, dim), np.float32)
     filled = 0
-    for batch, embeddings in run_ahead(embedded(), 1):
+    for batch, embeddings in run_ahead(embedded(session), 1):
         if embeddings is None:
             skipped.extend((item.name, item.error) for item in batch if item.error)
             for item in batch:
@@ -185,7 +186,7 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
         filled += len(embeddings)
     if filled:
         stats.update(buffer[:filled], centre_in_place=True)
-    del buffer, session
+    del buffer, session  # the engine's memory, before the model file is written
     count = stats.count // description["samples_per_image"]
     if count < 2:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
@@ -197,4 +198,4 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
             "history": [history_entry(count, digest.hexdigest())]}
     write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
                                   "channel_indices": np.asarray(description["channel_indices"], np.int64)})
-    return FitResult(path, count, skipped, found.built)
+    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]))

@@ -11,6 +11,7 @@ import typer
 
 from ..errors import FastpadimError
 from ..files import check_writable_file, make_output_folder
+from ..onnx_runtime import ENGINES as ONNX_ENGINES
 from ..sources import Item, Rereadable, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
@@ -55,11 +56,10 @@ def fit(
     max_memory: Annotated[Optional[float], typer.Option(help="Refuse a fit whose planned peak memory is above this many GB (10^9 bytes), naming the levers that fit.")] = None,
     plan: Annotated[bool, typer.Option("--plan", help="Print the memory plan (statistics, factor, model file, fit peak against the available memory) and exit without fitting.")] = False,
 ) -> None:
-    """Fit a model on good images (or video frames)."""
-    from ..model import Padim
-    from ..plan import check_plan, plan_for
-    from ..results import threshold_caveat
+    """Fit a model on good images (or video frames).
 
+    With --engine onnxruntime or openvino and --folds 0 the fit runs without PyTorch in this process (the
+    network's graph is built once by a child process and cached; set a threshold afterwards with calibrate)."""
     with user_errors():
         check_options(n_features=n_features, seed=seed, folds=folds, holdout=holdout, false_alarm_rate=false_alarm_rate)
         folds = parse_folds(folds)
@@ -84,6 +84,13 @@ def fit(
         )
         # the out-of-fold pass reads every training image a second time (none with a hold-out or threshold images)
         fold_pass = folds != 0 and not threshold_files and not params["holdout"]
+        if (params["engine"] in ONNX_ENGINES and folds == 0 and not threshold_files and not params["holdout"]
+                and ray_target is None and not per_video and not plan and max_memory is None and device in ("auto", "cpu")):
+            return fit_without_torch(files, output, params)
+        from ..model import Padim
+        from ..plan import check_plan, plan_for
+        from ..results import threshold_caveat
+
         # The memory plan (it builds the network, which the fit then reuses): --plan prints it and writes nothing;
         # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
         # that fits prints nothing more (one line per message: the result line).
@@ -120,6 +127,24 @@ def fit(
                 caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
                 if caveat:
                     warn(caveat)
+
+
+def fit_without_torch(files: Sequence[Item], output: Path, params: dict) -> None:
+    """``fit --engine onnxruntime|openvino --folds 0``: ``onnx_fit.fit_model_file``, PyTorch never imported here."""
+    from ..onnx_fit import fit_model_file
+    from ..sizes import format_size
+
+    engine = params.pop("engine")
+    skipped: Skipped = []
+    start = time.perf_counter()
+    with progress_bar("fitting", len(files)) as advance:
+        result = fit_model_file(Rereadable(files, skipped), output, engine=engine, progress=advance, **params)
+    elapsed = time.perf_counter() - start
+    report_skipped(skipped + result.skipped)
+    built = "; the network's graph built and cached first" if result.network_built else ""
+    say(f"fitted {result.n_train_images} images in {elapsed:.1f} s ({len(files) / elapsed:.1f} images/s; "
+        f"{params['backbone']}, {engine} without PyTorch{built}); input {format_size(result.input_size)}; "
+        f"threshold none (--folds 0: set one with fastpadim calibrate); wrote {output}")
 
 
 THRESHOLD_SOURCES = {"hold-out": "hold-out", "good images": "--threshold-dir"}
