@@ -14,7 +14,7 @@ PACKAGE = SRC / "fastpadim"
 TORCH_FREE = {"errors", "files", "sizes", "regions", "images", "sources", "results", "visualize", "onnx_runtime", "serve", "batcher",
               "metadata", "_version", "http_api", "http_line", "lineage", "records", "records.store", "records.inspection",
               "recording", "watching", "feedback", "drift", "metrics", "access", "kept_images", "model_registry",
-              "calibration", "engines", "ahead", "quantize", "timing", "gaussian", "array_ops", "onnx_fit", "network_graph", "presets"}
+              "calibration", "engines", "ahead", "quantize", "timing", "gaussian", "array_ops", "onnx_fit", "network_graph", "presets", "export"}
 
 
 def module_name(path: Path) -> str:

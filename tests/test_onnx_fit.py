@@ -112,3 +112,34 @@ def test_what_it_cannot_do_is_one_clear_line(tmp_path, cache, images, change, me
         onnx_fit.fit_model_file(images, tmp_path / "no.padim", engine=engine, **params)
     assert not (tmp_path / "no.padim").exists()
     assert not (cache / "networks").exists() or not any(p.name.startswith(".") for p in (cache / "networks").iterdir())
+
+
+def test_the_export_beside_the_model_is_the_pytorch_export(tmp_path, cache, images):
+    """The fit computes the factor once (NumPy) and caches the export where `predict --engine` looks for it: the
+    same graph metadata and the same scores as the export PyTorch makes of the same model file."""
+    from fastpadim import load
+    from fastpadim.export import export_onnx
+    from fastpadim.onnx_runtime import OnnxPadim, read_metadata
+
+    result = onnx_fit.fit_model_file(images, tmp_path / "lean.padim", **PARAMS)
+    assert result.export is not None and result.export.is_file()
+    export_onnx(Padim.load(tmp_path / "lean.padim", device="cpu"), tmp_path / "torch.onnx")
+    lean_meta, torch_meta = read_metadata(result.export), read_metadata(tmp_path / "torch.onnx")
+    assert lean_meta["export"].pop("data_file") == "model.onnx.data" and torch_meta["export"].pop("data_file")
+    assert lean_meta == torch_meta
+    probe = surfaces(3, seed=8)
+    lean_scores, lean_maps = OnnxPadim(result.export).score_images(probe)
+    scores, maps = OnnxPadim(tmp_path / "torch.onnx").score_images(probe)
+    np.testing.assert_allclose(lean_scores, scores, rtol=1e-5)
+    assert np.abs(lean_maps - maps).max() <= 1e-5 * np.abs(maps).max()
+    entries = sorted(result.export.parent.parent.iterdir())
+    scoring = load(tmp_path / "lean.padim", engine="onnxruntime")  # as `fastpadim predict --engine` loads it
+    np.testing.assert_allclose(scoring.score_images(probe)[0], scores, rtol=1e-5)
+    assert sorted(result.export.parent.parent.iterdir()) == entries  # the fit's export, not a new one
+
+
+def test_a_tiled_model_leaves_its_export_to_the_first_use(tmp_path, cache, images):
+    result = onnx_fit.fit_model_file(images, tmp_path / "tiled.padim", **{**PARAMS, "tile": 32})
+    assert result.export is None and not (tmp_path / "tiled.padim.onnx-cache").exists()
+    model = Padim.load(tmp_path / "tiled.padim", device="cpu")
+    assert model.tiler_ is not None and model.n_samples_seen_ == 6

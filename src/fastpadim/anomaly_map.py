@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,13 @@ def axis_operator(size_in: int, size_out: int, sigma: float) -> torch.Tensor:
     if sigma > 0:
         rows = _blur(rows, gaussian_kernel1d(sigma).double(), axis=3)
     return rows.view(size_in, size_out).T.contiguous()
+
+
+def map_operators(grid: tuple[int, int], size: tuple[int, int], sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The map of a (grid) distance map at ``size``, as two float32 matrices: rows (H, grid_h) and the columns'
+    transpose (grid_w, W), so that map = rows · d · columns_t (an export's last products)."""
+    return (axis_operator(grid[0], size[0], sigma).float().numpy(),
+            axis_operator(grid[1], size[1], sigma).T.float().numpy())
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:

@@ -77,10 +77,6 @@ class NumpyOps:
         return np.take(array, index, axis=1, out=out)
 
     @staticmethod
-    def put_columns(array, index, values):
-        array[:, index] = values
-
-    @staticmethod
     def copy_(out, array):
         np.copyto(out, array, casting="unsafe")
         return out
@@ -179,10 +175,6 @@ class TorchOps:
 
     def take_columns(self, array, index, out=None):
         return self.torch.index_select(array, 1, index, out=out) if out is not None else array.index_select(1, index)
-
-    @staticmethod
-    def put_columns(array, index, values):
-        array.index_copy_(1, index, values)
 
     @staticmethod
     def copy_(out, array):

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,15 +55,14 @@ def _complete(folder: Path) -> Path | None:
     return None
 
 
-def _export_into_cache(model: Padim, entry: Path) -> Path:
-    """Export into a temporary folder inside the cache folder, then move both files into ``entry`` (data first)."""
-    from .export import export_onnx
-
+def _export_into_cache(write: Callable[[Path], object], entry: Path) -> Path:
+    """``write(path)`` into a temporary folder inside the cache folder, then both files moved into ``entry`` (data
+    first)."""
     cache = entry.parent
     cache.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=cache))
     try:
-        export_onnx(model, work / EXPORT_NAME)
+        write(work / EXPORT_NAME)
         entry.mkdir(exist_ok=True)
         os.replace(work / f"{EXPORT_NAME}.data", entry / f"{EXPORT_NAME}.data")
         os.replace(work / EXPORT_NAME, entry / EXPORT_NAME)
@@ -76,6 +76,12 @@ def _export_into_cache(model: Padim, entry: Path) -> Path:
     return entry / EXPORT_NAME
 
 
+def cache_export(model_path: Path, write: Callable[[Path], object]) -> Path:
+    """Cache beside the .padim file ``model_path`` the export that ``write(path)`` makes of it, where
+    ``onnx_of`` finds it (a fit without torch writes it while it holds the factor)."""
+    return _export_into_cache(write, _cache_entry(Path(model_path)))
+
+
 def _export(model_path: Path, model: Padim) -> tuple[Path, tempfile.TemporaryDirectory | None]:
     """The export and the temporary folder that holds it (None when it lies in the cache beside the model)."""
     model_path = Path(model_path)
@@ -84,12 +90,13 @@ def _export(model_path: Path, model: Padim) -> tuple[Path, tempfile.TemporaryDir
     cached = _complete(entry)
     if cached is not None:
         return cached, None
+    from .export import export_onnx
+
     try:
-        return _export_into_cache(model, entry), None
+        return _export_into_cache(lambda path: export_onnx(model, path), entry), None
     except (OSError, FastpadimError):
         if _writable(cache) or (not cache.exists() and _writable(model_path.parent)):
             raise  # the cache could be written: a real failure, not a read-only folder
-    from .export import export_onnx
 
     holder = tempfile.TemporaryDirectory(prefix="fastpadim-onnx-")
     path = Path(holder.name) / EXPORT_NAME

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from .files import check_writable_file
+from .array_ops import is_torch
 from .errors import FastpadimError
 from .onnx_runtime import (
     BACKBONE_PRECISIONS, DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
@@ -141,22 +142,46 @@ def factor_block(whitener, start: int, stop: int, dtype: np.dtype):
     positions, dim = whitener.shape[:2]
     step = max(1, FACTOR_BLOCK_BYTES // (dim * dim * 4))
     for first in range(0, positions, step):
-        rows = whitener[first : first + step, start:stop, :stop].float().cpu().numpy()
+        rows = as_float32(whitener[first : first + step, start:stop, :stop])
         yield rows.transpose(0, 2, 1).astype(dtype)
 
 
-def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> tuple[list, list]:
+def as_float32(array) -> np.ndarray:
+    """A NumPy float32 copy of a NumPy array or torch tensor (on any device)."""
+    return array.detach().float().cpu().numpy() if is_torch(array) else np.asarray(array, np.float32)
+
+
+@dataclass
+class ScoringParts:
+    """What the scoring part of an export is made of: a fitted model's state, as a ``Padim`` holds it
+    (``of_model``) or as a fit without torch computed it (NumPy arrays, ``fastpadim.onnx_fit``)."""
+
+    mean: object  # (P, D)
+    whitener: object  # (P, D, D): the factor, read block of positions by block
+    grid: tuple[int, int]  # the frame's embedding grid
+    size: tuple[int, int]  # the network's input and the map's size (height, width)
+    rows_operator: np.ndarray  # (H, frame grid height): bicubic upsampling, then the blur
+    columns_operator_t: np.ndarray  # (frame grid width, W)
+    tiler: object = None  # a Tiler (torch), or None without tiles
+
+    @classmethod
+    def of_model(cls, model: Padim) -> ScoringParts:
+        from .anomaly_map import map_operators
+
+        size = tuple(model.preprocessing_.output_size)
+        frame = model.tiler_.grid if model.tiler_ is not None else model.grid_
+        return cls(model.mean_, model.whitener_, tuple(model.grid_), size,
+                   *map_operators(tuple(frame), size, model.blur_sigma), model.tiler_)
+
+
+def scoring_nodes(parts: ScoringParts, opset: int, store: ExternalData, fp16: bool) -> tuple[list, list]:
     """Embeddings → anomaly maps (N, H, W) and scores (N,), as in ``Padim._score_tensor``."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from .anomaly_map import axis_operator
-
-    positions, dim = model.mean_.shape
-    tiler = model.tiler_
+    positions, dim = parts.mean.shape
+    tiler = parts.tiler
     # distances as (N, T, h, w): the tiles' grids (T = 1 and the frame's grid without tiles)
-    tiles, (h, w) = (tiler.n_tiles, tiler.tile_grid) if tiler is not None else (1, model.grid_)
-    frame_h, frame_w = tiler.grid if tiler is not None else model.grid_
-    size = model.preprocessing_.output_size
+    tiles, (h, w) = (tiler.n_tiles, tiler.tile_grid) if tiler is not None else (1, parts.grid)
     factor_dtype = np.float16 if fp16 else np.float32
 
     def const(name, array):
@@ -164,16 +189,14 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
 
     inits = [
         # the mean stays float32 in fp16 exports too: it is small, and its rounding would be amplified by W
-        store.add("padim/mean", np.float32, (positions, 1, dim), [model.mean_.float().cpu().numpy()]),
+        store.add("padim/mean", np.float32, (positions, 1, dim), [as_float32(parts.mean)]),
         const("padim/grid_shape", np.array([-1, tiles, h, w], np.int64)),
         const("padim/reduce_axis", np.array([2], np.int64)),
         const("padim/squeeze_axis", np.array([1], np.int64)),
         const("padim/first", np.array([0], np.int64)),
         # the map's operator along each axis (bicubic, then blur): map = A_h · distances · A_wᵀ
-        store.add("padim/rows_operator", np.float32, (size[0], frame_h),
-                  [axis_operator(frame_h, size[0], model.blur_sigma).float().numpy()]),
-        store.add("padim/columns_operator_t", np.float32, (frame_w, size[1]),
-                  [axis_operator(frame_w, size[1], model.blur_sigma).T.float().numpy()]),
+        store.add("padim/rows_operator", np.float32, parts.rows_operator.shape, [parts.rows_operator]),
+        store.add("padim/columns_operator_t", np.float32, parts.columns_operator_t.shape, [parts.columns_operator_t]),
     ]
     node = helper.make_node
     nodes = [
@@ -186,7 +209,7 @@ def scoring_nodes(model: Padim, opset: int, store: ExternalData, fp16: bool) -> 
     for index, (first, stop) in enumerate(factor_column_blocks(dim)):
         name = f"padim/factor{index}"
         inits.append(store.add(name, factor_dtype, (positions, stop, stop - first),
-                               factor_block(model.whitener_, first, stop, factor_dtype)))
+                               factor_block(parts.whitener, first, stop, factor_dtype)))
         if fp16:  # cast back once, at load time (constant input)
             nodes.append(node("Cast", [name], [f"{name}/f32"], to=TensorProto.FLOAT))
             name = f"{name}/f32"
@@ -271,10 +294,11 @@ def externalize(graph: onnx.GraphProto, store: ExternalData, fp16: bool) -> None
         graph.node.extend(nodes)
 
 
-def export_metadata(model: Padim, opset: int, fp16: bool, data_name: str, calibration_images: int | None = None) -> dict:
-    """``calibration_images``: with an int8 backbone, how many good images calibrated it (None: float32)."""
-    size = model.preprocessing_.output_size
-    meta = model.to_metadata()
+def export_metadata(model_meta: dict, size: tuple[int, int], opset: int, fp16: bool, data_name: str,
+                    calibration_images: int | None = None) -> dict:
+    """The model's metadata (``Padim.to_metadata``) and the export's own; ``calibration_images``: with an int8
+    backbone, how many good images calibrated it (None: float32)."""
+    meta = dict(model_meta)
     f32, int8 = BACKBONE_PRECISIONS
     meta["export"] = {
         "format_version": EXPORT_FORMAT_VERSION,
@@ -333,32 +357,46 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
     """Write ``path`` (.onnx graph) and ``path.data`` (its tensors) for a fitted model; all or nothing.
     ``int8_images``: good images (as ``Padim.fit`` takes them) to calibrate an int8 backbone on (opt-in, lossy;
     None: float32)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    from . import __version__
-
     model.check_fitted()
     path = Path(path)
     check_export_target(path, opset)
     if int8_images is not None:
         check_int8(fp16)
+
+    def backbone():
+        proto, calibrated = backbone_graph(model, opset), None
+        if int8_images is not None:
+            proto, calibrated = int8_backbone(model, proto, int8_images)
+        return proto, calibrated
+
+    return write_export(path, backbone, ScoringParts.of_model(model), model.to_metadata(), fp16, opset)
+
+
+def write_export(path: Path, backbone, parts: ScoringParts, model_meta: dict, fp16: bool = False,
+                 opset: int = DEFAULT_OPSET) -> ExportResult:
+    """The export of ``backbone()`` (→ the network's ONNX graph, images → embeddings, and its count of int8
+    calibration images or None) followed by the scoring part built from ``parts``, with the model's metadata
+    ``model_meta``: ``path`` and ``path.data`` written whole or not at all. Torch-free itself (the graph may come
+    from a cache: ``fastpadim.onnx_fit``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from . import __version__
+
     folder = path.parent if str(path.parent) else Path(".")
     data_name = f"{path.name}.data"
-    size = model.preprocessing_.output_size
+    size = parts.size
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
     except OSError as exc:
         raise FastpadimError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
-        proto, calibrated = backbone_graph(model, opset), None
-        if int8_images is not None:
-            proto, calibrated = int8_backbone(model, proto, int8_images)
+        proto, calibrated = backbone()
         graph = proto.graph
         store = ExternalData(work, data_name)
         try:
             externalize(graph, store, fp16)
-            nodes, inits = scoring_nodes(model, opset, store, fp16)
+            nodes, inits = scoring_nodes(parts, opset, store, fp16)
         finally:
             store.close()
         graph.node.extend(nodes)
@@ -373,7 +411,7 @@ def export_onnx(model: Padim, path: str | os.PathLike, fp16: bool = False, opset
         proto.producer_name, proto.producer_version = "fastpadim", __version__
         proto.doc_string = "PaDiM anomaly maps and image scores; see metadata_props['fastpadim']"
         del proto.metadata_props[:]
-        meta = check_metadata(export_metadata(model, opset, fp16, data_name, calibrated), path)  # what the runtime will accept
+        meta = check_metadata(export_metadata(model_meta, size, opset, fp16, data_name, calibrated), path)  # what the runtime will accept
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         onnx.save_model(proto, str(work / path.name))

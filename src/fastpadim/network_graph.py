@@ -4,7 +4,8 @@ for one that has not (``fastpadim.onnx_fit``):
     python -m fastpadim.network_graph PARAMETERS.json FOLDER
 
 builds ``Padim(**parameters)`` and writes FOLDER/embedder.onnx (images → embeddings, as ``Padim`` embeds them,
-tiles included) and FOLDER/network.json. Errors are one line on stderr and exit status 1.
+tiles included), FOLDER/network.json and, without tiles, FOLDER/map_operators.npz (what an export needs besides the
+fitted state). Errors are one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 
 GRAPH_NAME = "embedder.onnx"
 DESCRIPTION_NAME = "network.json"
+OPERATORS_NAME = "map_operators.npz"  # rows (H, grid_h), columns_t (grid_w, W): the map from the distances
 
 
 def write_network(params: dict, folder: Path) -> None:
+    import numpy as np
     import onnx
 
+    from .anomaly_map import map_operators
     from .export import backbone_graph
     from .model import Padim
     from .onnx_runtime import DEFAULT_OPSET
@@ -34,6 +38,9 @@ def write_network(params: dict, folder: Path) -> None:
         "samples_per_image": model.samples_per_image,
         "images_per_call": model.images_per_call,
     }
+    if model.tiler_ is None:  # a tiled model's export (its stitching) is made by the PyTorch path, on first use
+        rows, columns_t = map_operators(tuple(model.grid_), tuple(model.preprocessing_.output_size), model.blur_sigma)
+        np.savez(folder / OPERATORS_NAME, rows=rows, columns_t=columns_t)
     (folder / DESCRIPTION_NAME).write_text(json.dumps(description))
 
 

@@ -33,13 +33,14 @@ from .files import check_writable_file, file_digest
 from .gaussian import GaussianStats
 from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
 from .metadata import history_entry
-from .network_graph import DESCRIPTION_NAME, GRAPH_NAME
+from .network_graph import DESCRIPTION_NAME, GRAPH_NAME, OPERATORS_NAME
 from .onnx_runtime import EMBEDDINGS_OUTPUT, ENGINES
 from .presets import package_weights_file, resolve_preset
 from .sources import expand
 
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update (as Padim.accumulate)
 CACHE_ENV = "FASTPADIM_CACHE"
+CACHE_LAYOUT = 2  # what a cache entry holds (2: the map operators too)
 RUN_PARAMS = ("engine", "device", "batch_size", "workers")  # how a fit runs, not what it fits: not in the key
 
 
@@ -82,7 +83,8 @@ def network(params: dict) -> Network:
 
     fingerprint = weights_fingerprint(params)
     key_params = {name: value for name, value in sorted(params.items()) if name not in RUN_PARAMS}
-    material = json.dumps({"params": key_params, "weights": fingerprint, "fastpadim": __version__}, sort_keys=True,
+    material = json.dumps({"params": key_params, "weights": fingerprint, "fastpadim": __version__,
+                           "layout": CACHE_LAYOUT}, sort_keys=True,
                           default=str)
     folder = cache_folder() / "networks" / hashlib.sha256(material.encode()).hexdigest()[:32]
     if fingerprint is not None and (folder / DESCRIPTION_NAME).is_file() and (folder / GRAPH_NAME).is_file():
@@ -120,17 +122,15 @@ class FitResult:
     skipped: list[tuple[str, str]]
     network_built: bool  # the network graph was built by a child process (not in the cache)
     input_size: tuple[int, int]  # the network's input (height, width)
+    export: Path | None  # the ONNX export cached beside the model file (None: made on first use, with PyTorch)
 
 
 def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine: str = "onnxruntime",
                    progress: Callable[[int], None] | None = None, **params) -> FitResult:
     """Fit on good ``images`` (paths, arrays, a folder, a glob or a list file, as ``Padim.fit`` takes them) with
     Padim's parameters ``params``, the network run by ``engine`` ("onnxruntime" or "openvino", on the CPU), and
-    write the model file ``path``; PyTorch is never imported here. ``folds`` must be 0 (no threshold)."""
-    from .modelfile import write_model_file
-    from .onnx_runtime import OnnxRuntimeSession, OpenVinoSession
-    from .results import ScoringMixin
-
+    write the model file ``path`` and, without tiles and with a float32 factor, its ONNX export beside it (where
+    ``fastpadim predict --engine`` finds it); PyTorch is never imported here. ``folds`` must be 0 (no threshold)."""
     if engine not in ENGINES:
         raise FastpadimError(f"a fit without PyTorch runs on {' or '.join(ENGINES)}, not {engine!r}")
     if params.get("folds", "all") != 0 or params.get("holdout", 0.0):
@@ -142,15 +142,23 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     check_writable_file(path)
     found = network(params)
     try:
-        description = found.description
-        meta = description["metadata"]
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
-        options = {"spin": False} if engine == "onnxruntime" else {}  # the statistics share the cores
-        session = session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
+        return _fit(found, images, path, engine, progress, params)
     finally:
-        if found.graph.parent.name.startswith(".building-"):
+        if found.graph.parent.name.startswith(".building-"):  # built for this fit only (not cacheable)
             shutil.rmtree(found.graph.parent, ignore_errors=True)
+
+
+def _fit(found: Network, images, path: Path, engine: str, progress, params: dict) -> FitResult:
+    from .modelfile import write_model_file
+    from .onnx_runtime import OnnxRuntimeSession, OpenVinoSession
+    from .results import ScoringMixin
+
+    description = found.description
+    meta = description["metadata"]
+    preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
+    options = {"spin": False} if engine == "onnxruntime" else {}  # the statistics share the cores
+    session = session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
     per_call = description["images_per_call"]
     positions, dim = description["embedding"]
     images, skipped = expand(images)
@@ -198,4 +206,25 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
             "history": [history_entry(count, digest.hexdigest())]}
     write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
                                   "channel_indices": np.asarray(description["channel_indices"], np.int64)})
-    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]))
+    exported = None
+    operators = found.graph.with_name(OPERATORS_NAME)
+    if meta["factor_dtype"] == "float32" and operators.is_file():
+        exported = export_beside(path, found.graph, operators, compact, meta, tuple(description["input_size"]))
+    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported)
+
+
+def export_beside(path: Path, graph: Path, operators: Path, stats: GaussianStats, meta: dict,
+                  size: tuple[int, int]) -> Path:
+    """The ONNX export of the model file ``path``, from its statistics (the factor computed here, once, in NumPy)
+    and the cached network graph, written where ``fastpadim predict --engine`` looks for it (``engines.onnx_of``):
+    the first scoring run needs neither PyTorch nor an export."""
+    import onnx
+
+    from .engines import cache_export
+    from .export import ScoringParts, write_export
+
+    whitener = stats.whitener(meta["epsilon"], np.float32)
+    with np.load(operators) as loaded:
+        rows, columns_t = loaded["rows"], loaded["columns_t"]
+    parts = ScoringParts(stats.mean, whitener, tuple(meta["grid"]), size, rows, columns_t)
+    return cache_export(path, lambda target: write_export(target, lambda: (onnx.load(str(graph)), None), parts, meta))

@@ -64,6 +64,12 @@ def fit(
         check_options(n_features=n_features, seed=seed, folds=folds, holdout=holdout, false_alarm_rate=false_alarm_rate)
         folds = parse_folds(folds)
         apply_max_pixels(max_pixels)
+        # an ONNX engine with no threshold to set: the fit runs without PyTorch (fastpadim.onnx_fit)
+        without_torch = (engine in ONNX_ENGINES and folds == 0 and threshold_dir is None and not holdout
+                         and ray_target is None and not per_video and not plan and max_memory is None
+                         and device in ("auto", "cpu"))
+        if not without_torch:
+            from ..model import Padim  # first: a light install without PyTorch is told so before anything else
 
         if ray_target is not None:
             from ..distributed import require_ray
@@ -84,10 +90,8 @@ def fit(
         )
         # the out-of-fold pass reads every training image a second time (none with a hold-out or threshold images)
         fold_pass = folds != 0 and not threshold_files and not params["holdout"]
-        if (params["engine"] in ONNX_ENGINES and folds == 0 and not threshold_files and not params["holdout"]
-                and ray_target is None and not per_video and not plan and max_memory is None and device in ("auto", "cpu")):
+        if without_torch:
             return fit_without_torch(files, output, params)
-        from ..model import Padim
         from ..plan import check_plan, plan_for
         from ..results import threshold_caveat
 
