@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,11 @@ from fastpadim.evaluation.synthetic import surface
 TEST_THREADS = int(os.environ.get("FASTPADIM_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 threadpool_limits(TEST_THREADS)  # NumPy's OpenBLAS too (the float64 references)
+
+# A fit through an ONNX engine caches network graphs (fastpadim.onnx_fit): the tests' go to a folder of their own,
+# never to the user's ~/.cache.
+os.environ["FASTPADIM_CACHE"] = tempfile.mkdtemp(prefix="fastpadim-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTPADIM_CACHE"], True)
 
 REPO = Path(__file__).resolve().parents[1]
 # The MVTec AD bottle category (256x256 copy), beside the repository as the issue describes.

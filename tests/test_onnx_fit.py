@@ -39,10 +39,14 @@ def images(tmp_path_factory):
     return folder
 
 
-def test_the_model_file_is_the_one_padim_fit_writes(tmp_path, cache, images):
-    result = onnx_fit.fit_model_file(images, tmp_path / "lean.padim", engine="onnxruntime", **PARAMS)
+@pytest.mark.parametrize("folds", [0, "all"])
+def test_the_model_file_is_the_one_padim_fit_writes(tmp_path, cache, images, folds):
+    """Statistics, metadata, inputs' digest and, with the default leave-one-out, the threshold and its calibration
+    scores: what Padim.fit writes (the network on onnxruntime against PyTorch: 1e-4)."""
+    params = {**PARAMS, "folds": folds}
+    result = onnx_fit.fit_model_file(images, tmp_path / "lean.padim", engine="onnxruntime", **params)
     assert result.n_train_images == 6 and result.skipped == [] and result.network_built
-    model = Padim(**PARAMS).fit(images)
+    model = Padim(**params).fit(images)
     model.save(tmp_path / "torch.padim")
     lean_meta, lean = read_model_file(tmp_path / "lean.padim")
     torch_meta, reference = read_model_file(tmp_path / "torch.padim")
@@ -52,6 +56,16 @@ def test_the_model_file_is_the_one_padim_fit_writes(tmp_path, cache, images):
     assert np.array_equal(lean["channel_indices"].numpy(), reference["channel_indices"].numpy())
     for meta in (lean_meta, torch_meta):
         meta["history"] = [{**entry, "date": None} for entry in meta["history"]]
+    if folds == "all":
+        assert result.scoring.threshold_ is not None
+        for meta in (lean_meta, torch_meta):  # compared to 1e-4 below, the rest exactly
+            meta["threshold_value"] = meta["threshold"].pop("image")
+            meta["calibration_scores"] = meta["calibration"].pop("scores")
+            meta["calibration"].pop("tail", None)
+        np.testing.assert_allclose(lean_meta.pop("threshold_value"), torch_meta.pop("threshold_value"), rtol=1e-4)
+        np.testing.assert_allclose(lean_meta.pop("calibration_scores"), torch_meta.pop("calibration_scores"), rtol=1e-4)
+    else:
+        assert result.scoring.threshold_ is None and lean_meta["threshold"]["image"] is None
     assert lean_meta == torch_meta  # the digest of the inputs too: the same pixels went in
     # the file is a model like any other: loaded, it scores as the torch-fitted one
     scores = Padim.load(tmp_path / "lean.padim", device="cpu").score_images(surfaces(2, seed=5))[0]
@@ -99,8 +113,9 @@ def test_unreadable_images_are_skipped_and_too_few_write_nothing(tmp_path, cache
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"folds": "all"}, "sets no threshold"),
-    ({"holdout": 0.2}, "sets no threshold"),
+    ({"folds": 3}, "k folds and a hold-out go through PyTorch"),
+    ({"holdout": 0.2}, "k folds and a hold-out go through PyTorch"),
+    ({"folds": "all", "tile": 32}, "tiled model's leave-one-out threshold goes through PyTorch"),
     ({"engine": "torch"}, "without PyTorch runs on"),
     ({"device": "cuda"}, "on the CPU"),
     ({"epsilon": -1.0}, "building the network failed: epsilon must be"),

@@ -81,7 +81,7 @@ class ExternalData:
         start = self.offset
         for block in blocks:
             data = np.ascontiguousarray(block, dtype=dtype)
-            self.handle.write(data.tobytes())
+            self.handle.write(data.data)  # the array's own buffer, no copy
             self.offset += data.nbytes
         if self.offset - start != nbytes:
             raise RuntimeError(f"tensor {name}: wrote {self.offset - start} bytes, expected {nbytes}")

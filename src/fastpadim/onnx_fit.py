@@ -8,7 +8,9 @@ the images (``fastpadim.images``), runs the graph on onnxruntime or OpenVINO in 
 statistics (``run_ahead``), adds the embeddings to NumPy statistics (``fastpadim.gaussian``: the same code as the
 PyTorch path) and writes the model file, which ``Padim.load`` and every command read like any other.
 
-No threshold is set here (``folds`` must be 0): set one from good images afterwards (``fastpadim calibrate``).
+The threshold is the leave-one-out one of ``Padim`` (``folds="all"``, the default: each training image scored by the
+Gaussians of all the others, in closed form, from a second pass of the engine), or none (``folds=0``); k folds, a
+hold-out or a tiled model's leave-one-out go through PyTorch.
 """
 
 from __future__ import annotations
@@ -20,22 +22,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
 from .ahead import run_ahead
 from .errors import FastpadimError
 from .files import check_writable_file, file_digest
-from .gaussian import GaussianStats
+from .calibration import Calibration
+from .gaussian import GaussianStats, leave_one_out, mahalanobis
 from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
 from .metadata import history_entry
 from .network_graph import DESCRIPTION_NAME, GRAPH_NAME, OPERATORS_NAME
 from .onnx_runtime import EMBEDDINGS_OUTPUT, ENGINES
 from .presets import package_weights_file, resolve_preset
+from .results import ScoringMixin
 from .sources import expand
 
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update (as Padim.accumulate)
@@ -123,6 +126,7 @@ class FitResult:
     network_built: bool  # the network graph was built by a child process (not in the cache)
     input_size: tuple[int, int]  # the network's input (height, width)
     export: Path | None  # the ONNX export cached beside the model file (None: made on first use, with PyTorch)
+    scoring: FittedScoring  # the threshold and its calibration, as a model holds them (threshold_, calibration_)
 
 
 def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine: str = "onnxruntime",
@@ -130,12 +134,17 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     """Fit on good ``images`` (paths, arrays, a folder, a glob or a list file, as ``Padim.fit`` takes them) with
     Padim's parameters ``params``, the network run by ``engine`` ("onnxruntime" or "openvino", on the CPU), and
     write the model file ``path`` and, without tiles and with a float32 factor, its ONNX export beside it (where
-    ``fastpadim predict --engine`` finds it); PyTorch is never imported here. ``folds`` must be 0 (no threshold)."""
+    ``fastpadim predict --engine`` finds it); PyTorch is never imported here. ``folds``: "all" (leave-one-out
+    threshold, the default) or 0 (none)."""
     if engine not in ENGINES:
         raise FastpadimError(f"a fit without PyTorch runs on {' or '.join(ENGINES)}, not {engine!r}")
-    if params.get("folds", "all") != 0 or params.get("holdout", 0.0):
-        raise FastpadimError("a fit through an ONNX engine without PyTorch sets no threshold: give folds=0 (then set "
-                             "one from good images with fastpadim calibrate)")
+    params = {**params, "folds": params.get("folds", "all")}
+    if params["folds"] not in (0, "all") or params.get("holdout", 0.0):
+        raise FastpadimError("a fit through an ONNX engine without PyTorch sets its threshold by leave-one-out "
+                             "(folds='all') or none (folds=0); k folds and a hold-out go through PyTorch")
+    if params["folds"] == "all" and params.get("tile") is not None:
+        raise FastpadimError("a tiled model's leave-one-out threshold goes through PyTorch; give folds=0 to fit "
+                             "it without PyTorch")
     if params.get("device", "cpu") not in ("cpu", "auto"):
         raise FastpadimError("a fit through an ONNX engine without PyTorch runs on the CPU")
     path = Path(path)
@@ -151,7 +160,6 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
 def _fit(found: Network, images, path: Path, engine: str, progress, params: dict) -> FitResult:
     from .modelfile import write_model_file
     from .onnx_runtime import OnnxRuntimeSession, OpenVinoSession
-    from .results import ScoringMixin
 
     description = found.description
     meta = description["metadata"]
@@ -162,6 +170,8 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     per_call = description["images_per_call"]
     positions, dim = description["embedding"]
     images, skipped = expand(images)
+    if params["folds"] == "all" and isinstance(images, Iterator):
+        images = list(images)  # read twice (the statistics, then the leave-one-out scores)
     skipped = list(skipped)
     digest = hashlib.sha256()
 
@@ -194,37 +204,85 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
         filled += len(embeddings)
     if filled:
         stats.update(buffer[:filled], centre_in_place=True)
-    del buffer, session  # the engine's memory, before the model file is written
+    del buffer
     count = stats.count // description["samples_per_image"]
     if count < 2:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
         raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
     compact = stats.compacted()
     del stats
-    unthresholded = SimpleNamespace(threshold_rate_=None, false_alarm_rate=params.get("false_alarm_rate", 0.01))
-    meta = {**meta, "n_train_images": count, **ScoringMixin.threshold_metadata(unthresholded),
+    fitted = FittedScoring(compact, count, description, preprocessing, params)
+    operators = found.graph.with_name(OPERATORS_NAME)
+    exportable = meta["factor_dtype"] == "float32" and operators.is_file()
+    whitener = None
+    if params["folds"] == "all" or exportable:  # one factorisation, for the threshold and the export alike
+        whitener = compact.whitener(meta["epsilon"], np.float32)
+    if params["folds"] == "all":
+        scores = fitted.leave_one_out_scores(session, whitener, operators, images, progress)
+        fitted.calibrate(Calibration(scores, "out-of-fold", "all"))
+    del session  # the engine's memory, before the files are written
+    meta = {**meta, "n_train_images": count, **fitted.threshold_metadata(),
             "history": [history_entry(count, digest.hexdigest())]}
     write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
                                   "channel_indices": np.asarray(description["channel_indices"], np.int64)})
     exported = None
-    operators = found.graph.with_name(OPERATORS_NAME)
-    if meta["factor_dtype"] == "float32" and operators.is_file():
-        exported = export_beside(path, found.graph, operators, compact, meta, tuple(description["input_size"]))
-    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported)
+    if exportable:
+        exported = export_beside(path, found.graph, operators, compact.mean, whitener, meta,
+                                 tuple(description["input_size"]))
+    fitted.stats = None
+    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported, fitted)
 
 
-def export_beside(path: Path, graph: Path, operators: Path, stats: GaussianStats, meta: dict,
+class FittedScoring(ScoringMixin):
+    """What the fit knows of the model it writes, as a scorer: its threshold metadata (none, or the calibration
+    below), and ``run_batch`` giving each training image's leave-one-out score (``Padim.leave_one_out_scores``:
+    the distances to the Gaussians of all the other images, in closed form, then the map and its max)."""
+
+    def __init__(self, stats: GaussianStats, count: int, description: dict, preprocessing: Preprocessing,
+                 params: dict):
+        self.stats, self.count = stats, count
+        self.grid = tuple(description["metadata"]["grid"])
+        self.per_call = description["images_per_call"]
+        self.preprocessing_ = preprocessing
+        self.batch_size, self.workers = params.get("batch_size", 32), params.get("workers", 2)
+        self.false_alarm_rate = params.get("false_alarm_rate", 0.01)
+        self.n_samples_seen_, self.threshold_rate_, self.skipped_ = count, None, []
+        self.session = self.whitener = self.rows = self.columns_t = None
+
+    def leave_one_out_scores(self, session, whitener: np.ndarray, operators: Path, images,
+                             progress: Callable[[int], None] | None) -> list[float]:
+        self.session, self.whitener = session, whitener
+        with np.load(operators) as loaded:
+            self.rows, self.columns_t = loaded["rows"], loaded["columns_t"]
+        try:
+            return [item.score for batch in self.iter_scored(images, progress=progress) for item in batch
+                    if item.error is None]
+        finally:
+            self.session = self.whitener = None
+
+    def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = [], []
+        for first in range(0, len(batch), self.per_call):
+            embeddings = self.session.run(np.ascontiguousarray(batch[first:first + self.per_call]))[0]
+            distances = leave_one_out(mahalanobis(embeddings, self.stats.mean, self.whitener), self.count)
+            # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
+            part = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
+            maps.append(part)
+            scores.append(part.max(axis=(1, 2)))
+        return np.concatenate(scores), np.concatenate(maps)
+
+
+def export_beside(path: Path, graph: Path, operators: Path, mean: np.ndarray, whitener: np.ndarray, meta: dict,
                   size: tuple[int, int]) -> Path:
-    """The ONNX export of the model file ``path``, from its statistics (the factor computed here, once, in NumPy)
-    and the cached network graph, written where ``fastpadim predict --engine`` looks for it (``engines.onnx_of``):
-    the first scoring run needs neither PyTorch nor an export."""
+    """The ONNX export of the model file ``path``, from its mean and factor and the cached network graph, written
+    where ``fastpadim predict --engine`` looks for it (``engines.onnx_of``): the first scoring run needs neither
+    PyTorch nor an export."""
     import onnx
 
     from .engines import cache_export
     from .export import ScoringParts, write_export
 
-    whitener = stats.whitener(meta["epsilon"], np.float32)
     with np.load(operators) as loaded:
         rows, columns_t = loaded["rows"], loaded["columns_t"]
-    parts = ScoringParts(stats.mean, whitener, tuple(meta["grid"]), size, rows, columns_t)
+    parts = ScoringParts(mean, whitener, tuple(meta["grid"]), size, rows, columns_t)
     return cache_export(path, lambda target: write_export(target, lambda: (onnx.load(str(graph)), None), parts, meta))

@@ -58,14 +58,15 @@ def fit(
 ) -> None:
     """Fit a model on good images (or video frames).
 
-    With --engine onnxruntime or openvino and --folds 0 the fit runs without PyTorch in this process (the
-    network's graph is built once by a child process and cached; set a threshold afterwards with calibrate)."""
+    With --engine onnxruntime or openvino and the leave-one-out threshold (the default) or none (--folds 0), the fit
+    runs without PyTorch in this process (the network's graph is built once by a child process and cached)."""
     with user_errors():
         check_options(n_features=n_features, seed=seed, folds=folds, holdout=holdout, false_alarm_rate=false_alarm_rate)
         folds = parse_folds(folds)
         apply_max_pixels(max_pixels)
-        # an ONNX engine with no threshold to set: the fit runs without PyTorch (fastpadim.onnx_fit)
-        without_torch = (engine in ONNX_ENGINES and folds == 0 and threshold_dir is None and not holdout
+        # an ONNX engine, and a leave-one-out threshold or none: the fit runs without PyTorch (fastpadim.onnx_fit)
+        without_torch = (engine in ONNX_ENGINES and (folds == 0 or (folds == "all" and tile is None))
+                         and threshold_dir is None and not holdout
                          and ray_target is None and not per_video and not plan and max_memory is None
                          and device in ("auto", "cpu"))
         if not without_torch:
@@ -93,7 +94,6 @@ def fit(
         if without_torch:
             return fit_without_torch(files, output, params)
         from ..plan import check_plan, plan_for
-        from ..results import threshold_caveat
 
         # The memory plan (it builds the network, which the fit then reuses): --plan prints it and writes nothing;
         # a fit that would not fit the available memory is refused here, in one line naming what to change. A fit
@@ -126,11 +126,17 @@ def fit(
             say(f"fitted {model.n_samples_seen_} images in {elapsed:.1f} s ({images / elapsed:.1f} images/s; "
                 f"{model.preset_.name}, {model.device_.type}); {shown_input}; threshold {threshold_text(model)}; "
                 f"wrote {target}")
-            # a tail model extrapolates below 1/n; without one (too few scores) the threshold is their maximum
-            if model.threshold_ is not None and not getattr(model, "threshold_extrapolated_", False):
-                caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
-                if caveat:
-                    warn(caveat)
+            warn_threshold_caveat(model)
+
+
+def warn_threshold_caveat(model) -> None:
+    """A tail model extrapolates below 1/n; without one (too few scores) the threshold is their maximum: say so."""
+    from ..results import threshold_caveat
+
+    if model.threshold_ is not None and not getattr(model, "threshold_extrapolated_", False):
+        caveat = threshold_caveat(model.threshold_rate_, getattr(model, "threshold_count_", None))
+        if caveat:
+            warn(caveat)
 
 
 def fit_without_torch(files: Sequence[Item], output: Path, params: dict) -> None:
@@ -141,14 +147,15 @@ def fit_without_torch(files: Sequence[Item], output: Path, params: dict) -> None
     engine = params.pop("engine")
     skipped: Skipped = []
     start = time.perf_counter()
-    with progress_bar("fitting", len(files)) as advance:
+    with progress_bar("fitting", len(files) * (2 if params["folds"] == "all" else 1)) as advance:
         result = fit_model_file(Rereadable(files, skipped), output, engine=engine, progress=advance, **params)
     elapsed = time.perf_counter() - start
     report_skipped(skipped + result.skipped)
     built = "; the network's graph built and cached first" if result.network_built else ""
     say(f"fitted {result.n_train_images} images in {elapsed:.1f} s ({len(files) / elapsed:.1f} images/s; "
         f"{params['backbone']}, {engine} without PyTorch{built}); input {format_size(result.input_size)}; "
-        f"threshold none (--folds 0: set one with fastpadim calibrate); wrote {output}")
+        f"threshold {threshold_text(result.scoring)}; wrote {output}")
+    warn_threshold_caveat(result.scoring)
 
 
 THRESHOLD_SOURCES = {"hold-out": "hold-out", "good images": "--threshold-dir"}
