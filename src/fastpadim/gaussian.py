@@ -287,7 +287,8 @@ def mahalanobis(embeddings, mean, whitener):
     """Distances (B, P) of embeddings (B, P, D) to per-position Gaussians: ‖W (x − μ)‖ ≥ 0 by construction."""
     ops = ops_for(whitener)
     centred = ops.astype(embeddings, whitener.dtype) - ops.astype(mean, whitener.dtype)
-    whitened = ops.matmul(whitener, ops.permute(centred, (1, 2, 0)))  # (P, D, B)
+    # (P, D, B); NumPy's batched product is 1.6x faster on a contiguous copy (torch's takes the strides as they are)
+    whitened = ops.matmul(whitener, ops.contiguous(ops.permute(centred, (1, 2, 0))))
     return ops.astype(ops.sqrt((whitened * whitened).sum(1)).T, ops.float32)
 
 

@@ -165,8 +165,12 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     meta = description["metadata"]
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
-    options = {"spin": False} if engine == "onnxruntime" else {}  # the statistics share the cores
-    session = session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
+
+    def open_session(spin: bool):
+        options = {"spin": spin} if engine == "onnxruntime" else {}
+        return session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
+
+    session = open_session(spin=False)  # the statistics share the cores
     per_call = description["images_per_call"]
     positions, dim = description["embedding"]
     images, skipped = expand(images)
@@ -204,7 +208,7 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
         filled += len(embeddings)
     if filled:
         stats.update(buffer[:filled], centre_in_place=True)
-    del buffer
+    del buffer, session  # the engine's memory (~0.2 GB) is not held while the factor is computed
     count = stats.count // description["samples_per_image"]
     if count < 2:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""
@@ -218,9 +222,8 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     if params["folds"] == "all" or exportable:  # one factorisation, for the threshold and the export alike
         whitener = compact.whitener(meta["epsilon"], np.float32)
     if params["folds"] == "all":
-        scores = fitted.leave_one_out_scores(session, whitener, operators, images, progress)
+        scores = fitted.leave_one_out_scores(open_session(spin=True), whitener, operators, images, progress)
         fitted.calibrate(Calibration(scores, "out-of-fold", "all"))
-    del session  # the engine's memory, before the files are written
     meta = {**meta, "n_train_images": count, **fitted.threshold_metadata(),
             "history": [history_entry(count, digest.hexdigest())]}
     write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
