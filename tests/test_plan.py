@@ -31,7 +31,7 @@ def test_the_plan_keeps_the_engines_constants():
     from fastpadim.cli import options
 
     assert plan_module.CPU_FORWARD_IMAGES == model_module.CPU_FORWARD_IMAGES
-    assert plan_module.UPDATE_BUFFER_BYTES == model_module.UPDATE_BUFFER_BYTES
+    assert plan_module.UPDATE_BUFFER_BYTES == gaussian.UPDATE_BUFFER_BYTES
     assert plan_module.FOLD_CACHE_BYTES == model_module.FOLD_CACHE_BYTES
     assert plan_module.CHUNK_ELEMENTS == gaussian._CHUNK_ELEMENTS
     assert plan_module.FACTOR_CHUNK_CAP == gaussian.FACTOR_CHUNK_CAP

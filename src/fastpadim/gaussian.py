@@ -264,6 +264,40 @@ class GaussianStats:
         return result
 
 
+UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
+
+
+def accumulate(stats: GaussianStats | None, parts, batch_done, buffer_bytes: int = UPDATE_BUFFER_BYTES):
+    """``stats`` (None: made from the first embeddings, on their device) with every embedding of ``parts`` added:
+    ``parts`` yields (batch, embeddings (n, P, D)) part by part and (batch, None) once a batch is done, which goes
+    to ``batch_done(batch)``. Embeddings gather in one preallocated buffer of at most ``buffer_bytes`` and are
+    merged in one update when it is full: each update touches the whole (P, D, D) state, so fewer, larger updates
+    are faster, and memory stays the same whatever the number of images. The fit with and without PyTorch share it."""
+    buffer, filled = None, 0
+    for batch, embeddings in parts:
+        if embeddings is None:
+            batch_done(batch)
+            continue
+        count = len(embeddings)  # samples: images, or their tiles when tiles share one model
+        if buffer is None:
+            capacity = max(count, buffer_bytes // max(1, embeddings[0].nbytes))
+            buffer = ops_for(embeddings).empty((capacity, *embeddings.shape[1:]), embeddings.dtype, embeddings)
+        if filled + count > buffer.shape[0]:
+            stats = _merged(stats, buffer[:filled])
+            filled = 0
+        buffer[filled:filled + count] = embeddings  # part by part: a whole batch's embeddings are never held at once
+        filled += count
+        del embeddings
+    return _merged(stats, buffer[:filled]) if filled else stats
+
+
+def _merged(stats: GaussianStats | None, embeddings) -> GaussianStats:
+    if stats is None:
+        stats = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], like=embeddings)
+    stats.update(embeddings, centre_in_place=True)
+    return stats
+
+
 def triangular_inverse(lower, levels: int = 2):
     """L⁻¹ of lower-triangular matrices (…, n, n), by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]].
 

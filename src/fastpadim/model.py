@@ -18,7 +18,7 @@ from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
 from .calibration import Calibration, fold_assignment
-from .gaussian import GaussianStats, leave_one_out, mahalanobis
+from .gaussian import GaussianStats, accumulate, leave_one_out, mahalanobis
 from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .metadata import history_entry  # noqa: F401 - re-exported (distributed)
@@ -29,7 +29,6 @@ from .tiles import Tiler
 
 FACTOR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Progress = Callable[[int], None]
-UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
 FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (larger folds are embedded again)
 MAX_FOLDS = 100
 PARTS_AHEAD = 1  # network parts (8 images of 256 px: 23 MB of embeddings each) computed ahead of their use
@@ -407,44 +406,20 @@ class Padim(ScoringMixin):
     def accumulate(self, images: Iterable[ImageInput], progress: Progress | None = None, digest=None) -> Padim:
         """Add the embeddings of good images to the running statistics ``stats_`` (no factorisation yet);
         unreadable images are listed in ``skipped_``; ``digest`` (a hashlib object) takes each input as seen."""
-        # Embeddings gather in one preallocated buffer of bounded size and are merged in one update when
-        # it is full: each update touches the whole (P, D, D) state, so fewer, larger updates are faster,
-        # and memory stays the same whatever the number of images.
-        buffer: torch.Tensor | None = None
-        filled = 0
         if self.stats_ is not None:
             self.stats_ = self.stats_.widened()  # a fitted model's statistics are kept compact (float32)
 
-        def flush():
-            nonlocal filled
-            if filled:
-                if self.stats_ is None:
-                    self.stats_ = GaussianStats.empty(buffer.shape[1], buffer.shape[2], self.device_)
-                self.stats_.update(buffer[:filled], centre_in_place=True)
-                filled = 0
+        def batch_done(batch: list) -> None:
+            self.skipped_.extend((item.name, item.error) for item in batch if item.error)
+            if digest is not None:
+                for item in batch:
+                    if item.array is not None:
+                        digest.update(item.array.tobytes())
+            if progress:
+                progress(len(batch))
 
-        for batch, embeddings in run_ahead(self._embedded_parts(images), self._parts_ahead):
-            if embeddings is None:  # the batch's parts are done
-                self.skipped_.extend((item.name, item.error) for item in batch if item.error)
-                if digest is not None:
-                    for item in batch:
-                        if item.tensor is not None:
-                            digest.update(item.array.tobytes())
-                if progress:
-                    progress(len(batch))
-                continue
-            # part by part into the buffer: a whole batch's embeddings are never held at once
-            count = len(embeddings)  # samples: images, or their tiles when tiles share one model
-            if buffer is None:
-                per_image = embeddings[0].numel() * embeddings.element_size()
-                capacity = max(count, UPDATE_BUFFER_BYTES // per_image)
-                buffer = torch.empty((capacity, *embeddings.shape[1:]), dtype=embeddings.dtype, device=self.device_)
-            if filled + count > buffer.shape[0]:
-                flush()
-            buffer[filled : filled + count] = embeddings
-            filled += count
-            del embeddings
-        flush()
+        parts = run_ahead(self._embedded_parts(images), self._parts_ahead)
+        self.stats_ = accumulate(self.stats_, parts, batch_done)
         return self
 
     def finish_out_of_fold(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:

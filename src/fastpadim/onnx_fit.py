@@ -32,7 +32,7 @@ from .ahead import run_ahead
 from .errors import FastpadimError
 from .files import check_writable_file, file_digest
 from .calibration import Calibration
-from .gaussian import GaussianStats, leave_one_out, mahalanobis
+from .gaussian import GaussianStats, accumulate, leave_one_out, mahalanobis
 from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
 from .metadata import history_entry
 from .network_graph import DESCRIPTION_NAME, GRAPH_NAME, OPERATORS_NAME
@@ -41,7 +41,6 @@ from .presets import package_weights_file, resolve_preset
 from .results import ScoringMixin
 from .sources import expand
 
-UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update (as Padim.accumulate)
 CACHE_ENV = "FASTPADIM_CACHE"
 CACHE_LAYOUT = 2  # what a cache entry holds (2: the map operators too)
 RUN_PARAMS = ("engine", "device", "batch_size", "workers")  # how a fit runs, not what it fits: not in the key
@@ -188,27 +187,17 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
                 yield batch, session.run(stack_arrays(readable[first:first + per_call]))[0]
             yield batch, None
 
-    stats = GaussianStats.empty(positions, dim, like=np.empty(0))
-    per_sample = positions * dim * 4
-    buffer = np.empty((max(1, UPDATE_BUFFER_BYTES // per_sample), positions, dim), np.float32)
-    filled = 0
-    for batch, embeddings in run_ahead(embedded(session), 1):
-        if embeddings is None:
-            skipped.extend((item.name, item.error) for item in batch if item.error)
-            for item in batch:
-                if item.array is not None:
-                    digest.update(item.array.tobytes())
-            if progress:
-                progress(len(batch))
-            continue
-        if filled + len(embeddings) > len(buffer):
-            stats.update(buffer[:filled], centre_in_place=True)
-            filled = 0
-        buffer[filled:filled + len(embeddings)] = embeddings
-        filled += len(embeddings)
-    if filled:
-        stats.update(buffer[:filled], centre_in_place=True)
-    del buffer, session  # the engine's memory (~0.2 GB) is not held while the factor is computed
+    def batch_done(batch: list) -> None:
+        skipped.extend((item.name, item.error) for item in batch if item.error)
+        for item in batch:
+            if item.array is not None:
+                digest.update(item.array.tobytes())
+        if progress:
+            progress(len(batch))
+
+    stats = accumulate(GaussianStats.empty(positions, dim, like=np.empty(0)), run_ahead(embedded(session), 1),
+                       batch_done)
+    del session  # the engine's memory (~0.2 GB) is not held while the factor is computed
     count = stats.count // description["samples_per_image"]
     if count < 2:
         detail = f" ({len(skipped)} unreadable)" if skipped else ""

@@ -8,7 +8,7 @@ What a fit on the CPU holds, phase by phase (the terms of ``MemoryPlan``; ``docs
 memory", compares the estimate with measured peaks). S is the float64 statistics (mean (P, D), packed scatter
 (P, D(D+1)/2)), W the factor (P, D, D) in its dtype:
 
-- accumulate: S, the embedding buffer (``model.UPDATE_BUFFER_BYTES``), the update's per-chunk temporaries, the
+- accumulate: S, the embedding buffer (``gaussian.UPDATE_BUFFER_BYTES``), the update's per-chunk temporaries, the
   network's activations for one forward part and the decoded input batches;
 - out-of-fold (k ≥ 2 ``folds``, no hold-out or threshold images): S and one fold's statistics, a second S, which
   becomes the other folds' statistics and then their factor in place (``GaussianStats.without``,
@@ -46,7 +46,7 @@ ACTIVATION_FACTOR = 14
 # that much above its live tensors (docs/performance.md, "Planning memory").
 ALLOCATOR_SLACK = 64 * 1024 * 1024
 SAFETY_MARGIN = 0.10  # share of the available memory the plan leaves free (the OS, other processes, estimate error)
-# Kept in step with model.UPDATE_BUFFER_BYTES, FOLD_CACHE_BYTES and gaussian's chunk sizes (checked by the
+# Kept in step with gaussian.UPDATE_BUFFER_BYTES, model.FOLD_CACHE_BYTES and gaussian's chunk sizes (checked by the
 # tests, so the plan does not import torch for arithmetic).
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024
 FOLD_CACHE_BYTES = 512 * 1024 * 1024  # a fold's embeddings kept for its scoring (model.FOLD_CACHE_BYTES)
