@@ -158,3 +158,12 @@ def test_a_tiled_model_leaves_its_export_to_the_first_use(tmp_path, cache, image
     assert result.export is None and not (tmp_path / "tiled.padim.onnx-cache").exists()
     model = Padim.load(tmp_path / "tiled.padim", device="cpu")
     assert model.tiler_ is not None and model.n_samples_seen_ == 6
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_setting(tmp_path, monkeypatch, images):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(onnx_fit.CACHE_ENV, str(blocker / "cache"))
+    with pytest.raises(FastpadimError, match=f"cannot write the network cache .*\\(set {onnx_fit.CACHE_ENV} to a writable"):
+        onnx_fit.fit_model_file(images, tmp_path / "m.padim", **PARAMS)
+    assert not (tmp_path / "m.padim").exists()

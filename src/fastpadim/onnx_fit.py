@@ -96,7 +96,8 @@ def network(params: dict) -> Network:
         parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".building-", dir=parent))
     except OSError as exc:
-        raise FastpadimError(f"cannot write the network cache in {parent}: {exc.strerror or exc}") from None
+        raise FastpadimError(f"cannot write the network cache in {parent}: {exc.strerror or exc} (set {CACHE_ENV} to a "
+                             "writable folder)") from None
     try:
         (work / "params.json").write_text(json.dumps({**key_params, "engine": "torch"}, default=str))
         done = subprocess.run([sys.executable, "-m", "fastpadim.network_graph", str(work / "params.json"), str(work)],
