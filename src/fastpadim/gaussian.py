@@ -230,8 +230,9 @@ class GaussianStats:
             result = ops.empty((positions, dim, dim), dtype, self.mean)
         caller_mode = ops.in_caller_mode()  # e.g. torch's inference mode, thread-local: the pool's threads share it
 
-        def factor(cov, sl: slice) -> None:
+        def factor(cov, sl: slice, buffer=None) -> None:
             with caller_mode():
+                cov = self.covariance(epsilon, sl, out=buffer) if cov is None else cov
                 chol = ops.cholesky(cov)
                 if chol is None:
                     raise FastpadimError("covariance is not positive definite; increase epsilon")
@@ -252,8 +253,14 @@ class GaussianStats:
             with ops.one_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
                 pending = []
                 for i, sl in enumerate(_position_chunks(positions, dim, cap=FACTOR_CHUNK_CAP)):
-                    cov = self.covariance(epsilon, sl, out=ring[i % len(ring)])
-                    pending.append(pool.submit(factor, cov, sl))
+                    # Each task unpacks its own covariance (the gather runs in parallel, without the GIL: 4,096
+                    # positions of D = 176 took 1.6-1.9 s instead of 2.6-3.0 in NumPy, 1.7-2.1 instead of 2.3-2.5 in
+                    # PyTorch, on 2 cores), except when the factor is
+                    # written over the statistics: then chunk j's factor may cover the last rows of chunk j − 1,
+                    # so the rows are read here, in order, before any later chunk is factored.
+                    buffer = ring[i % len(ring)]
+                    cov = self.covariance(epsilon, sl, out=buffer) if consume else None
+                    pending.append(pool.submit(factor, cov, sl, buffer))
                     if len(pending) >= 2 * threads:
                         pending.pop(0).result()
                 for future in pending:
