@@ -10,17 +10,19 @@ a tensor is handed in, so this module and ``gaussian`` load without it.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 
 
-def is_torch(array) -> bool:
-    return type(array).__module__.split(".")[0] == "torch"
+def is_tensor(item) -> bool:
+    """A torch tensor, checked without importing torch (a tensor exists only if torch is imported)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(item, torch.Tensor)
 
 
 class NumpyOps:
     float32, float64 = np.float32, np.float64
-    dtypes = {"float32": np.float32, "float16": np.float16}
 
     @staticmethod
     def on_cpu(like) -> bool:
@@ -130,7 +132,6 @@ class TorchOps:
 
         self.torch = torch
         self.float32, self.float64 = torch.float32, torch.float64
-        self.dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
     def on_cpu(self, like) -> bool:
         return like.device.type == "cpu"
@@ -223,7 +224,7 @@ _TORCH_OPS: TorchOps | None = None
 
 def ops_for(array):
     global _TORCH_OPS
-    if is_torch(array):
+    if is_tensor(array):
         if _TORCH_OPS is None:
             _TORCH_OPS = TorchOps()
         return _TORCH_OPS

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from .files import check_writable_file
-from .array_ops import is_torch
+from .array_ops import is_tensor
 from .errors import FastpadimError
 from .onnx_runtime import (
     BACKBONE_PRECISIONS, DEFAULT_OPSET, EXPORT_FORMAT_VERSION, INPUT_NAME, MAP_OUTPUT, METADATA_KEY, OPSETS, SCORE_OUTPUT, check_metadata,
@@ -148,7 +148,7 @@ def factor_block(whitener, start: int, stop: int, dtype: np.dtype):
 
 def as_float32(array) -> np.ndarray:
     """A NumPy float32 copy of a NumPy array or torch tensor (on any device)."""
-    return array.detach().float().cpu().numpy() if is_torch(array) else np.asarray(array, np.float32)
+    return array.detach().float().cpu().numpy() if is_tensor(array) else np.asarray(array, np.float32)
 
 
 @dataclass

@@ -298,6 +298,13 @@ def accumulate(stats: GaussianStats | None, parts, batch_done, buffer_bytes: int
     return _merged(stats, buffer[:filled]) if filled else stats
 
 
+def check_training_count(count: int, unreadable: list) -> None:
+    """PaDiM's covariance needs at least 2 training images: one line saying how many were readable."""
+    if count < 2:
+        detail = f" ({len(unreadable)} unreadable)" if unreadable else ""
+        raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+
+
 def _merged(stats: GaussianStats | None, embeddings) -> GaussianStats:
     if stats is None:
         stats = GaussianStats.empty(embeddings.shape[1], embeddings.shape[2], like=embeddings)

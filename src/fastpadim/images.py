@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .array_ops import is_tensor
 from .errors import FastpadimError, ImageError
 from .sizes import Size, as_size, aspect_differs, format_size, to_json
 
@@ -80,12 +80,6 @@ def check_pixels(size: tuple[int, int], label: str, max_pixels: int | None = Non
         raise ImageTooLarge(f"{label}: {width}x{height} = {size} is above the limit of "
                             f"{megapixels(limit)}; downscale the image or raise the pixel limit (--max-pixels)")
     return pixels
-
-
-def is_tensor(item) -> bool:
-    """A torch tensor, checked without importing torch (a tensor exists only if torch is imported)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(item, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -448,6 +442,22 @@ def list_images(source: str | os.PathLike, recursive: bool = True) -> list[Path]
         kinds = ", ".join(sorted(IMAGE_SUFFIXES))
         raise FastpadimError(f"{path}: no images found (looked for {kinds})")
     return files
+
+
+def batch_recorder(skipped: list, digest=None, progress=None):
+    """What a fit does with each batch it has finished: its unreadable inputs go to ``skipped`` (name, reason),
+    its readable inputs' network pixels to ``digest`` (a hashlib object), its size to ``progress``."""
+
+    def done(batch: list[LoadedImage]) -> None:
+        skipped.extend((item.name, item.error) for item in batch if item.error)
+        if digest is not None:
+            for item in batch:
+                if item.array is not None:
+                    digest.update(item.array.tobytes())
+        if progress:
+            progress(len(batch))
+
+    return done
 
 
 def stack_arrays(batch: list[LoadedImage]) -> np.ndarray:

@@ -18,8 +18,8 @@ from .anomaly_map import AnomalyMapGenerator, image_scores
 from .backbone import DEFAULT_BACKBONE, BackbonePreset, FeatureExtractor, create_feature_extractor, resolve_preset, same_weights
 from .errors import FastpadimError
 from .calibration import Calibration, fold_assignment
-from .gaussian import GaussianStats, accumulate, leave_one_out, mahalanobis
-from .images import ImageInput, LoadedImage, Preprocessing, iter_batches, single_or_many, stack
+from .gaussian import GaussianStats, accumulate, check_training_count, leave_one_out, mahalanobis
+from .images import ImageInput, LoadedImage, Preprocessing, batch_recorder, iter_batches, single_or_many, stack
 from .metadata import MAX_BLUR_SIGMA, MAX_IMAGE_SIZE, MAX_POOL, MIN_IMAGE_SIZE  # the bounds a model file is held to
 from .metadata import history_entry  # noqa: F401 - re-exported (distributed)
 from .results import Predictions, ScoredImage, ScoringMixin  # noqa: F401 - Predictions re-exported
@@ -409,17 +409,8 @@ class Padim(ScoringMixin):
         if self.stats_ is not None:
             self.stats_ = self.stats_.widened()  # a fitted model's statistics are kept compact (float32)
 
-        def batch_done(batch: list) -> None:
-            self.skipped_.extend((item.name, item.error) for item in batch if item.error)
-            if digest is not None:
-                for item in batch:
-                    if item.array is not None:
-                        digest.update(item.array.tobytes())
-            if progress:
-                progress(len(batch))
-
         parts = run_ahead(self._embedded_parts(images), self._parts_ahead)
-        self.stats_ = accumulate(self.stats_, parts, batch_done)
+        self.stats_ = accumulate(self.stats_, parts, batch_recorder(self.skipped_, digest, progress))
         return self
 
     def finish_out_of_fold(self, images: Sequence[ImageInput], progress: Progress | None = None) -> np.ndarray:
@@ -520,10 +511,7 @@ class Padim(ScoringMixin):
         stores them (float32, ``GaussianStats.compacted``), so a fitted model and its saved file score alike
         and either can take more images."""
         stats = self.stats_ if stats is None else stats
-        count = stats.count // self.samples_per_image if stats is not None else 0
-        if count < 2:
-            detail = f" ({len(self.skipped_)} unreadable)" if self.skipped_ else ""
-            raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+        check_training_count(stats.count // self.samples_per_image if stats is not None else 0, self.skipped_)
         self.stats_ = None
         compact = stats.compacted()
         del stats  # the float64 statistics are freed here unless the caller holds them

@@ -32,8 +32,8 @@ from .ahead import run_ahead
 from .errors import FastpadimError
 from .files import check_writable_file, file_digest
 from .calibration import Calibration
-from .gaussian import GaussianStats, accumulate, leave_one_out, mahalanobis
-from .images import ImageInput, Preprocessing, iter_batches, single_or_many, stack_arrays
+from .gaussian import GaussianStats, accumulate, check_training_count, leave_one_out, mahalanobis
+from .images import ImageInput, Preprocessing, batch_recorder, iter_batches, single_or_many, stack_arrays
 from .metadata import history_entry
 from .network_graph import DESCRIPTION_NAME, GRAPH_NAME, OPERATORS_NAME
 from .onnx_runtime import EMBEDDINGS_OUTPUT, ENGINES
@@ -118,6 +118,21 @@ def network(params: dict) -> Network:
         raise
 
 
+def unsupported(engine: str, folds, holdout: float, tile: int | None, device: str) -> str | None:
+    """Why a fit with these settings cannot run without PyTorch (one line), or None if it can; ``fastpadim fit``
+    takes this path exactly when it can."""
+    if engine not in ENGINES:
+        return f"a fit without PyTorch runs on {' or '.join(ENGINES)}, not {engine!r}"
+    if folds not in (0, "all") or holdout:
+        return ("a fit through an ONNX engine without PyTorch sets its threshold by leave-one-out (folds='all') or "
+                "none (folds=0); k folds and a hold-out go through PyTorch")
+    if folds == "all" and tile is not None:
+        return "a tiled model's leave-one-out threshold goes through PyTorch; give folds=0 to fit it without PyTorch"
+    if device not in ("cpu", "auto"):
+        return "a fit through an ONNX engine without PyTorch runs on the CPU"
+    return None
+
+
 @dataclass
 class FitResult:
     path: Path
@@ -136,17 +151,11 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     write the model file ``path`` and, without tiles and with a float32 factor, its ONNX export beside it (where
     ``fastpadim predict --engine`` finds it); PyTorch is never imported here. ``folds``: "all" (leave-one-out
     threshold, the default) or 0 (none)."""
-    if engine not in ENGINES:
-        raise FastpadimError(f"a fit without PyTorch runs on {' or '.join(ENGINES)}, not {engine!r}")
     params = {**params, "folds": params.get("folds", "all")}
-    if params["folds"] not in (0, "all") or params.get("holdout", 0.0):
-        raise FastpadimError("a fit through an ONNX engine without PyTorch sets its threshold by leave-one-out "
-                             "(folds='all') or none (folds=0); k folds and a hold-out go through PyTorch")
-    if params["folds"] == "all" and params.get("tile") is not None:
-        raise FastpadimError("a tiled model's leave-one-out threshold goes through PyTorch; give folds=0 to fit "
-                             "it without PyTorch")
-    if params.get("device", "cpu") not in ("cpu", "auto"):
-        raise FastpadimError("a fit through an ONNX engine without PyTorch runs on the CPU")
+    reason = unsupported(engine, params["folds"], params.get("holdout", 0.0), params.get("tile"),
+                         params.get("device", "cpu"))
+    if reason:
+        raise FastpadimError(reason)
     path = Path(path)
     check_writable_file(path)
     found = network(params)
@@ -188,26 +197,20 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
                 yield batch, session.run(stack_arrays(readable[first:first + per_call]))[0]
             yield batch, None
 
-    def batch_done(batch: list) -> None:
-        skipped.extend((item.name, item.error) for item in batch if item.error)
-        for item in batch:
-            if item.array is not None:
-                digest.update(item.array.tobytes())
-        if progress:
-            progress(len(batch))
-
     stats = accumulate(GaussianStats.empty(positions, dim, like=np.empty(0)), run_ahead(embedded(session), 1),
-                       batch_done)
+                       batch_recorder(skipped, digest, progress))
     del session  # the engine's memory (~0.2 GB) is not held while the factor is computed
     count = stats.count // description["samples_per_image"]
-    if count < 2:
-        detail = f" ({len(skipped)} unreadable)" if skipped else ""
-        raise FastpadimError(f"PaDiM needs at least 2 readable training images, got {count}{detail}")
+    check_training_count(count, skipped)
     compact = stats.compacted()
     del stats
-    fitted = FittedScoring(compact, count, description, preprocessing, params)
-    operators = found.graph.with_name(OPERATORS_NAME)
-    exportable = meta["factor_dtype"] == "float32" and operators.is_file()
+    operators_file = found.graph.with_name(OPERATORS_NAME)
+    operators = None  # (rows, columns_t): the map from the distances; absent for a tiled model
+    if operators_file.is_file():
+        with np.load(operators_file) as loaded:
+            operators = loaded["rows"], loaded["columns_t"]
+    fitted = FittedScoring(compact.mean, count, description, preprocessing, params)
+    exportable = meta["factor_dtype"] == "float32" and operators is not None
     whitener = None
     if params["folds"] == "all" or exportable:  # one factorisation, for the threshold and the export alike
         whitener = compact.whitener(meta["epsilon"], np.float32)
@@ -222,7 +225,6 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     if exportable:
         exported = export_beside(path, found.graph, operators, compact.mean, whitener, meta,
                                  tuple(description["input_size"]))
-    fitted.stats = None
     return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported, fitted)
 
 
@@ -231,9 +233,9 @@ class FittedScoring(ScoringMixin):
     below), and ``run_batch`` giving each training image's leave-one-out score (``Padim.leave_one_out_scores``:
     the distances to the Gaussians of all the other images, in closed form, then the map and its max)."""
 
-    def __init__(self, stats: GaussianStats, count: int, description: dict, preprocessing: Preprocessing,
+    def __init__(self, mean: np.ndarray, count: int, description: dict, preprocessing: Preprocessing,
                  params: dict):
-        self.stats, self.count = stats, count
+        self.mean, self.count = mean, count
         self.grid = tuple(description["metadata"]["grid"])
         self.per_call = description["images_per_call"]
         self.preprocessing_ = preprocessing
@@ -242,11 +244,10 @@ class FittedScoring(ScoringMixin):
         self.n_samples_seen_, self.threshold_rate_, self.skipped_ = count, None, []
         self.session = self.whitener = self.rows = self.columns_t = None
 
-    def leave_one_out_scores(self, session, whitener: np.ndarray, operators: Path, images,
+    def leave_one_out_scores(self, session, whitener: np.ndarray, operators: tuple[np.ndarray, np.ndarray], images,
                              progress: Callable[[int], None] | None) -> list[float]:
         self.session, self.whitener = session, whitener
-        with np.load(operators) as loaded:
-            self.rows, self.columns_t = loaded["rows"], loaded["columns_t"]
+        self.rows, self.columns_t = operators
         try:
             return [item.score for batch in self.iter_scored(images, progress=progress) for item in batch
                     if item.error is None]
@@ -257,7 +258,7 @@ class FittedScoring(ScoringMixin):
         scores, maps = [], []
         for first in range(0, len(batch), self.per_call):
             embeddings = self.session.run(np.ascontiguousarray(batch[first:first + self.per_call]))[0]
-            distances = leave_one_out(mahalanobis(embeddings, self.stats.mean, self.whitener), self.count)
+            distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
             # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
             part = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
             maps.append(part)
@@ -265,8 +266,8 @@ class FittedScoring(ScoringMixin):
         return np.concatenate(scores), np.concatenate(maps)
 
 
-def export_beside(path: Path, graph: Path, operators: Path, mean: np.ndarray, whitener: np.ndarray, meta: dict,
-                  size: tuple[int, int]) -> Path:
+def export_beside(path: Path, graph: Path, operators: tuple[np.ndarray, np.ndarray], mean: np.ndarray,
+                  whitener: np.ndarray, meta: dict, size: tuple[int, int]) -> Path:
     """The ONNX export of the model file ``path``, from its mean and factor and the cached network graph, written
     where ``fastpadim predict --engine`` looks for it (``engines.onnx_of``): the first scoring run needs neither
     PyTorch nor an export."""
@@ -275,7 +276,5 @@ def export_beside(path: Path, graph: Path, operators: Path, mean: np.ndarray, wh
     from .engines import cache_export
     from .export import ScoringParts, write_export
 
-    with np.load(operators) as loaded:
-        rows, columns_t = loaded["rows"], loaded["columns_t"]
-    parts = ScoringParts(mean, whitener, tuple(meta["grid"]), size, rows, columns_t)
+    parts = ScoringParts(mean, whitener, tuple(meta["grid"]), size, *operators)
     return cache_export(path, lambda target: write_export(target, lambda: (onnx.load(str(graph)), None), parts, meta))

@@ -11,7 +11,6 @@ import typer
 
 from ..errors import FastpadimError
 from ..files import check_writable_file, make_output_folder
-from ..onnx_runtime import ENGINES as ONNX_ENGINES
 from ..sources import Item, Rereadable, Skipped, by_video, inputs, resolve
 from .console import out, progress_bar, report_skipped, say, user_errors, warn
 from .options import (
@@ -65,10 +64,10 @@ def fit(
         folds = parse_folds(folds)
         apply_max_pixels(max_pixels)
         # an ONNX engine, and a leave-one-out threshold or none: the fit runs without PyTorch (fastpadim.onnx_fit)
-        without_torch = (engine in ONNX_ENGINES and (folds == 0 or (folds == "all" and tile is None))
-                         and threshold_dir is None and not holdout
-                         and ray_target is None and not per_video and not plan and max_memory is None
-                         and device in ("auto", "cpu"))
+        from ..onnx_fit import unsupported
+
+        without_torch = (unsupported(engine or "torch", folds, holdout, tile, device) is None and threshold_dir is None
+                         and ray_target is None and not per_video and not plan and max_memory is None)
         if not without_torch:
             from ..model import Padim  # first: a light install without PyTorch is told so before anything else
 
@@ -140,7 +139,8 @@ def warn_threshold_caveat(model) -> None:
 
 
 def fit_without_torch(files: Sequence[Item], output: Path, params: dict) -> None:
-    """``fit --engine onnxruntime|openvino --folds 0``: ``onnx_fit.fit_model_file``, PyTorch never imported here."""
+    """``fit --engine onnxruntime|openvino`` with a leave-one-out threshold or none: ``onnx_fit.fit_model_file``,
+    PyTorch never imported here."""
     from ..onnx_fit import fit_model_file
     from ..sizes import format_size
 
