@@ -20,6 +20,7 @@ from .errors import FastpadimError
 # of this size stay fast and keep the update's temporaries near 50 MB).
 _CHUNK_ELEMENTS = 4 * 1024 * 1024
 FACTOR_CHUNK_CAP = 64  # positions per factorisation chunk on the CPU (small LAPACK calls, one per thread)
+UPDATE_CHUNK_CAP = 32  # positions per update chunk when chunks run in parallel (NumPy)
 
 
 def _chunk_step(dim: int, cap: int | None = None) -> int:
@@ -130,24 +131,32 @@ class GaussianStats:
         rows = batch + (1 if n_old else 0)
         extra = ops.astype(delta * weight ** 0.5, x.dtype) if n_old else None
         flat = tril_flat_index(dim, x)
-        # Temporaries are allocated once per update and reused by every chunk: fresh blocks per chunk cost
-        # more in page faults than the products themselves.
-        step = min(positions, _chunk_step(dim))
-        part_buf = ops.empty((step, rows, dim), x.dtype, x)
-        block_buf = ops.empty((step, dim, dim), x.dtype, x)
-        tri_buf = ops.empty((step, len(flat)), x.dtype, x)
-        tri64_buf = ops.empty((step, len(flat)), ops.float64, x)
-        for sl in _position_chunks(positions, dim):
+
+        def buffers():
+            # one set per chunk in flight, reused: fresh blocks per chunk cost more in page faults than the products
+            step = min(positions, _chunk_step(dim, cap))
+            return (ops.empty((step, rows, dim), x.dtype, x), ops.empty((step, dim, dim), x.dtype, x),
+                    ops.empty((step, len(flat)), x.dtype, x), ops.empty((step, len(flat)), ops.float64, x))
+
+        def add(sl: slice, buffer) -> None:
+            part_buf, block_buf, tri_buf, tri64_buf = buffer
             n = sl.stop - sl.start
             part = part_buf[:n]
             ops.swap01_into(part[:, :batch], centred[:, sl])  # (p, B, D): BLAS is 2-3x faster contiguous
             if extra is not None:
                 ops.copy_(part[:, batch], extra[sl])
             block = ops.matmul(part.mT, part, out=block_buf[:n])
-            # lower triangle by a column gather on the flat matrix (2x faster than advanced indexing); casting
-            # first and adding float64 to float64 is 5x faster than a mixed-dtype add
+            # lower triangle by a column gather on the flat matrix (2x faster than advanced indexing)
             tri = ops.take_columns(block.reshape(n, dim * dim), flat, out=tri_buf[:n])
-            self.scatter[sl] += ops.copy_(tri64_buf[:n], tri)
+            ops.add_widened(self.scatter[sl], tri, tri64_buf[:n])
+
+        # NumPy's batched product is one BLAS call per matrix, which OpenBLAS threads for nothing at this size:
+        # one thread per chunk, chunks in parallel, took 0.25-0.3 s instead of 0.7-0.8 s for 66 images of 4,096
+        # positions (D = 176, 2 cores). PyTorch threads its batched product itself, and its thread count is
+        # the process's, shared with a network running ahead: it stays one call per chunk.
+        pooled = not ops.threads_batched_products
+        cap = UPDATE_CHUNK_CAP if pooled else None
+        over_chunks(ops, _position_chunks(positions, dim, cap), buffers, add, pooled)
         self.mean += delta * (batch / n_new)
         self.count = n_new
 
@@ -228,47 +237,57 @@ class GaussianStats:
             result = ops.reinterpret(self.scatter.reshape(-1), dtype)[: positions * dim * dim].reshape(positions, dim, dim)
         else:
             result = ops.empty((positions, dim, dim), dtype, self.mean)
-        caller_mode = ops.in_caller_mode()  # e.g. torch's inference mode, thread-local: the pool's threads share it
 
-        def factor(cov, sl: slice, buffer=None) -> None:
-            with caller_mode():
-                cov = self.covariance(epsilon, sl, out=buffer) if cov is None else cov
-                chol = ops.cholesky(cov)
-                if chol is None:
-                    raise FastpadimError("covariance is not positive definite; increase epsilon")
-                ops.copy_(result[sl], triangular_inverse(chol))
+        def factor(sl: slice, buffer, cov=None) -> None:
+            cov = self.covariance(epsilon, sl, out=buffer) if cov is None else cov
+            chol = ops.cholesky(cov)
+            if chol is None:
+                raise FastpadimError("covariance is not positive definite; increase epsilon")
+            ops.copy_(result[sl], triangular_inverse(chol))
 
-        if not ops.on_cpu(self.mean):
-            for sl in _position_chunks(positions, dim):
-                factor(self.covariance(epsilon, sl), sl)
-        else:
-            # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded
-            # (8x slower when the cores are shared); single-threaded calls, parallel over positions, do not.
-            # Chunks are read here, in order, and factored by the pool, at most 2 per thread in flight.
-            threads = ops.threads()
-            # At most 2·threads chunks are in flight while the next is built, so a ring of 2·threads + 1
-            # covariance buffers is never overwritten while in use (and no chunk pays fresh page faults).
-            step = min(positions, _chunk_step(dim, cap=FACTOR_CHUNK_CAP))
-            ring = [ops.empty((step, dim, dim), ops.float64, self.mean) for _ in range(2 * threads + 1)]
-            with ops.one_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
-                pending = []
-                for i, sl in enumerate(_position_chunks(positions, dim, cap=FACTOR_CHUNK_CAP)):
-                    # Each task unpacks its own covariance (the gather runs in parallel, without the GIL: 4,096
-                    # positions of D = 176 took 1.6-1.9 s instead of 2.6-3.0 in NumPy, 1.7-2.1 instead of 2.3-2.5 in
-                    # PyTorch, on 2 cores), except when the factor is
-                    # written over the statistics: then chunk j's factor may cover the last rows of chunk j − 1,
-                    # so the rows are read here, in order, before any later chunk is factored.
-                    buffer = ring[i % len(ring)]
-                    cov = self.covariance(epsilon, sl, out=buffer) if consume else None
-                    pending.append(pool.submit(factor, cov, sl, buffer))
-                    if len(pending) >= 2 * threads:
-                        pending.pop(0).result()
-                for future in pending:
-                    future.result()
+        # On the CPU, thousands of small LAPACK calls each pay an OpenMP barrier when run multi-threaded (8x slower
+        # when the cores are shared); single-threaded calls, parallel over positions, do not. Each task unpacks
+        # its own covariance (the gather runs in parallel, without the GIL: 4,096 positions of D = 176 took
+        # 1.6-1.9 s instead of 2.6-3.0 in NumPy, 1.7-2.1 instead of 2.3-2.5 in PyTorch, on 2 cores), except when
+        # the factor is written over the statistics: then chunk j's factor may cover the last rows of chunk
+        # j − 1, so the rows are read by the caller, in order, before any later chunk is factored.
+        step = min(positions, _chunk_step(dim, cap=FACTOR_CHUNK_CAP))
+        over_chunks(ops, _position_chunks(positions, dim, cap=FACTOR_CHUNK_CAP),
+                    lambda: ops.empty((step, dim, dim), ops.float64, self.mean), factor, ops.on_cpu(self.mean),
+                    read=(lambda sl, buffer: self.covariance(epsilon, sl, out=buffer)) if consume else None)
         if consume:
             self.scatter = ops.empty((0,), ops.float64, self.mean)
             self.count = -1  # marks the statistics as consumed
         return result
+
+
+def over_chunks(ops, chunks, buffers, task, pooled: bool, read=None) -> None:
+    """``task(chunk, buffer[, read(chunk, buffer)])`` for every chunk of positions: in order on this thread, or
+    (``pooled``) on a pool of one-BLAS-thread workers, one per core, at most two chunks per worker in flight.
+    ``read``, if given, runs here, in chunk order, before its chunk is handed out. Buffers (``buffers()``) come from a
+    ring of 2·threads + 1, so none is overwritten while a task uses it and no chunk pays fresh page faults."""
+    if not pooled:
+        buffer = buffers()
+        for chunk in chunks:
+            task(chunk, buffer, *([read(chunk, buffer)] if read else []))
+        return
+    threads = ops.threads()
+    ring = [buffers() for _ in range(2 * threads + 1)]
+    caller_mode = ops.in_caller_mode()  # e.g. torch's inference mode, thread-local: the pool's threads share it
+
+    def in_caller_mode(*args) -> None:
+        with caller_mode():
+            task(*args)
+
+    with ops.one_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
+        pending = []
+        for i, chunk in enumerate(chunks):
+            buffer = ring[i % len(ring)]
+            pending.append(pool.submit(in_caller_mode, chunk, buffer, *([read(chunk, buffer)] if read else [])))
+            if len(pending) >= 2 * threads:
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
 
 
 UPDATE_BUFFER_BYTES = 192 * 1024 * 1024  # embeddings gathered before one statistics update
