@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 pytest.importorskip("onnxruntime", reason="the ONNX runtime extra is not installed (pip install 'fastpadim[runtime]')")
 
 from fastpadim import embedders  # noqa: E402
-from fastpadim.ahead import run_ahead  # noqa: E402
+from fastpadim.ahead import map_ordered, run_ahead  # noqa: E402
 from fastpadim.cli.app import app  # noqa: E402
 from fastpadim.errors import FastpadimError  # noqa: E402
 from fastpadim.model import Padim  # noqa: E402
@@ -142,6 +142,38 @@ def test_the_network_runs_ahead_in_order_and_stops_with_its_consumer():
     items = run_ahead(failing(), 2)
     assert next(items) == 1
     with pytest.raises(ValueError, match="broken image source"):
+        next(items)
+
+
+def test_map_ordered_keeps_the_order_and_one_item_per_function_at_a_time():
+    busy = [threading.Lock(), threading.Lock()]
+    overlapped = []
+
+    def worker(k):
+        def run(item):
+            if not busy[k].acquire(blocking=False):  # two items at once on one function (one session)
+                overlapped.append(item)
+                return k, item
+            try:
+                time.sleep(0.002 * (item % 3))  # out-of-order completion
+                return k, item
+            finally:
+                busy[k].release()
+        return run
+
+    results = list(map_ordered([worker(0), worker(1)], range(40)))
+    assert [item for _, item in results] == list(range(40))
+    assert [k for k, _ in results] == [i % 2 for i in range(40)]  # items alternate between the functions
+    assert overlapped == []
+
+    def failing(item):
+        if item == 5:
+            raise ValueError("broken part")
+        return item
+
+    items = map_ordered([failing, failing], range(10))
+    assert [next(items) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="broken part"):
         next(items)
 
 

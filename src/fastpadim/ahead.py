@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
 _DONE = object()
 POLL_SECONDS = 0.1  # how often a blocked producer checks that its consumer is still there
 
@@ -57,3 +61,23 @@ def run_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
     finally:
         stop.set()
         worker.join()
+
+
+def map_ordered(functions: list[Callable[[A], B]], items: Iterable[A]) -> Iterator[B]:
+    """``functions[k % n](item k)`` for every item, yielded in order; each function runs on one thread at a time
+    (at most n items in flight, consecutive ones), so each may hold state of its own, e.g. an inference session."""
+    if len(functions) == 1:
+        yield from map(functions[0], items)
+        return
+    with ThreadPoolExecutor(max_workers=len(functions), thread_name_prefix="fastpadim-map") as pool:
+        pending: deque = deque()
+        try:
+            for k, item in enumerate(items):
+                if len(pending) == len(functions):
+                    yield pending.popleft().result()
+                pending.append(pool.submit(functions[k % len(functions)], item))
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # a consumer that stops early (or an error) leaves nothing running
+                future.cancel()

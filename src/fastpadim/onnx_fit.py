@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ahead import run_ahead
+from .ahead import map_ordered, run_ahead
 from .errors import FastpadimError
 from .files import check_writable_file, file_digest
 from .calibration import Calibration
@@ -43,7 +43,13 @@ from .sources import expand
 
 CACHE_ENV = "FASTPADIM_CACHE"
 CACHE_LAYOUT = 2  # what a cache entry holds (2: the map operators too)
+NETWORK_SESSIONS = 2  # sessions of the network taking parts in turn during the fit
 RUN_PARAMS = ("engine", "device", "batch_size", "workers")  # how a fit runs, not what it fits: not in the key
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cache_folder() -> Path:
@@ -175,11 +181,14 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
 
-    def open_session(spin: bool):
+    def open_session(spin: bool, threads: int | None = None):
         options = {"spin": spin} if engine == "onnxruntime" else {}
-        return session_type(found.graph, "cpu", None, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
+        return session_type(found.graph, "cpu", threads, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
 
-    session = open_session(spin=False)  # the statistics share the cores
+    # Two sessions on half the cores each take parts in turn: one's serial stretches (small operators, copies)
+    # overlap the other's work, and the statistics share the cores (no spinning).
+    sessions = [open_session(spin=False, threads=max(1, usable_cores() // NETWORK_SESSIONS))
+                for _ in range(NETWORK_SESSIONS)]
     per_call = description["images_per_call"]
     positions, dim = description["embedding"]
     images, skipped = expand(images)
@@ -188,18 +197,22 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
     skipped = list(skipped)
     digest = hashlib.sha256()
 
-    def embedded(session):
-        """(batch, embeddings of a part) per part of each batch, then (batch, None) once the batch is done."""
+    def parts():
+        """(batch, images of a part) per part of each batch, then (batch, None) once the batch is done."""
         for batch in iter_batches(single_or_many(images), preprocessing, params.get("batch_size", 32),
                                   params.get("workers", 2)):
             readable = [item for item in batch if item.array is not None]
             for first in range(0, len(readable), per_call):
-                yield batch, session.run(stack_arrays(readable[first:first + per_call]))[0]
+                yield batch, stack_arrays(readable[first:first + per_call])
             yield batch, None
 
-    stats = accumulate(GaussianStats.empty(positions, dim, like=np.empty(0)), run_ahead(embedded(session), 1),
+    def embedder(session):
+        return lambda part: (part[0], None if part[1] is None else session.run(part[1])[0])
+
+    stats = accumulate(GaussianStats.empty(positions, dim, like=np.empty(0)),
+                       run_ahead(map_ordered([embedder(session) for session in sessions], parts()), 1),
                        batch_recorder(skipped, digest, progress))
-    del session  # the engine's memory (~0.2 GB) is not held while the factor is computed
+    del sessions  # the engine's memory (~0.2 GB) is not held while the factor is computed
     count = stats.count // description["samples_per_image"]
     check_training_count(count, skipped)
     compact = stats.compacted()
@@ -219,10 +232,11 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
         fitted.calibrate(Calibration(scores, "out-of-fold", "all"))
     meta = {**meta, "n_train_images": count, **fitted.threshold_metadata(),
             "history": [history_entry(count, digest.hexdigest())]}
+
     write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
                                   "channel_indices": np.asarray(description["channel_indices"], np.int64)})
     exported = None
-    if exportable:
+    if exportable:  # after the model file: the export's place is named by the model file's digest
         exported = export_beside(path, found.graph, operators, compact.mean, whitener, meta,
                                  tuple(description["input_size"]))
     return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported, fitted)
