@@ -48,9 +48,9 @@ onnx_of(sys.argv[1], Padim.load(sys.argv[1], device="cpu"))
 
 def compare_without_torch(args) -> dict:
     """Mode ``compare --without-torch``: fit through ``--engine`` in this process, which never imports torch
-    (``fastpadim.onnx_fit``: the model file, the factor and the export cached beside it), then the scoring in a
-    fresh process, as ``compare``."""
-    from fastpadim.onnx_fit import fit_model_file, network
+    (``fastpadim.onnx_fit``: the statistics and the factor; then saving writes the model file and the export cached
+    beside it), then the scoring in a fresh process, as ``compare``."""
+    from fastpadim.onnx_fit import fit_without_torch, network
 
     params = model_params(args.size)
     train, tests = train_files(args.data), test_files(args.data)
@@ -59,16 +59,19 @@ def compare_without_torch(args) -> dict:
     rss_ready = current_rss_mb()
     model_path = args.out / "model.padim"
     with Timer() as t_fit:
-        fitted = fit_model_file(train, model_path, engine=args.engine, **params)
+        fitted = fit_without_torch(train, engine=args.engine, **params)
+    with Timer() as t_save:
+        saved = fitted.save(model_path)
+    del fitted
     peak_fit = peak_rss_mb()
-    with Timer() as t_export:  # the fit wrote it (its factor computed in fit); else PyTorch makes it on first use
-        if fitted.export is None:
+    with Timer() as t_export:  # saving wrote it (its factor computed in fit); else PyTorch makes it on first use
+        if saved.export is None:
             subprocess.run([sys.executable, "-c", EXPORT, str(model_path)], check=True, capture_output=True)
     scored = score_in_child(args, model_path)
     t_infer = SimpleNamespace(seconds=scored["infer_s"], cpu_seconds=scored["infer_cpu_s"])
     result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, scored["latencies"],
                             rss_ready, peak_fit, model_path, os.cpu_count())
-    return {**result, "engine": f"{args.engine} without torch", "export_s": t_export.seconds,
+    return {**result, "engine": f"{args.engine} without torch", "save_s": t_save.seconds, "export_s": t_export.seconds,
             "network_build_s": t_network.seconds if built else 0.0, "fit_imports_torch": "torch" in sys.modules,
             "peak_rss_fit_process_mb": result["peak_rss_mb"],
             "peak_rss_mb": max(result["peak_rss_mb"], scored["peak_rss_mb"]), "peak_rss_scoring_mb": scored["peak_rss_mb"],
@@ -124,9 +127,10 @@ def compare(args) -> dict:
     rss_ready = current_rss_mb()
     with Timer() as t_fit:
         model.fit(train)
-    peak_fit = peak_rss_mb()
     model_path = args.out / "model.padim"
-    model.save(model_path)
+    with Timer() as t_save:
+        model.save(model_path)
+    peak_fit = peak_rss_mb()  # the fit and its saving, as without torch
     if args.engine != "torch":
         from fastpadim.engines import onnx_of
 
@@ -137,14 +141,16 @@ def compare(args) -> dict:
         t_infer = SimpleNamespace(seconds=scored["infer_s"], cpu_seconds=scored["infer_cpu_s"])
         result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, scored["latencies"],
                                 rss_ready, peak_fit, model_path, torch_threads())
-        return {**result, "engine": args.engine, "export_s": t_export.seconds, "peak_rss_fit_process_mb": result["peak_rss_mb"],
+        return {**result, "engine": args.engine, "save_s": t_save.seconds, "export_s": t_export.seconds,
+                "peak_rss_fit_process_mb": result["peak_rss_mb"],
                 "peak_rss_mb": max(result["peak_rss_mb"], scored["peak_rss_mb"]), "peak_rss_scoring_mb": scored["peak_rss_mb"],
                 "scoring_imports_torch": scored["torch_imported"]}
 
     t_infer, latencies = time_test_set(model, tests, args.out)
     result = compare_result("fastpadim", args, len(train), len(tests), 0.0, t_fit, t_infer, latencies, rss_ready,
                             peak_fit, model_path, torch_threads())  # decoding is inside fit_s and infer_s
-    return {**result, "engine": "torch", "peak_rss_scoring_mb": result["peak_rss_mb"], "scoring_imports_torch": True}
+    return {**result, "engine": "torch", "save_s": t_save.seconds, "peak_rss_scoring_mb": result["peak_rss_mb"],
+            "scoring_imports_torch": True}
 
 
 def scaling(args) -> dict:

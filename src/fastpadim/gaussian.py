@@ -331,23 +331,28 @@ def _merged(stats: GaussianStats | None, embeddings) -> GaussianStats:
     return stats
 
 
-def triangular_inverse(lower, levels: int = 2):
+def triangular_inverse(lower, levels: int = 3, out=None):
     """L⁻¹ of lower-triangular matrices (…, n, n), by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]].
 
     A triangular solve against the identity does n³ flops, blind to the identity's own zeros; by halves, the
-    solves shrink to the diagonal blocks and the rest is two batched matrix products at GEMM speed. Two levels
-    took 0.63 of the solve's time for 64 matrices of D = 176 on one core (three: 0.82), and the whole factorisation
-    of 4,096 positions 2.25 s instead of 2.42 s on 2 cores; the result agrees with the solve to 1e-15 relative."""
+    solves shrink to the diagonal blocks and the rest is batched matrix products at GEMM speed. Every level writes
+    into ``out``'s own blocks (views, no fresh arrays): for 64 matrices of D = 176 on one core, NumPy took 19-20 ms
+    with three levels against 25-43 ms for the same recursion allocating its blocks, 140 ms for one LU inverse;
+    the result agrees with the solve to 1e-15 relative."""
     ops = ops_for(lower)
     n = lower.shape[-1]
+    out = ops.empty(lower.shape, lower.dtype, lower) if out is None else out
     if levels == 0 or n < 32:
-        return ops.small_triangular_inverse(lower)
+        ops.copy_(out, ops.small_triangular_inverse(lower))
+        return out
     h = n // 2
-    inverse = ops.zeros(lower.shape, lower.dtype, lower)
-    inverse[..., :h, :h] = top = triangular_inverse(ops.contiguous(lower[..., :h, :h]), levels - 1)
-    inverse[..., h:, h:] = bottom = triangular_inverse(ops.contiguous(lower[..., h:, h:]), levels - 1)
-    inverse[..., h:, :h] = -ops.matmul(bottom, ops.matmul(ops.contiguous(lower[..., h:, :h]), top))
-    return inverse
+    top = triangular_inverse(lower[..., :h, :h], levels - 1, out[..., :h, :h])
+    bottom = triangular_inverse(lower[..., h:, h:], levels - 1, out[..., h:, h:])
+    out[..., :h, h:] = 0
+    lower_left = out[..., h:, :h]
+    ops.matmul(bottom, ops.matmul(lower[..., h:, :h], top), out=lower_left)
+    lower_left *= -1
+    return out
 
 
 def mahalanobis(embeddings, mean, whitener):

@@ -157,23 +157,29 @@ def fit_model_file(images: Iterable[ImageInput], path: str | os.PathLike, engine
     write the model file ``path`` and, without tiles and with a float32 factor, its ONNX export beside it (where
     ``fastpadim predict --engine`` finds it); PyTorch is never imported here. ``folds``: "all" (leave-one-out
     threshold, the default) or 0 (none)."""
+    path = Path(path)
+    check_writable_file(path)  # before the fit, not after it
+    return fit_without_torch(images, engine, progress, **params).save(path)
+
+
+def fit_without_torch(images: Iterable[ImageInput], engine: str = "onnxruntime",
+                      progress: Callable[[int], None] | None = None, **params) -> FittedWithoutTorch:
+    """The fit of ``fit_model_file``, held in memory until ``save``: the statistics, the threshold and, where the
+    model can be exported, the factor (computed once, for the threshold and the export alike)."""
     params = {**params, "folds": params.get("folds", "all")}
     reason = unsupported(engine, params["folds"], params.get("holdout", 0.0), params.get("tile"),
                          params.get("device", "cpu"))
     if reason:
         raise FastpadimError(reason)
-    path = Path(path)
-    check_writable_file(path)
     found = network(params)
     try:
-        return _fit(found, images, path, engine, progress, params)
+        return _fit(found, images, engine, progress, params)
     finally:
         if found.graph.parent.name.startswith(".building-"):  # built for this fit only (not cacheable)
             shutil.rmtree(found.graph.parent, ignore_errors=True)
 
 
-def _fit(found: Network, images, path: Path, engine: str, progress, params: dict) -> FitResult:
-    from .modelfile import write_model_file
+def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedWithoutTorch:
     from .onnx_runtime import OnnxRuntimeSession, OpenVinoSession
 
     description = found.description
@@ -232,14 +238,39 @@ def _fit(found: Network, images, path: Path, engine: str, progress, params: dict
         fitted.calibrate(Calibration(scores, "out-of-fold", "all"))
     meta = {**meta, "n_train_images": count, **fitted.threshold_metadata(),
             "history": [history_entry(count, digest.hexdigest())]}
+    return FittedWithoutTorch(meta, compact, np.asarray(description["channel_indices"], np.int64),
+                              whitener if exportable else None, operators, found.graph.read_bytes(), found.built,
+                              tuple(description["input_size"]), skipped, fitted)
 
-    write_model_file(path, meta, {"mean": compact.mean.astype(np.float32), "scatter": compact.scatter,
-                                  "channel_indices": np.asarray(description["channel_indices"], np.int64)})
-    exported = None
-    if exportable:  # after the model file: the export's place is named by the model file's digest
-        exported = export_beside(path, found.graph, operators, compact.mean, whitener, meta,
-                                 tuple(description["input_size"]))
-    return FitResult(path, count, skipped, found.built, tuple(description["input_size"]), exported, fitted)
+
+@dataclass
+class FittedWithoutTorch:
+    """A model fitted by ``fit_without_torch``, in memory; ``save`` writes its model file and export."""
+
+    meta: dict  # the model file's metadata
+    statistics: GaussianStats  # compacted: the model file's mean and scatter
+    channel_indices: np.ndarray
+    whitener: np.ndarray | None  # the factor, for the export (None: the model is not exported by the fit)
+    operators: tuple[np.ndarray, np.ndarray] | None  # the map's (rows, columns_t)
+    graph: bytes  # the network's ONNX graph, for the export
+    network_built: bool
+    input_size: tuple[int, int]
+    skipped: list[tuple[str, str]]
+    scoring: FittedScoring
+
+    def save(self, path: str | os.PathLike) -> FitResult:
+        """Write the model file ``path`` and then, if the factor is held, its export beside it."""
+        from .modelfile import write_model_file
+
+        path = Path(path)
+        write_model_file(path, self.meta, {"mean": self.statistics.mean.astype(np.float32),
+                                           "scatter": self.statistics.scatter, "channel_indices": self.channel_indices})
+        exported = None
+        if self.whitener is not None:  # after the model file: the export's place is named by the model file's digest
+            exported = export_beside(path, self.graph, self.operators, self.statistics.mean, self.whitener, self.meta,
+                                     self.input_size)
+        return FitResult(path, self.meta["n_train_images"], self.skipped, self.network_built, self.input_size,
+                         exported, self.scoring)
 
 
 class FittedScoring(ScoringMixin):
@@ -280,7 +311,7 @@ class FittedScoring(ScoringMixin):
         return np.concatenate(scores), np.concatenate(maps)
 
 
-def export_beside(path: Path, graph: Path, operators: tuple[np.ndarray, np.ndarray], mean: np.ndarray,
+def export_beside(path: Path, graph: bytes, operators: tuple[np.ndarray, np.ndarray], mean: np.ndarray,
                   whitener: np.ndarray, meta: dict, size: tuple[int, int]) -> Path:
     """The ONNX export of the model file ``path``, from its mean and factor and the cached network graph, written
     where ``fastpadim predict --engine`` looks for it (``engines.onnx_of``): the first scoring run needs neither
@@ -291,4 +322,5 @@ def export_beside(path: Path, graph: Path, operators: tuple[np.ndarray, np.ndarr
     from .export import ScoringParts, write_export
 
     parts = ScoringParts(mean, whitener, tuple(meta["grid"]), size, *operators)
-    return cache_export(path, lambda target: write_export(target, lambda: (onnx.load(str(graph)), None), parts, meta))
+    return cache_export(path, lambda target: write_export(target, lambda: (onnx.load_from_string(graph), None), parts,
+                                                          meta))
