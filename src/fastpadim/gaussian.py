@@ -59,6 +59,12 @@ def _full_from_packed(dim: int) -> np.ndarray:
     return where.reshape(-1)
 
 
+def _packed_diagonal(dim: int) -> np.ndarray:
+    """Where the diagonal's entries sit in the packed lower triangle (row i starts at i(i+1)/2)."""
+    rows = np.arange(dim)
+    return rows * (rows + 1) // 2 + rows
+
+
 def unpack(packed, dim: int, out=None):
     """Packed lower triangles (P, D(D+1)/2) → full symmetric matrices (P, D, D), optionally into ``out``."""
     ops = ops_for(packed)
@@ -215,10 +221,10 @@ class GaussianStats:
         ops = self._ops
         if self.count < 2:
             raise FastpadimError(f"PaDiM needs at least 2 training images, got {self.count}")
-        cov = unpack(ops.astype(self.scatter[positions], ops.float64), self.dim, out)
-        cov /= self.count - 1
-        cov.reshape(cov.shape[0], -1)[:, :: self.dim + 1] += epsilon  # the diagonals, as a strided view
-        return cov
+        # scaled and shifted while packed (half the entries), into a new array: the statistics stay as they are
+        packed = ops.astype(self.scatter[positions], ops.float64) / (self.count - 1)
+        packed[:, _packed_diagonal(self.dim)] += epsilon
+        return unpack(packed, self.dim, out)
 
     def whitener(self, epsilon: float, dtype=None, consume: bool = False):
         """W = L⁻¹ with Σ = L Lᵀ (Cholesky, float64): the Mahalanobis distance is then ‖W (x − μ)‖.
