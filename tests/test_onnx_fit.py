@@ -153,6 +153,23 @@ def test_the_export_beside_the_model_is_the_pytorch_export(tmp_path, cache, imag
     assert sorted(result.export.parent.parent.iterdir()) == entries  # the fit's export, not a new one
 
 
+def test_the_fit_in_memory_writes_nothing_until_it_is_saved(tmp_path, cache, images):
+    """``fit_without_torch`` holds the fitted model (what the benchmark times as anomalib's fit); ``save`` writes
+    the same model file and export as ``fit_model_file``."""
+    fitted = onnx_fit.fit_without_torch(images, **PARAMS)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache"]
+    assert fitted.whitener.shape == (*fitted.statistics.mean.shape, fitted.statistics.mean.shape[1])
+    saved = fitted.save(tmp_path / "saved.padim")
+    direct = onnx_fit.fit_model_file(images, tmp_path / "direct.padim", **PARAMS)
+    (saved_meta, saved_tensors), (direct_meta, direct_tensors) = (read_model_file(result.path) for result in (saved, direct))
+    for meta in (saved_meta, direct_meta):
+        meta["history"] = [{**entry, "date": None} for entry in meta["history"]]
+    assert saved_meta == direct_meta
+    assert all(np.array_equal(saved_tensors[name].numpy(), direct_tensors[name].numpy()) for name in direct_tensors)
+    data = [result.export.with_name(result.export.name + ".data").read_bytes() for result in (saved, direct)]
+    assert data[0] == data[1]  # the network, the mean and the factor (the graph file holds dated metadata)
+
+
 def test_a_tiled_model_leaves_its_export_to_the_first_use(tmp_path, cache, images):
     result = onnx_fit.fit_model_file(images, tmp_path / "tiled.padim", **{**PARAMS, "tile": 32})
     assert result.export is None and not (tmp_path / "tiled.padim.onnx-cache").exists()
