@@ -364,6 +364,22 @@ def triangular_inverse(lower, levels: int = 3, out=None):
 def mahalanobis(embeddings, mean, whitener):
     """Distances (B, P) of embeddings (B, P, D) to per-position Gaussians: ‖W (x − μ)‖ ≥ 0 by construction."""
     ops = ops_for(whitener)
+    if ops.threads_batched_products:
+        return _distances(embeddings, mean, whitener)
+    # NumPy: position chunks on one-BLAS-thread workers, as the update (8 images of 4,096 positions, D = 176:
+    # 0.08-0.09 s instead of 0.16-0.18 s on 2 cores)
+    batch, positions, dim = embeddings.shape
+    out = ops.empty((batch, positions), ops.float32, whitener)
+
+    def distances(sl: slice, _) -> None:
+        out[:, sl] = _distances(embeddings[:, sl], mean[sl], whitener[sl])
+
+    over_chunks(ops, _position_chunks(positions, dim), lambda: None, distances, pooled=True)
+    return out
+
+
+def _distances(embeddings, mean, whitener):
+    ops = ops_for(whitener)
     centred = ops.astype(embeddings, whitener.dtype) - ops.astype(mean, whitener.dtype)
     # (P, D, B); NumPy's batched product is 1.6x faster on a contiguous copy (torch's takes the strides as they are)
     whitened = ops.matmul(whitener, ops.contiguous(ops.permute(centred, (1, 2, 0))))

@@ -195,8 +195,12 @@ def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedW
     # operators, copies) overlap the other's work; the statistics share the cores (no spinning). OpenVINO runs its
     # own streams: one session on all the cores.
     n_sessions = NETWORK_SESSIONS if engine == "onnxruntime" else 1
-    sessions = [open_session(spin=False, threads=max(1, usable_cores() // n_sessions) if n_sessions > 1 else None)
-                for _ in range(n_sessions)]
+
+    def open_sessions() -> list:
+        threads = max(1, usable_cores() // n_sessions) if n_sessions > 1 else None
+        return [open_session(spin=False, threads=threads) for _ in range(n_sessions)]
+
+    sessions = open_sessions()
     # the sessions' calls together take the images of one call (the activations' memory), and smaller calls are
     # faster per image on one thread (bottle on 1 thread: 2.9 CPU-s by 4 images, 3.2 by 8)
     per_call = max(1, description["images_per_call"] // n_sessions)
@@ -217,7 +221,8 @@ def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedW
             yield batch, None
 
     def embedder(session):
-        return lambda part: (part[0], None if part[1] is None else session.run(part[1])[0])
+        run = embeddings_of(session)
+        return lambda part: (part[0], None if part[1] is None else run(part[1]))
 
     stats = accumulate(GaussianStats.empty(positions, dim, like=np.empty(0)),
                        run_ahead(map_ordered([embedder(session) for session in sessions], parts()), 1),
@@ -232,13 +237,13 @@ def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedW
     if operators_file.is_file():
         with np.load(operators_file) as loaded:
             operators = loaded["rows"], loaded["columns_t"]
-    fitted = FittedScoring(compact.mean, count, description, preprocessing, params)
+    fitted = FittedScoring(compact.mean, count, description, preprocessing, per_call, params)
     exportable = meta["factor_dtype"] == "float32" and operators is not None
     whitener = None
     if params["folds"] == "all" or exportable:  # one factorisation, for the threshold and the export alike
         whitener = compact.whitener(meta["epsilon"], np.float32)
     if params["folds"] == "all":
-        scores = fitted.leave_one_out_scores(open_session(spin=True), whitener, operators, images, progress)
+        scores = fitted.leave_one_out_scores(open_sessions(), whitener, operators, images, progress)
         fitted.calibrate(Calibration(scores, "out-of-fold", "all"))
     meta = {**meta, "n_train_images": count, **fitted.threshold_metadata(),
             "history": [history_entry(count, digest.hexdigest())]}
@@ -277,42 +282,53 @@ class FittedWithoutTorch:
                          exported, self.scoring)
 
 
+def embeddings_of(session) -> Callable[[np.ndarray], np.ndarray]:
+    """The network's embeddings of a part (N, 3, H, W) → (N, P, D), by ``session``."""
+    return lambda part: session.run(part)[0]
+
+
 class FittedScoring(ScoringMixin):
     """What the fit knows of the model it writes, as a scorer: its threshold metadata (none, or the calibration
     below), and ``run_batch`` giving each training image's leave-one-out score (``Padim.leave_one_out_scores``:
     the distances to the Gaussians of all the other images, in closed form, then the map and its max)."""
 
-    def __init__(self, mean: np.ndarray, count: int, description: dict, preprocessing: Preprocessing,
+    def __init__(self, mean: np.ndarray, count: int, description: dict, preprocessing: Preprocessing, per_call: int,
                  params: dict):
         self.mean, self.count = mean, count
         self.grid = tuple(description["metadata"]["grid"])
-        self.per_call = description["images_per_call"]
+        self.per_call = per_call
         self.preprocessing_ = preprocessing
         self.batch_size, self.workers = params.get("batch_size", 32), params.get("workers", 2)
         self.false_alarm_rate = params.get("false_alarm_rate", 0.01)
         self.n_samples_seen_, self.threshold_rate_, self.skipped_ = count, None, []
-        self.session = self.whitener = self.rows = self.columns_t = None
+        self.sessions = self.whitener = self.rows = self.columns_t = None
 
-    def leave_one_out_scores(self, session, whitener: np.ndarray, operators: tuple[np.ndarray, np.ndarray], images,
-                             progress: Callable[[int], None] | None) -> list[float]:
-        self.session, self.whitener = session, whitener
+    def leave_one_out_scores(self, sessions: list, whitener: np.ndarray, operators: tuple[np.ndarray, np.ndarray],
+                             images, progress: Callable[[int], None] | None) -> list[float]:
+        """``sessions`` of the network take the parts in turn, ahead of the distances (``ahead.map_ordered``)."""
+        self.sessions, self.whitener = sessions, whitener
         self.rows, self.columns_t = operators
         try:
             return [item.score for batch in self.iter_scored(images, progress=progress) for item in batch
                     if item.error is None]
         finally:
-            self.session = self.whitener = None
+            self.sessions = self.whitener = None
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = [], []
-        for first in range(0, len(batch), self.per_call):
-            embeddings = self.session.run(np.ascontiguousarray(batch[first:first + self.per_call]))[0]
-            distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
-            # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
-            part = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
-            maps.append(part)
-            scores.append(part.max(axis=(1, 2)))
-        return np.concatenate(scores), np.concatenate(maps)
+        # the whole batch's embeddings, then its distances at once: they stream the factor (0.5 GB at 256 px) from
+        # memory once per batch, not once per network call
+        embeddings = None
+        parts = (np.ascontiguousarray(batch[first:first + self.per_call]) for first in range(0, len(batch), self.per_call))
+        for first, part in zip(range(0, len(batch), self.per_call),
+                               map_ordered([embeddings_of(session) for session in self.sessions], parts)):
+            if embeddings is None:
+                embeddings = np.empty((len(batch), *part.shape[1:]), part.dtype)
+            embeddings[first:first + len(part)] = part
+        distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
+        del embeddings
+        # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
+        maps = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
+        return maps.max(axis=(1, 2)), maps
 
 
 def export_beside(path: Path, graph: bytes, operators: tuple[np.ndarray, np.ndarray], mean: np.ndarray,
