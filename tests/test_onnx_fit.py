@@ -184,3 +184,15 @@ def test_an_unwritable_cache_is_one_line_naming_the_setting(tmp_path, monkeypatc
     with pytest.raises(FastpadimError, match=f"cannot write the network cache .*\\(set {onnx_fit.CACHE_ENV} to a writable"):
         onnx_fit.fit_model_file(images, tmp_path / "m.padim", **PARAMS)
     assert not (tmp_path / "m.padim").exists()
+
+
+def test_the_leave_one_out_distances_take_a_bounded_group_of_images():
+    """Distances run on a group of images at once (the factor is read once per group), within
+    DISTANCE_GROUP_BYTES of embeddings: a whole batch of 32 at 256 px, one network call's worth for large frames."""
+    def group(positions: int, per_call: int) -> int:
+        description = {"metadata": {"grid": [1, positions]}, "embedding": [positions, 176]}
+        return onnx_fit.FittedScoring(np.zeros((positions, 176)), 10, description, None, per_call, {}).group
+
+    assert group(64 * 64, 4) >= 32
+    assert group(256 * 256, 1) == 2  # 1024-px frames: 46 MB of embeddings each
+    assert group(512 * 512, 1) == 1  # 2048-px frames: 185 MB each, one network call's worth

@@ -157,7 +157,7 @@ class GaussianStats:
             ops.add_widened(self.scatter[sl], tri, tri64_buf[:n])
 
         # NumPy's batched product is one BLAS call per matrix, which OpenBLAS threads for nothing at this size:
-        # one thread per chunk, chunks in parallel, took 0.25-0.3 s instead of 0.7-0.8 s for 66 images of 4,096
+        # one thread per chunk, chunks in parallel, took 0.3-0.4 s instead of 0.7-0.8 s for 66 images of 4,096
         # positions (D = 176, 2 cores). PyTorch threads its batched product itself, and its thread count is
         # the process's, shared with a network running ahead: it stays one call per chunk.
         pooled = not ops.threads_batched_products

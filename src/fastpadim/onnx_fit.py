@@ -44,6 +44,7 @@ from .sources import expand
 CACHE_ENV = "FASTPADIM_CACHE"
 CACHE_LAYOUT = 2  # what a cache entry holds (2: the map operators too)
 NETWORK_SESSIONS = 2  # onnxruntime sessions of the network taking parts in turn during the fit
+DISTANCE_GROUP_BYTES = 96 * 1024 * 1024  # embeddings gathered before their distances (a batch of 32 at 256 px)
 RUN_PARAMS = ("engine", "device", "batch_size", "workers")  # how a fit runs, not what it fits: not in the key
 
 
@@ -297,6 +298,10 @@ class FittedScoring(ScoringMixin):
         self.mean, self.count = mean, count
         self.grid = tuple(description["metadata"]["grid"])
         self.per_call = per_call
+        # the distances of a group of images at once: they stream the factor (0.5 GB at 256 px) from memory once
+        # per group, not once per network call; a group's embeddings stay within DISTANCE_GROUP_BYTES
+        positions, dim = description["embedding"]
+        self.group = max(per_call, DISTANCE_GROUP_BYTES // (positions * dim * 4))
         self.preprocessing_ = preprocessing
         self.batch_size, self.workers = params.get("batch_size", 32), params.get("workers", 2)
         self.false_alarm_rate = params.get("false_alarm_rate", 0.01)
@@ -315,20 +320,24 @@ class FittedScoring(ScoringMixin):
             self.sessions = self.whitener = None
 
     def run_batch(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # the whole batch's embeddings, then its distances at once: they stream the factor (0.5 GB at 256 px) from
-        # memory once per batch, not once per network call
-        embeddings = None
-        parts = (np.ascontiguousarray(batch[first:first + self.per_call]) for first in range(0, len(batch), self.per_call))
-        for first, part in zip(range(0, len(batch), self.per_call),
-                               map_ordered([embeddings_of(session) for session in self.sessions], parts)):
-            if embeddings is None:
-                embeddings = np.empty((len(batch), *part.shape[1:]), part.dtype)
-            embeddings[first:first + len(part)] = part
-        distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
-        del embeddings
-        # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
-        maps = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
-        return maps.max(axis=(1, 2)), maps
+        scores, maps = [], []
+        for start in range(0, len(batch), self.group):
+            group = batch[start:start + self.group]
+            embeddings = None
+            parts = (np.ascontiguousarray(group[first:first + self.per_call])
+                     for first in range(0, len(group), self.per_call))
+            for first, part in zip(range(0, len(group), self.per_call),
+                                   map_ordered([embeddings_of(session) for session in self.sessions], parts)):
+                if embeddings is None:
+                    embeddings = np.empty((len(group), *part.shape[1:]), part.dtype)
+                embeddings[first:first + len(part)] = part
+            distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
+            del embeddings
+            # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
+            part_maps = np.maximum(self.rows @ distances.reshape(-1, *self.grid) @ self.columns_t, 0.0)
+            maps.append(part_maps)
+            scores.append(part_maps.max(axis=(1, 2)))
+        return np.concatenate(scores), np.concatenate(maps)
 
 
 def export_beside(path: Path, graph: bytes, operators: tuple[np.ndarray, np.ndarray], mean: np.ndarray,
