@@ -323,14 +323,14 @@ class FittedScoring(ScoringMixin):
         scores, maps = [], []
         for start in range(0, len(batch), self.group):
             group = batch[start:start + self.group]
-            embeddings = None
+            embeddings, filled = None, 0
             parts = (np.ascontiguousarray(group[first:first + self.per_call])
                      for first in range(0, len(group), self.per_call))
-            for first, part in zip(range(0, len(group), self.per_call),
-                                   map_ordered([embeddings_of(session) for session in self.sessions], parts)):
+            for part in map_ordered([embeddings_of(session) for session in self.sessions], parts):
                 if embeddings is None:
                     embeddings = np.empty((len(group), *part.shape[1:]), part.dtype)
-                embeddings[first:first + len(part)] = part
+                embeddings[filled:filled + len(part)] = part
+                filled += len(part)
             distances = leave_one_out(mahalanobis(embeddings, self.mean, self.whitener), self.count)
             del embeddings
             # the map as the export makes it: bicubic upsampling and blur as two products, clamped at 0
