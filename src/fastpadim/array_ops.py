@@ -85,8 +85,13 @@ class NumpyOps:
         return out
 
     @staticmethod
+    def widening_scratch(shape, like):
+        """None: NumPy's mixed-dtype add (``add_widened``) needs no float64 scratch."""
+        return None
+
+    @staticmethod
     def add_widened(target, values, scratch):
-        """``target`` (float64) += ``values`` (float32): NumPy's mixed-dtype add needs no ``scratch``."""
+        """``target`` (float64) += ``values`` (float32), a mixed-dtype add (``scratch`` is None)."""
         np.add(target, values, out=target)
 
     @staticmethod
@@ -187,6 +192,10 @@ class TorchOps:
     @staticmethod
     def copy_(out, array):
         return out.copy_(array)
+
+    def widening_scratch(self, shape, like):
+        """The float64 buffer ``add_widened`` casts into, reused across chunks."""
+        return self.empty(shape, self.float64, like)
 
     @staticmethod
     def add_widened(target, values, scratch):

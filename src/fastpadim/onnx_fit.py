@@ -188,8 +188,8 @@ def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedW
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     session_type = OnnxRuntimeSession if engine == "onnxruntime" else OpenVinoSession
 
-    def open_session(spin: bool, threads: int | None = None):
-        options = {"spin": spin} if engine == "onnxruntime" else {}
+    def open_session(threads: int | None):
+        options = {"spin": False} if engine == "onnxruntime" else {}  # the statistics share the cores
         return session_type(found.graph, "cpu", threads, "f32", outputs=(EMBEDDINGS_OUTPUT,), **options)
 
     # onnxruntime: two sessions on half the cores each take parts in turn, so one's serial stretches (small
@@ -199,7 +199,7 @@ def _fit(found: Network, images, engine: str, progress, params: dict) -> FittedW
 
     def open_sessions() -> list:
         threads = max(1, usable_cores() // n_sessions) if n_sessions > 1 else None
-        return [open_session(spin=False, threads=threads) for _ in range(n_sessions)]
+        return [open_session(threads) for _ in range(n_sessions)]
 
     sessions = open_sessions()
     # the sessions' calls together take the images of one call (the activations' memory), and smaller calls are
